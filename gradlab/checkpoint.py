@@ -1,0 +1,247 @@
+"""Checkpoints: one documented format, written atomically, read safely; foreign layouts read too.
+
+gradlab's format (``format = "gradlab-checkpoint"``, ``version = 1``) is a plain dict that
+``torch.load(weights_only=True)`` reads -- only tensors, numbers, strings, lists and dicts:
+
+=============  ===============================================================================================
+key            value
+=============  ===============================================================================================
+format         ``"gradlab-checkpoint"``
+version        ``1``
+state_dict     the model's ``state_dict()`` (parameters and buffers)
+recipe         ``{"model": name or "pkg.module:factory", "kwargs": {...}, "input_shape": [C, H, W],
+               "n_classes": int}``
+meta           ``{"dataset", "epoch", "step", "batch_size", "lr", "lr_rule", "optimizer", "seed", "tag",
+               "versions", "git_revision", ...}``
+=============  ===============================================================================================
+
+The same content can be written as safetensors (``.safetensors``): tensors as usual, recipe and meta as JSON
+strings in the header metadata under ``gradlab.recipe`` and ``gradlab.meta``.
+
+Foreign checkpoints are read as well: a bare state_dict; dicts keyed ``state_dict``, ``model_state_dict`` or
+``model``; Lightning ``.ckpt``; safetensors.  ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile)
+prefixes are stripped.  Pickled checkpoints are only ever opened with ``weights_only=True``: a pickle carrying code
+is refused without the code running.  A recipe naming code outside gradlab is never imported from a checkpoint:
+the user must pass the same factory with ``--model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradlab.errors import UsageError
+from gradlab.factory import is_factory_spec
+from gradlab.provenance import git_revision, package_versions
+
+FORMAT = "gradlab-checkpoint"
+VERSION = 1
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to rebuild the model: a registered name or ``pkg.module:factory``, plus its keyword arguments."""
+
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+    n_classes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        return cls(str(d["model"]), dict(d.get("kwargs") or {}), tuple(int(s) for s in d.get("input_shape") or ()),
+                   int(d.get("n_classes") or 0))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: tensors, the recipe when known, metadata, and which layout it was read from."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    recipe: Recipe | None
+    meta: dict[str, Any]
+    layout: str
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, recipe: Recipe, meta: Mapping[str, Any]) -> Path:
+    """Write ``model``'s state with its recipe and metadata atomically (temp file + rename).
+
+    The suffix picks the encoding: ``.safetensors`` or anything else for ``torch.save``.
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    full_meta = {"versions": package_versions(), "git_revision": git_revision(), **dict(meta)}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        header = {"gradlab.format": FORMAT, "gradlab.version": str(VERSION),
+                  "gradlab.recipe": json.dumps(recipe.to_dict()), "gradlab.meta": json.dumps(full_meta, default=str)}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+    else:
+        payload = {"format": FORMAT, "version": VERSION, "state_dict": state, "recipe": recipe.to_dict(),
+                   "meta": json.loads(json.dumps(full_meta, default=str))}
+        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` and ``_orig_mod.`` prefixes (repeatedly, in any order) from every key."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _STRIP_PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _tensors_only(obj: Mapping[str, Any], path: Path, where: str) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UsageError(f"{path}: {where} holds no tensors; expected a state_dict")
+    return tensors
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a gradlab or foreign checkpoint safely (``weights_only=True`` or safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; give the path of a .pt/.ckpt/.safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
+        if header.get("gradlab.format") == FORMAT:
+            return Checkpoint(path, strip_prefixes(state), Recipe.from_dict(json.loads(header["gradlab.recipe"])),
+                              json.loads(header.get("gradlab.meta", "{}")), "gradlab-safetensors")
+        return Checkpoint(path, strip_prefixes(state), None, {}, "safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers (possibly code), and "
+            "gradlab only unpickles with weights_only=True. Re-save it as a state_dict (torch.save(model.state_dict()"
+            ", path)) or as safetensors. Detail: " + str(exc).splitlines()[0]
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable torch checkpoint: {exc}") from None
+    if not isinstance(obj, Mapping):
+        raise UsageError(f"{path} holds a {type(obj).__name__}, expected a dict (a state_dict or a checkpoint dict)")
+    if obj.get("format") == FORMAT:
+        return Checkpoint(path, strip_prefixes(obj["state_dict"]), Recipe.from_dict(obj["recipe"]),
+                          dict(obj.get("meta") or {}), "gradlab")
+    if "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), Mapping):
+        meta = {k: obj[k] for k in ("epoch", "global_step") if k in obj}
+        return Checkpoint(path, strip_prefixes(_tensors_only(obj["state_dict"], path, "state_dict")), None, meta,
+                          "lightning")
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            return Checkpoint(path, strip_prefixes(_tensors_only(obj[key], path, f"key {key!r}")), None, {},
+                              f"dict[{key}]")
+    return Checkpoint(path, strip_prefixes(_tensors_only(obj, path, "the file")), None, {}, "state_dict")
+
+
+def _match_keys(model_keys: set[str], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Lightning-style wrappers prefix every key with an attribute name (``model.``, ``net.``): drop a common
+    first component when that makes the keys match the model's."""
+    if set(state) == model_keys:
+        return state
+    firsts = {k.split(".", 1)[0] for k in state}
+    if len(firsts) == 1 and all("." in k for k in state):
+        stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+        if set(stripped) == model_keys:
+            return stripped
+    return state
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, naming missing and unexpected keys and shape differences on mismatch."""
+    expected = model.state_dict()
+    state = _match_keys(set(expected), dict(state))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append("shape differences: " + "; ".join(shapes))
+        raise UsageError(f"{source} does not fit the model: " + ", ".join(parts) +
+                         ". Check --model and its keyword arguments against the run that wrote the checkpoint.")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+
+
+def build_model_from(
+    ckpt: Checkpoint,
+    *,
+    model: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    n_classes: int | None = None,
+) -> nn.Module:
+    """Rebuild the checkpoint's model and load its weights.
+
+    The recipe is used when present; ``model``/``model_kwargs`` override it (and are required for foreign
+    checkpoints).  A recipe naming a user factory is only followed when the same factory is passed as ``model``.
+    """
+    from gradlab.models import build_model
+
+    recipe = ckpt.recipe
+    if recipe is not None and is_factory_spec(recipe.model) and model != recipe.model:
+        raise UsageError(
+            f"{ckpt.path} was made by the user factory {recipe.model!r}; gradlab never imports code named in a "
+            f"checkpoint. Pass --model {recipe.model} if you trust it."
+        )
+    name = model or (recipe.model if recipe else None)
+    if name is None:
+        raise UsageError(f"{ckpt.path} is a {ckpt.layout} checkpoint without a gradlab recipe; pass --model NAME "
+                         "(and --model-kwargs) to say which model its weights belong to")
+    kwargs = dict(model_kwargs) if model_kwargs is not None else dict(recipe.kwargs if recipe else {})
+    shape = input_shape or (recipe.input_shape if recipe else None)
+    classes = n_classes or (recipe.n_classes if recipe else None)
+    if not shape or not classes:
+        raise UsageError(f"{ckpt.path}: cannot tell the input shape and class count; pass --data")
+    net = build_model(name, shape, classes, **kwargs)
+    load_state_strict(net, ckpt.state_dict, str(ckpt.path))
+    return net

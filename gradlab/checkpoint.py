@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,6 +152,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             return Checkpoint(path, strip_prefixes(state), Recipe.from_dict(json.loads(header["gradlab.recipe"])),
                               json.loads(header.get("gradlab.meta", "{}")), "gradlab-safetensors")
         return Checkpoint(path, strip_prefixes(state), None, {}, "safetensors")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a readable torch checkpoint (not a torch.save zip archive, nor a "
+                         ".safetensors file); give a file written by torch.save or safetensors")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

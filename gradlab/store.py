@@ -12,8 +12,9 @@ resumes to exactly what an uninterrupted run writes:
    Resume recomputes every unit whose ``done`` is False; a unit's results depend only on its coordinates and
    the seed, so recomputing it writes the same bytes.
 
-One writer at a time: ``StoreWriter`` holds an ``fcntl.flock`` on ``<store>/.gradlab.lock`` (released by the
-kernel when the process dies, so a crash never leaves a stale lock).  Resuming with another config is refused.
+One writer at a time: ``StoreWriter`` holds an ``fcntl.flock`` on the sibling file ``.<store name>.lock`` (released
+by the kernel when the process dies, so a crash never leaves a stale lock).  The lock lives beside the store, not
+in it: zarr warns about any foreign file inside a hierarchy.  Resuming with another config is refused.
 
 Strings are stored as variable-length UTF-8 (object dtype): fixed-width numpy strings have no zarr v3 spec yet.
 Consolidated metadata is off (it is not part of zarr v3); open stores with :func:`open_store`.
@@ -38,7 +39,6 @@ from gradlab.errors import StoreError
 from gradlab.provenance import canonical_json, config_hash, provenance
 
 SCHEMA_VERSION = 1
-LOCK_NAME = ".gradlab.lock"
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ class VarSpec:
             return self.fill
         kind = np.dtype(self.dtype).kind
         return np.nan if kind in "fc" else (False if kind == "b" else 0)
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a store: ``.<name>.lock`` in the store's parent folder."""
+    p = Path(path)
+    return p.parent / f".{p.name}.lock"
 
 
 def _object_strings(values: Any) -> np.ndarray:
@@ -161,7 +167,7 @@ class StoreWriter:
         import zarr
 
         self.path = Path(path)
-        self._lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,363 @@
+"""Training runs and grids (batch sizes × learning rates × seeds) with init/early/late checkpoints.
+
+Each run trains a fresh model for ``epochs`` epochs with SGD (optional momentum) or Adam, under a learning-rate
+rule (:mod:`gradlab.lr_rules`), and saves checkpoints at epoch 0 (init) and at ``checkpoint_epochs`` (default the
+blog's early = 2 and late = 30).  Per epoch it records train/test loss and accuracy and the distance from init per
+parameter tensor and per group (all / weights / biases) in one zarr store ``<out>/train.zarr`` with dims
+(run, epoch, layer, group).  A run whose loss turns non-finite is recorded as diverged and the grid goes on.
+
+Determinism: run r with seed s initialises its model from ``SeedSequence([s, 0])`` -- every run of a seed starts
+from the same θ₀ whatever its batch size or lr -- and shuffles with ``SeedSequence([s, 1, m])``.  The global RNG
+is forked, never changed, so results on CPU depend only on the config.  The last, smaller minibatch of an epoch
+is kept (every example is seen once per epoch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.checkpoint import Recipe, save_checkpoint
+from gradlab.datasets import DataBundle, Split, load_data
+from gradlab.errors import UsageError
+from gradlab.lr_rules import LRRule
+from gradlab.models import build_model
+from gradlab.schema import GROUPS
+from gradlab.store import VarSpec, create_store, writer_for
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A grid of runs: every combination of ``batch_sizes`` × ``lrs`` × ``seeds`` × ``optimizers``."""
+
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    data_root: str | None = None
+    batch_sizes: tuple[int, ...] = (32, 256)
+    lrs: tuple[float, ...] = (0.01,)
+    seeds: tuple[int, ...] = (0,)
+    optimizers: tuple[str, ...] = ("sgd",)
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 30
+    checkpoint_epochs: tuple[int, ...] | None = None  # None: (2, epochs), the blog's early and late
+    lr_scaling: str = "constant"
+    base_batch_size: int = 32
+    warmup_epochs: float = 0.0
+    decay_epochs: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+    cyclic: bool = False
+    cyclic_factor: float = 10.0
+    cyclic_sqrt_factor: bool = False
+    cyclic_half_epochs: float = 2.0
+    ghost_batch_size: int | None = None
+    checkpoint_format: str = "pt"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    index: int
+    batch_size: int
+    lr: float
+    seed: int
+    optimizer: str
+
+    @property
+    def name(self) -> str:
+        return f"bs{self.batch_size}_lr{self.lr:g}_seed{self.seed}_{self.optimizer}"
+
+
+def expand_grid(cfg: TrainConfig) -> list[RunSpec]:
+    combos = itertools.product(cfg.batch_sizes, cfg.lrs, cfg.seeds, cfg.optimizers)
+    return [RunSpec(i, int(m), float(lr), int(s), str(o)) for i, (m, lr, s, o) in enumerate(combos)]
+
+
+def validate(cfg: TrainConfig, data: DataBundle) -> None:
+    """Refuse an empty or invalid grid (and an unknown model) before anything is written."""
+    init_model(cfg, data, 0)
+    n = len(data.train)
+    if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
+        raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
+    for m in cfg.batch_sizes:
+        if m < 1:
+            raise UsageError(f"batch size {m} is invalid; batch sizes must be >= 1")
+        if m > n:
+            raise UsageError(f"batch size {m} is larger than the {n} training examples of {data.name!r}; "
+                             f"use batch sizes <= {n}")
+    for lr in cfg.lrs:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise UsageError(f"learning rate {lr} is invalid; learning rates must be > 0")
+    for o in cfg.optimizers:
+        if o not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {o!r}; choose one of {list(OPTIMIZERS)}")
+    if cfg.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {cfg.epochs}")
+    bad = [e for e in checkpoint_epochs(cfg) if not 0 <= e <= cfg.epochs]
+    if bad:
+        raise UsageError(f"checkpoint epochs {bad} are outside 0..{cfg.epochs}; pick epochs within the run")
+    if cfg.ghost_batch_size is not None and cfg.ghost_batch_size < 1:
+        raise UsageError(f"--ghost-batch-size must be >= 1, got {cfg.ghost_batch_size}")
+    if cfg.checkpoint_format not in ("pt", "safetensors"):
+        raise UsageError("--checkpoint-format must be 'pt' or 'safetensors'")
+    for spec in expand_grid(cfg):
+        rule_for(cfg, spec)  # raises UsageError on a bad rule
+
+
+def checkpoint_epochs(cfg: TrainConfig) -> tuple[int, ...]:
+    """The epochs checkpointed besides init: as given, else early = min(2, epochs) and late = epochs."""
+    if cfg.checkpoint_epochs is not None:
+        return tuple(cfg.checkpoint_epochs)
+    return tuple(sorted({min(2, cfg.epochs), cfg.epochs}))
+
+
+def rule_for(cfg: TrainConfig, spec: RunSpec) -> LRRule:
+    return LRRule(lr=spec.lr, batch_size=spec.batch_size, scaling=cfg.lr_scaling, base_batch_size=cfg.base_batch_size,
+                  warmup_epochs=cfg.warmup_epochs, decay_epochs=tuple(cfg.decay_epochs),
+                  decay_factor=cfg.decay_factor, cyclic=cfg.cyclic, cyclic_factor=cfg.cyclic_factor,
+                  cyclic_sqrt_factor=cfg.cyclic_sqrt_factor, cyclic_half_epochs=cfg.cyclic_half_epochs)
+
+
+def _torch_seed(*coords: int) -> int:
+    return int(np.random.SeedSequence([int(c) for c in coords]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def init_model(cfg: TrainConfig, data: DataBundle, seed: int) -> nn.Module:
+    """Build the model with weights drawn from ``SeedSequence([seed, 0])``, leaving the global RNG untouched."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.ghost_batch_size is not None:
+        kwargs.setdefault("ghost_batch_size", cfg.ghost_batch_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_torch_seed(seed, 0))
+        return build_model(cfg.model, data.input_shape, data.n_classes, **kwargs)
+
+
+def recipe_for(cfg: TrainConfig, data: DataBundle) -> Recipe:
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.ghost_batch_size is not None:
+        kwargs.setdefault("ghost_batch_size", cfg.ghost_batch_size)
+    return Recipe(cfg.model, kwargs, data.input_shape, data.n_classes)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, chunk: int = 2048) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``split``; restores the training flag."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(split), chunk):
+        xb, yb = split.x[start:start + chunk], split.y[start:start + chunk]
+        out = model(xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    model.train(was_training)
+    return loss / len(split), correct / len(split)
+
+
+def layer_kinds(model: nn.Module) -> tuple[list[str], list[str]]:
+    names = [n for n, _ in model.named_parameters()]
+    kinds = ["bias" if n.endswith("bias") else "weight" for n in names]
+    return names, kinds
+
+
+def distances(model: nn.Module, init: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-tensor ‖θ − θ₀‖, and per group (all/weight/bias) ‖θ − θ₀‖ and ‖θ‖."""
+    per, sq_d, sq_o = [], dict.fromkeys(GROUPS, 0.0), dict.fromkeys(GROUPS, 0.0)
+    for name, p in model.named_parameters():
+        d2 = float(((p.detach().double() - init[name].double()) ** 2).sum())
+        o2 = float((p.detach().double() ** 2).sum())
+        per.append(math.sqrt(d2))
+        kind = "bias" if name.endswith("bias") else "weight"
+        for g in ("all", kind):
+            sq_d[g] += d2
+            sq_o[g] += o2
+    return (np.array(per), np.sqrt([sq_d[g] for g in GROUPS]), np.sqrt([sq_o[g] for g in GROUPS]))
+
+
+def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
+              progress: Any = None) -> dict[str, np.ndarray]:
+    """Train one run; returns per-epoch arrays.  Checkpoints go to ``run_dir/epoch{e:03d}.{pt|safetensors}``."""
+    model = init_model(cfg, data, spec.seed)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    rule = rule_for(cfg, spec)
+    if spec.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=rule.lr_at(0, 1), momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=rule.lr_at(0, 1), weight_decay=cfg.weight_decay)
+    recipe = recipe_for(cfg, data)
+    gen = torch.Generator().manual_seed(_torch_seed(spec.seed, 1, spec.batch_size))
+    n, m, epochs = len(data.train), spec.batch_size, cfg.epochs
+    steps_per_epoch = math.ceil(n / m)
+    n_layers = len(init)
+    out = {k: np.full(epochs + 1, np.nan) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr_used")}
+    out["dist_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
+    out["dist_init"] = np.full((epochs + 1, len(GROUPS)), np.nan)
+    out["dist_origin"] = np.full((epochs + 1, len(GROUPS)), np.nan)
+    out["diverged_epoch"] = np.array(-1)
+    suffix = "safetensors" if cfg.checkpoint_format == "safetensors" else "pt"
+
+    def record(epoch: int) -> bool:
+        tl, ta = evaluate(model, data.train)
+        out["train_loss"][epoch], out["train_acc"][epoch] = tl, ta
+        if data.test is not None:
+            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test)
+        out["dist_init_layer"][epoch], out["dist_init"][epoch], out["dist_origin"][epoch] = distances(model, init)
+        if epoch == 0 or epoch in checkpoint_epochs(cfg):
+            meta = {"dataset": data.name, "epoch": epoch, "step": epoch * steps_per_epoch, "batch_size": m,
+                    "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
+                    "momentum": cfg.momentum, "seed": spec.seed, "tag": "init" if epoch == 0 else f"epoch{epoch}",
+                    "run": spec.name}
+            save_checkpoint(run_dir / f"epoch{epoch:03d}.{suffix}", model, recipe, meta)
+        return math.isfinite(tl)
+
+    record(0)
+    step = 0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=gen)
+        finite = True
+        for start in range(0, n, m):
+            idx = perm[start:start + m]
+            lr = rule.lr_at(step, steps_per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx], reduction=rule.reduction)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            opt.step()
+            step += 1
+        out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
+        if not finite or not record(epoch):
+            out["diverged_epoch"] = np.array(epoch)
+            log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
+            break
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
+    return out
+
+
+def _store_variables() -> list[VarSpec]:
+    re_ = ("run", "epoch")
+    return [
+        VarSpec("train_loss", re_, "float64", "training loss (mean cross-entropy)", "nats"),
+        VarSpec("train_acc", re_, "float64", "training accuracy", "1"),
+        VarSpec("test_loss", re_, "float64", "test loss (mean cross-entropy)", "nats"),
+        VarSpec("test_acc", re_, "float64", "test accuracy", "1"),
+        VarSpec("lr_used", re_, "float64", "learning rate at the end of the epoch", "1"),
+        VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
+        VarSpec("dist_init", (*re_, "group"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
+        VarSpec("dist_origin", (*re_, "group"), "float64", "distance from origin ‖θ‖", "parameter unit"),
+        VarSpec("diverged_epoch", ("run",), "int64", "epoch at which the loss became non-finite (-1: never)", "epoch",
+                fill=-1),
+    ]
+
+
+def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> Path:
+    """Train every run of the grid into ``out`` (``train.zarr`` + ``runs/<name>/epochNNN.pt``); resumable."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    data = load_data(cfg.data, root=cfg.data_root)
+    validate(cfg, data)
+    store = out / "train.zarr"
+    if out.exists() and any(out.iterdir()) and not store.exists():
+        raise UsageError(f"{out} holds other data (no train.zarr); choose an empty or new folder for --out")
+    specs = expand_grid(cfg)
+    probe_model = init_model(cfg, data, 0)
+    names, kinds = layer_kinds(probe_model)
+    config = {"kind": "train", **cfg.to_dict()}
+
+    def create() -> None:
+        create_store(
+            store, kind="train",
+            sizes={"run": len(specs), "epoch": cfg.epochs + 1, "layer": len(names), "group": len(GROUPS)},
+            coords={
+                "run": ("run", [s.name for s in specs], {"long_name": "run"}),
+                "epoch": ("epoch", np.arange(cfg.epochs + 1), {"long_name": "epoch", "units": "epoch"}),
+                "layer": ("layer", names, {"long_name": "parameter tensor"}),
+                "param_kind": ("layer", kinds, {"long_name": "parameter kind"}),
+                "group": ("group", list(GROUPS), {"long_name": "parameter group"}),
+                "batch_size": ("run", [s.batch_size for s in specs], {"long_name": "batch size", "units": "examples"}),
+                "lr": ("run", [s.lr for s in specs], {"long_name": "base learning rate", "units": "1"}),
+                "seed": ("run", [s.seed for s in specs], {"long_name": "seed"}),
+                "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
+                "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
+            },
+            variables=_store_variables(), unit_dims=("run",), chunks={"run": 1}, config=config,
+            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling,
+                   "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
+        )
+
+    with writer_for(store, resume=resume, config=config, create=create) as writer:
+        done = writer.done()
+        todo = [s for s in specs if not done[s.index]]
+        bar = tqdm(total=len(todo) * cfg.epochs, desc="train", unit="epoch", disable=not show_progress,
+                   file=None, dynamic_ncols=True)
+        with bar:
+            for spec in todo:
+                run_dir = out / "runs" / spec.name
+                if run_dir.exists():  # a crashed earlier attempt: its checkpoints are rewritten identically
+                    shutil.rmtree(run_dir)
+                run_dir.mkdir(parents=True)
+                res = train_run(cfg, data, spec, run_dir, progress=bar)
+                for name, values in res.items():
+                    writer.write(name, {"run": spec.index}, values)
+                writer.mark_done({"run": spec.index})
+    return store
+
+
+def parse_list(text: str, cast: Any, flag: str) -> tuple[Any, ...]:
+    """Parse ``1,2,3`` for a flag, with a usage error naming the flag."""
+    try:
+        items = tuple(cast(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"{flag} expects a comma-separated list, got {text!r}") from None
+    return items
+
+
+def config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A grid from a TOML file whose keys are TrainConfig fields (lists for the grid axes)."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{p} is not valid TOML: {exc}") from None
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"{p}: unknown keys {unknown}; valid keys are {sorted(known)}")
+    raw.update(overrides or {})
+    for k, v in list(raw.items()):
+        if isinstance(v, list) and k != "model_kwargs":
+            raw[k] = tuple(v)
+    return TrainConfig(**raw)
+

@@ -47,6 +47,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str = "digits"
     data_root: str | None = None
+    download: bool = False
     batch_sizes: tuple[int, ...] = (32, 256)
     lrs: tuple[float, ...] = (0.01,)
     seeds: tuple[int, ...] = (0,)
@@ -282,7 +283,7 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
     from tqdm.auto import tqdm
 
     out = Path(out)
-    data = load_data(cfg.data, root=cfg.data_root)
+    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download)
     validate(cfg, data)
     store = out / "train.zarr"
     if out.exists() and any(out.iterdir()) and not store.exists():

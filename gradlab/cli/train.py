@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-kwargs", help='JSON keyword arguments for the model, e.g. \'{"widths": [256, 256]}\'')
     p.add_argument("--data", help="dataset (digits, mnist, fashion-mnist, cifar10) or pkg.module:factory [digits]")
     p.add_argument("--data-root", help="folder with the raw files of MNIST/Fashion-MNIST/CIFAR-10")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download MNIST/Fashion-MNIST/CIFAR-10 (checksum-verified) if missing from --data-root")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes [32,256]")
     p.add_argument("--lr", "--lrs", dest="lrs", help="comma-separated base learning rates [0.01]")
     p.add_argument("--seeds", help="comma-separated seeds [0]")
@@ -59,7 +61,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             o[key] = parse_list(value, cast, flag)
-    for key in ("data", "data_root", "momentum", "weight_decay", "epochs", "lr_scaling", "base_batch_size",
+    for key in ("data", "data_root", "download", "momentum", "weight_decay", "epochs", "lr_scaling", "base_batch_size",
                 "warmup_epochs", "decay_factor", "cyclic", "cyclic_factor", "cyclic_sqrt_factor",
                 "cyclic_half_epochs", "ghost_batch_size", "checkpoint_format"):
         value = getattr(args, key)

@@ -58,17 +58,26 @@ def _as_split(obj: Any, spec: str) -> Split:
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
         x, y = obj
     elif isinstance(obj, torch.utils.data.Dataset):
-        n = len(obj)  # type: ignore[arg-type]
-        if n == 0:
-            raise UsageError(f"data factory {spec!r} returned an empty Dataset")
-        items = [obj[i] for i in range(n)]
-        x = torch.stack([torch.as_tensor(it[0]) for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items])
+        try:
+            n = len(obj)  # type: ignore[arg-type]
+            items = [obj[i] for i in range(n)]
+            x = torch.stack([torch.as_tensor(it[0]) for it in items]) if n else torch.empty(0)
+            y = torch.as_tensor([int(it[1]) for it in items])
+        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"data factory {spec!r} returned a Dataset whose items are not (input, label) pairs of "
+                             f"equal-shaped tensors and integer labels with a len(): {exc}") from exc
     else:
         raise UsageError(
             f"data factory {spec!r} returned {type(obj).__name__}; expected (x, y) tensors, a torch Dataset, or a "
             "dict with keys 'train' and optionally 'test' holding either"
         )
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise UsageError(f"data factory {spec!r} returned no examples; return at least one (input, label) pair")
+    if x.dim() not in (2, 3, 4) or y.dim() != 1:
+        raise UsageError(f"data factory {spec!r} returned inputs of shape {tuple(x.shape)} and labels of shape "
+                         f"{tuple(y.shape)}; expected inputs (N, D), (N, H, W) or (N, C, H, W) and labels (N,)")
+    if (y.is_floating_point() and not torch.equal(y, y.round())) or (y.numel() and int(y.min()) < 0):
+        raise UsageError(f"data factory {spec!r} returned labels that are not class indices 0..K-1")
     x = x.float()
     if x.dim() == 2:
         x = x[:, None, None, :]

@@ -33,6 +33,8 @@ gram_trace             checkpoint, trial                           Σᵢ ‖gᵢ
 gram_sum               checkpoint, trial                           ‖Σᵢ gᵢ‖² over the trial's N examples
 grad_sq_norm           checkpoint                                  estimate of ‖G‖² (unbiased, over trials)
 trace_cov              checkpoint                                  estimate of tr Σ (unbiased, over trials)
+grad_sq_norm_se        checkpoint                                  standard error of grad_sq_norm (s/√T)
+trace_cov_se           checkpoint                                  standard error of trace_cov (s/√T)
 b_noise                checkpoint                                  tr Σ / ‖G‖²
 per checkpoint (both):
 dist_init_layer        checkpoint, layer                           ‖θ − θ₀‖ per tensor
@@ -136,6 +138,10 @@ def probe_variables(protocol: str, keep_vectors: bool) -> list[VarSpec]:
             VarSpec("grad_sq_norm", ("checkpoint",), "float64", "squared norm of the full gradient ‖G‖²",
                     "(loss / parameter unit)²"),
             VarSpec("trace_cov", ("checkpoint",), "float64", "trace of per-example gradient covariance tr Σ",
+                    "(loss / parameter unit)²"),
+            VarSpec("grad_sq_norm_se", ("checkpoint",), "float64", "standard error of the ‖G‖² estimate",
+                    "(loss / parameter unit)²"),
+            VarSpec("trace_cov_se", ("checkpoint",), "float64", "standard error of the tr Σ estimate",
                     "(loss / parameter unit)²"),
             VarSpec("b_noise", ("checkpoint",), "float64", "noise batch size B_noise = tr Σ / ‖G‖²", "examples"),
         ]

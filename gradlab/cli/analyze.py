@@ -1,15 +1,48 @@
-"""`gradlab analyze` (placeholder while it is being written; replaced by the real module)."""
+"""`gradlab analyze STORE`: statistics, law fits with intervals, figures and a report from a probe store.
+
+Top-level imports are the stdlib only (``gradlab --help`` stays fast and torch-free); the analysis runs in
+:func:`gradlab.analysis.run.analyze_store`.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from gradlab.errors import UsageError
+import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("store", metavar="STORE", help="probe (or sharpness) store written by gradlab")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="folder for summary.json, figures and report.html (default: STORE-analysis next to it)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (nothing else)")
+    parser.add_argument("--ref-batch-size", type=int, default=None, metavar="M",
+                        help="batch size whose mean norm is the reference of the normalised statistics (default: "
+                             "the largest)")
+    parser.add_argument("--n-boot", type=int, default=999, metavar="B",
+                        help="bootstrap resamples for every interval (default 999; 0: no intervals)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the bootstrap (default 0)")
+    parser.add_argument("--no-figures", action="store_true", help="skip figures and the HTML report")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UsageError("gradlab analyze is not available yet")
+    from gradlab.analysis.run import analyze_store
+    from gradlab.analysis.table import fit_rows, format_table
+
+    result = analyze_store(args.store, out_dir=args.out, ref_batch_size=args.ref_batch_size, n_boot=args.n_boot,
+                           seed=args.seed, figures=not args.no_figures)
+    for note in result.get("notes", []):
+        print(f"gradlab analyze: note: {note}", file=sys.stderr)
+    if args.json:
+        from gradlab.analysis.output import jsonable
+
+        print(json.dumps(jsonable(result), allow_nan=False, ensure_ascii=False))
+        return 0
+    if result.get("gradlab_store") == "probe":
+        print(f"{result['store']}: {result['protocol']} protocol, {result['reduction']} reduction, "
+              f"{'with' if result['replacement'] else 'without'} replacement, "
+              f"trials " + ", ".join(f"{k}={v['n_trials']}" for k, v in result["checkpoints"].items()))
+        print(format_table(fit_rows(result)))
+    else:
+        print(json.dumps(result.get("sharpness", {}), indent=2, ensure_ascii=False))
+    return 0

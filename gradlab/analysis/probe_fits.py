@@ -1,0 +1,70 @@
+"""Fits of one checkpoint of a probe store: power laws, the noise model, and tail indices per batch size.
+
+Pure numpy inputs (the small per-trial arrays the lazy reductions of ``stats`` produce), so the same code serves
+stores, synthetic data and tests.  Seeds: every estimator draws from ``SeedSequence([seed, checkpoint, code])``
+(``code`` fixed per estimator and batch size), so results do not depend on the order of the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradlab.analysis.noise_model import NoiseModelFit, fit_noise_model
+from gradlab.analysis.power_law import PowerLawFit, fit_power_law
+from gradlab.analysis.tails import TailFit
+
+SEED_CODES = {"power_grad_norm": 1, "power_rms": 2, "noise_model": 3, "hill": 100, "alpha_stable": 200,
+              "compare": 300}
+
+
+def rng_for(seed: int, checkpoint: int, code: int) -> np.random.Generator:
+    """The generator of one estimator at one checkpoint: ``SeedSequence([seed, checkpoint, code])``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, checkpoint, code]))
+
+
+@dataclass(frozen=True)
+class CheckpointFits:
+    """Everything fitted at one checkpoint."""
+
+    label: str
+    n_trials: int
+    power_laws: dict[str, PowerLawFit]
+    noise_model: NoiseModelFit | None
+    tails: dict[int, TailFit] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "n_trials": self.n_trials,
+                "power_law": {k: v.to_dict() for k, v in self.power_laws.items()},
+                "noise_model": self.noise_model.to_dict() if self.noise_model else None,
+                "tails": {str(m): t.to_dict() for m, t in self.tails.items()}}
+
+
+def fit_checkpoint(
+    label: str,
+    index: int,
+    batch_sizes: np.ndarray,
+    grad_norm: np.ndarray,
+    q: np.ndarray | None,
+    *,
+    pool_size: int | None,
+    replacement: bool,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+) -> CheckpointFits:
+    """Power law of ‖S‖ (``grad_norm`` (batch_size, trial)); with ``q`` (frozen stores: per-trial mean ‖g_B‖²)
+    the noise model and the power law of the RMS of ‖s_B‖ (q·m² is the per-trial mean of ‖s_B‖²)."""
+    m = np.asarray(batch_sizes, dtype=np.float64)
+    laws = {"grad_norm": fit_power_law(grad_norm, m, kind="mean", quantity="grad_norm", n_boot=n_boot,
+                                       rng=rng_for(seed, index, SEED_CODES["power_grad_norm"]), level=level)}
+    noise = None
+    if q is not None:
+        laws["minibatch_sum_rms"] = fit_power_law(q * m[:, None] ** 2, m, kind="rms", quantity="minibatch_sum_rms",
+                                                  n_boot=n_boot, rng=rng_for(seed, index, SEED_CODES["power_rms"]),
+                                                  level=level)
+        noise = fit_noise_model(q, m, pool_size=pool_size, replacement=replacement, n_boot=n_boot,
+                                rng=rng_for(seed, index, SEED_CODES["noise_model"]), level=level)
+    return CheckpointFits(label, int(grad_norm.shape[1]), laws, noise)

@@ -1,0 +1,297 @@
+"""``gradlab analyze``: open a store lazily, compute statistics and fits, write ``analysis`` and ``summary.json``.
+
+This is the one orchestration module of the analysis side: it reads a probe store with xarray + dask (chunked
+reductions only: stores larger than memory work), hands the small per-trial arrays to the estimators
+(``stats``, ``noise_model``, ``power_law``, ``tails``, ``compare``), writes the ``analysis`` group back into the
+store (atomically: written beside the store, then renamed into place), ``summary.json``, and -- unless
+``figures=False`` -- the figures (PNG and SVG) and a one-page HTML report into ``out_dir``.
+
+Sharpness: a store with ``gradlab_store == "sharpness"``, or a probe store with a ``sharpness`` group, is handed to
+``gradlab.analysis.curvature.analyze(path, group=..., out_dir=..., n_boot=..., seed=...) -> dict`` when that
+module exists (see :func:`analyze_sharpness`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.analysis import stats
+from gradlab.analysis.compare import Change, compare_checkpoints, same_draws
+from gradlab.analysis.noise_model import noise_model_statistic, finite_population_factor
+from gradlab.analysis.power_law import power_law_statistic
+from gradlab.analysis.probe_fits import SEED_CODES, CheckpointFits, fit_checkpoint, rng_for
+from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, stable_pair_sums
+from gradlab.analysis.interval import Estimate
+from gradlab.errors import StoreError, UsageError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("grad_norm", "done", "entry_hist")
+ANALYSIS_GROUP = "analysis"
+
+
+def default_out_dir(path: str | os.PathLike) -> Path:
+    """``norms.zarr`` → ``norms-analysis`` next to it."""
+    p = Path(path).resolve()
+    return p.with_name(p.name.removesuffix(".zarr") + "-analysis")
+
+
+def analyze_store(
+    path: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    ref_batch_size: int | None = None,
+    n_boot: int = 999,
+    seed: int = 0,
+    figures: bool = True,
+    level: float = 0.95,
+    write_store: bool = True,
+) -> dict[str, Any]:
+    """Analyse a probe (or sharpness) store and return the JSON-safe summary (also written to ``summary.json``).
+
+    Raises :class:`~gradlab.errors.UsageError` for a path that is not a gradlab store, a store with no finished
+    unit, an unknown ``ref_batch_size`` or ``n_boot`` < 0.  Unfinished stores are analysed on their done units; the
+    summary's ``missing`` lists what is not done.
+    """
+    from gradlab.store import open_store
+
+    if n_boot < 0:
+        raise UsageError(f"--n-boot must be ≥ 0 (0: no intervals); got {n_boot}")
+    path = Path(path)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    ds = open_store(path)
+    kind = ds.attrs.get("gradlab_store")
+    if kind == "sharpness":
+        result = {"store": str(path), "gradlab_store": kind,
+                  "sharpness": analyze_sharpness(path, None, out, n_boot=n_boot, seed=seed), "notes": []}
+        _write_summary(out, result)
+        return result
+    if kind != "probe":
+        raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe' and 'sharpness' stores")
+    missing_vars = [v for v in REQUIRED if v not in ds.variables]
+    if missing_vars:
+        raise UsageError(f"{path} lacks the probe variables {missing_vars}; it was not written by gradlab probe "
+                         "(or by an incompatible version): rewrite it with gradlab probe")
+    result = _analyze_probe(ds, path, out, ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed,
+                            figures=figures, level=level, write_store=write_store)
+    if (path / "sharpness" / "zarr.json").exists():
+        result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed)
+    _write_summary(out, result)
+    return result
+
+
+def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Hook for sharpness data: ``gradlab.analysis.curvature.analyze`` if that module is installed.
+
+    Contract: ``analyze(path, *, group, out_dir, n_boot, seed) -> dict`` (JSON-safe); ``group`` is None for a
+    sharpness store and ``"sharpness"`` for the group inside a probe store.
+    """
+    if importlib.util.find_spec("gradlab.analysis.curvature") is None:
+        if group is None:
+            raise UsageError(f"{path} is a sharpness store but this gradlab has no sharpness analysis "
+                             "(gradlab.analysis.curvature); update gradlab")
+        return {"note": "sharpness group present but gradlab.analysis.curvature is not available"}
+    from gradlab.analysis.output import jsonable
+
+    curvature = importlib.import_module("gradlab.analysis.curvature")
+    return jsonable(curvature.analyze(path, group=group, out_dir=out_dir, n_boot=n_boot, seed=seed))
+
+
+def _attr_bool(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("true", "1", "yes")
+
+
+def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None, n_boot: int, seed: int,
+                   figures: bool, level: float, write_store: bool) -> dict[str, Any]:
+    import dask
+    import xarray as xr
+
+    protocol = str(ds.attrs.get("protocol", "step"))
+    reduction = str(ds.attrs.get("reduction", "mean"))
+    replacement = _attr_bool(ds.attrs.get("replacement", True))
+    pool_size = ds.attrs.get("pool_size")
+    pool_size = int(pool_size) if pool_size is not None else None
+    batch_sizes = np.asarray(ds["batch_size"].values, dtype=np.int64)
+    if ref_batch_size is None:
+        ref_batch_size = int(batch_sizes.max())
+    elif int(ref_batch_size) not in batch_sizes:
+        raise UsageError(f"--ref-batch-size {ref_batch_size} is not a batch size of {path}; "
+                         f"choose one of {', '.join(map(str, batch_sizes))}")
+    notes: list[str] = []
+    done = stats.done_mask(ds)
+    missing = stats.missing_units(ds)
+    notes += [f"unfinished store: {line}; analysed the done trials only" for line in missing]
+    n_done = done.sum("trial").values.astype(int)
+    labels_all = [str(c) for c in ds["checkpoint"].values]
+    if n_done.sum() == 0:
+        raise UsageError(f"{path} has no finished trial yet: run (or resume) gradlab probe until some units are done")
+    keep = [i for i, n in enumerate(n_done) if n > 0]
+    for i, n in enumerate(n_done):
+        if n == 0:
+            notes.append(f"checkpoint {labels_all[i]!r} has no finished trial: left out")
+    ds = ds.isel(checkpoint=keep)
+    done = done.isel(checkpoint=keep)
+    labels = [labels_all[i] for i in keep]
+
+    # ---- lazy chunked reductions, computed together
+    lazy = [stats.norm_moments(ds["grad_norm"], done, ref_batch_size)]
+    for name in ("grad_norm_layer", "grad_norm_group"):
+        if name in ds:
+            lazy.append(stats.norm_moments(ds[name], done, ref_batch_size))
+    lazy_ds = xr.merge(lazy, compat="override", join="override")
+    lazy_ds["entry_hist_pooled"] = stats.pooled_entry_hist(ds, done)
+    frozen = protocol == "frozen" and "minibatch_grad_norm" in ds
+    if frozen:
+        lazy_ds["minibatch_sq_norm_trials"] = stats.minibatch_sq_norm(ds, reduction)
+    lazy_ds["grad_norm_trials"] = ds["grad_norm"]
+    (computed,) = dask.compute(lazy_ds)
+    scale = computed["grad_norm_mean"].sel(batch_size=ref_batch_size) / computed["grad_norm_mean"]
+    hist_raw = stats.norm_histograms(ds["grad_norm"], done)
+    hist_norm = stats.norm_histograms(ds["grad_norm"], done, scale=scale)
+
+    # ---- per checkpoint fits on small in-memory arrays
+    fits: dict[str, CheckpointFits] = {}
+    per_trial: dict[str, dict[str, np.ndarray]] = {}
+    has_vectors = "grad_sum" in ds
+    for ci, label in enumerate(labels):
+        d = done.isel(checkpoint=ci).values
+        x = computed["grad_norm_trials"].isel(checkpoint=ci).transpose("batch_size", "trial").values[:, d]
+        q = (computed["minibatch_sq_norm_trials"].isel(checkpoint=ci).transpose("batch_size", "trial").values[:, d]
+             if frozen else None)
+        per_trial[label] = {"grad_norm": x, **({"q": q} if q is not None else {})}
+        cf = fit_checkpoint(label, keep[ci], batch_sizes, x, q, pool_size=pool_size, replacement=replacement,
+                            n_boot=n_boot, seed=seed, level=level)
+        for mi, m in enumerate(batch_sizes):
+            cf.tails[int(m)] = _fit_tails(ds, ci, mi, d, has_vectors, keep[ci], n_boot=n_boot, seed=seed, level=level)
+        fits[label] = cf
+        for fit_note in _fit_notes(cf):
+            notes.append(f"checkpoint {label!r}: {fit_note}")
+
+    changes: list[Change] = []
+    if len(labels) >= 2:
+        changes = _compare(ds, done, labels, per_trial, batch_sizes, pool_size, replacement, frozen, n_boot=n_boot,
+                           seed=seed, level=level)
+
+    from gradlab.analysis.output import analysis_dataset, summary_dict
+
+    ads = analysis_dataset(ds, computed, hist_raw, hist_norm, fits, changes, batch_sizes=batch_sizes,
+                           pool_size=pool_size, replacement=replacement, frozen=frozen,
+                           ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level)
+    result = summary_dict(path, ds, computed, fits, changes, labels=labels, missing=missing, notes=notes,
+                          protocol=protocol, reduction=reduction, replacement=replacement, pool_size=pool_size,
+                          ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level, frozen=frozen)
+    if write_store:
+        try:
+            write_analysis_group(path, ads)
+            result["analysis_group"] = ANALYSIS_GROUP
+        except StoreError as exc:
+            result["notes"].append(f"analysis group not written into the store: {exc}")
+            result["analysis_group"] = None
+    out.mkdir(parents=True, exist_ok=True)
+    if figures:
+        from gradlab.analysis.render import render_figures
+
+        result["figures"] = render_figures(ds, ads, fits, out, result)
+    return result
+
+
+def _fit_notes(cf: CheckpointFits) -> list[str]:
+    notes = set()
+    for law in cf.power_laws.values():
+        if law.beta.note:
+            notes.add(law.beta.note)
+    if cf.noise_model and cf.noise_model.grad_sq_norm.note:
+        notes.add(cf.noise_model.grad_sq_norm.note)
+    return sorted(notes)
+
+
+def _fit_tails(ds: Any, ci: int, mi: int, d: np.ndarray, has_vectors: bool, ck: int, *, n_boot: int, seed: int,
+               level: float) -> TailFit:
+    hist = np.asarray(ds["entry_hist"].isel(checkpoint=ci, batch_size=mi).transpose("bin", "trial").values)[:, d]
+    hill, thr, n_tail, ks = fit_hill(hist, n_boot=n_boot, rng=rng_for(seed, ck, SEED_CODES["hill"] + mi), level=level)
+    alpha = Estimate(math.nan, note="needs the vectors S (gradlab probe --keep vectors)")
+    if has_vectors:
+        v = ds["grad_sum"].isel(checkpoint=ci, batch_size=mi).transpose("trial", "vector_element")
+        vec = np.asarray(v.values, dtype=np.float64)[d]
+        if vec.shape[1] >= 4 and vec.shape[0] >= 2:
+            sums = stable_pair_sums(vec)
+            alpha = fit_alpha_stable(sums, vec.shape[1], n_boot=n_boot,
+                                     rng=rng_for(seed, ck, SEED_CODES["alpha_stable"] + mi), level=level)
+        else:
+            alpha = Estimate(math.nan, note="needs ≥ 2 trials and vectors of ≥ 4 entries")
+    return TailFit(hill, thr, n_tail, ks, alpha)
+
+
+def _compare(ds: Any, done: Any, labels: list[str], per_trial: dict[str, dict[str, np.ndarray]],
+             batch_sizes: np.ndarray, pool_size: int | None, replacement: bool, frozen: bool, *, n_boot: int,
+             seed: int, level: float) -> list[Change]:
+    """Early (first checkpoint) vs late (last checkpoint)."""
+    e, la = labels[0], labels[-1]
+    paired = False
+    if "example_index" in ds:
+        de, dl = done.isel(checkpoint=0).values, done.isel(checkpoint=-1).values
+        if np.array_equal(de, dl):
+            idx = ds["example_index"].isel(checkpoint=[0, -1]).values[:, de]
+            paired = same_draws(idx)
+    m = batch_sizes.astype(np.float64)
+    rng = rng_for(seed, 0, SEED_CODES["compare"])
+    changes = compare_checkpoints(
+        per_trial[e]["grad_norm"], per_trial[la]["grad_norm"],
+        lambda x: power_law_statistic(x, m, "mean")[:1], ["beta (grad_norm)"], ["difference"],
+        labels=(e, la), paired=paired, n_boot=n_boot, rng=rng, level=level)
+    if frozen:
+        x = finite_population_factor(m, pool_size, replacement) / m
+
+        def noise(qq: np.ndarray) -> np.ndarray:
+            a, b = noise_model_statistic(qq, x)[:2]
+            return np.stack([b / a, a, b])
+
+        changes += compare_checkpoints(per_trial[e]["q"], per_trial[la]["q"], noise,
+                                       ["b_noise", "grad_sq_norm", "trace_cov"], ["ratio"] * 3, labels=(e, la),
+                                       paired=paired, n_boot=n_boot, rng=rng, level=level)
+        changes += compare_checkpoints(
+            per_trial[e]["q"] * m[:, None] ** 2, per_trial[la]["q"] * m[:, None] ** 2,
+            lambda r: power_law_statistic(r, m, "rms")[:1], ["beta (minibatch_sum_rms)"], ["difference"],
+            labels=(e, la), paired=paired, n_boot=n_boot, rng=rng, level=level)
+    return changes
+
+
+def write_analysis_group(path: Path, ads: Any) -> None:
+    """Write ``ads`` as the store's ``analysis`` group: beside the store first, then renamed into place.
+
+    Holds the store's writer lock, so it refuses (``StoreError``) while gradlab probe is still writing.
+    """
+    from gradlab.store import StoreWriter
+
+    with StoreWriter(path):
+        tmp = Path(tempfile.mkdtemp(prefix=".analysis.tmp-", dir=path))
+        try:
+            target = tmp / ANALYSIS_GROUP
+            ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
+            final = path / ANALYSIS_GROUP
+            if final.exists():
+                old = tmp / "old"
+                os.rename(final, old)
+            os.rename(target, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_summary(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".summary.json.tmp"
+    from gradlab.analysis.output import jsonable
+
+    tmp.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False, ensure_ascii=False))
+    os.replace(tmp, out / "summary.json")

@@ -1,0 +1,56 @@
+"""The compact fit table (CLI and HTML report) built from the JSON summary of ``run.analyze_store``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HEADER = ("checkpoint", "quantity", "estimate", "95% interval", "remark")
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "nan"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}g}"
+
+
+def _row(ck: str, name: str, est: dict[str, Any], remark: str = "") -> tuple[str, str, str, str, str]:
+    ci = f"[{_fmt(est['low'])}, {_fmt(est['high'])}]" if est["low"] is not None else "no interval"
+    return ck, name, _fmt(est["value"]), ci, remark
+
+
+def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows: per checkpoint β per norm (with p(β=½), the √m range, the crossover), the noise model, changes."""
+    rows = []
+    for ck, c in result.get("checkpoints", {}).items():
+        nm = c.get("noise_model")
+        if nm:
+            lof = nm["lack_of_fit"]
+            rows.append(_row(ck, "‖G‖²", nm["grad_sq_norm"]))
+            rows.append(_row(ck, "tr Σ", nm["trace_cov"]))
+            rows.append(_row(ck, "B_noise", nm["b_noise"], f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, "
+                                                           f"p={_fmt(lof['p_value'], 2)}"))
+        for name, pl in c.get("power_law", {}).items():
+            rows.append(_row(ck, f"β ({name})", pl["beta"],
+                             f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; √m up to m={_fmt(pl['sqrt_law_max_batch_size'])}"))
+            rows.append(_row(ck, f"crossover ({name})", pl["crossover"]))
+        tails = c.get("tails", {})
+        if tails:
+            mmin, mmax = min(tails, key=int), max(tails, key=int)
+            for m in (mmin, mmax):
+                rows.append(_row(ck, f"Hill α (m={m})", tails[m]["hill"]))
+                if tails[m]["alpha_stable"]["value"] is not None:
+                    rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"]))
+    for ch in result.get("comparison", []):
+        sym = "×" if ch["kind"] == "ratio" else "Δ"
+        rows.append(_row("late/early", f"{sym} {ch['quantity']}", ch["change"], ch["text"]))
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) -> str:
+    """Plain-text table with aligned columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)

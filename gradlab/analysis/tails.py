@@ -1,0 +1,201 @@
+"""Tail indices of the entries of S: a Hill-type estimator on the fixed log bins, and the α-stable estimator.
+
+Binned Hill (Hill 1975, "A simple general approach to inference about the tail of a distribution"; for binned
+data Virkar & Clauset 2014, "Power-law distributions in binned empirical data", Ann. Appl. Stat. 8:89).
+The store's magnitude bins are geometric with ratio r = 10^(1/8) (``gradlab.schema``).  Above a threshold
+edge u, a Pareto tail P(|X| > x) = (x/u)^(−α) puts bin j (|X| ∈ [u r^j, u r^(j+1))) with probability
+q^j (1 − q), q = r^(−α): a geometric law.  Its maximum-likelihood fit, with the overflow bin (|X| ≥ 1e4)
+right-censored at J, is q̂ = S/(S + k) with S = Σ_j j c_j + J c_over and k = Σ_j c_j, so α̂ = −ln q̂ / ln r
+(this is Hill's estimator for data rounded down to the bin edges).  The threshold is the edge minimising the
+Kolmogorov–Smirnov distance between the binned tail and its fit, among edges with at least ``min_tail``
+entries above (Clauset, Shalizi & Newman 2009, §3.3).  The bootstrap over trials keeps that threshold.
+
+α-stable (Mohammadi, Mohammadpour & Ogata 2015, "On estimating the tail index and the spectral measure of
+multivariate α-stable distributions", Metrika 78:549; used by Şimşekli, Sagun & Gürbüzbalaban 2019, "A
+tail-index analysis of stochastic gradient noise in deep neural networks", ICML): for centred symmetric
+α-stable X_1..X_K, K = K1·K2, and block sums Y_i = Σ_{j=1}^{K1} X_{(i−1)K1+j},
+1/α̂ = (1/ln K1) · ((1/K2) Σ_i ln|Y_i| − (1/K) Σ_k ln|X_k|).  Here X are the entries of S_{2p} − S_{2p+1}, the
+difference of two independent trials: the location (the mean gradient) cancels exactly and a difference of two
+i.i.d. α-stable variables is symmetric α-stable with the same α (centring by a sample mean would not converge for
+α near 1).  Blocks lie inside a pair (K1 = ⌊√d⌋ entries of the d-vector); the per-pair sums of ln|X| and ln|Y|
+are additive, so pairs of trials are resampled.
+
+Example (exact Pareto counts, α = 1.5)::
+
+    >>> import numpy as np
+    >>> r = 10 ** (1 / 8); q = r ** -1.5; j = np.arange(60)
+    >>> counts = 1e6 * q ** j * (1 - q); over = 1e6 * q ** 60
+    >>> round(float(binned_hill(counts, over, 0, r)), 6)
+    1.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradlab import schema
+from gradlab.analysis.bootstrap import bootstrap_trials
+from gradlab.analysis.interval import Estimate, json_float
+
+BIN_RATIO = 10.0 ** (1.0 / schema.HIST_BINS_PER_DECADE)
+
+
+def magnitude_bins() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Map the signed entry bins to magnitude bins.
+
+    Returns (lower magnitude edge of each log bin, index of the log magnitude bin of every signed bin or −1,
+    a mask of the overflow bins, the number of log magnitude bins).
+    """
+    lower, upper = schema.entry_bin_edges()
+    mag_lo = np.where(lower >= 0, lower, -upper)
+    mag_hi = np.where(lower >= 0, upper, -lower)
+    n = (schema.HIST_MAX_EXP - schema.HIST_MIN_EXP) * schema.HIST_BINS_PER_DECADE
+    edges = np.logspace(schema.HIST_MIN_EXP, schema.HIST_MAX_EXP, n + 1)
+    is_log = (mag_lo >= edges[0]) & np.isfinite(mag_hi) & (mag_hi > mag_lo)
+    k = np.full(lower.size, -1)
+    k[is_log] = np.rint(np.log10(mag_lo[is_log] / edges[0]) * schema.HIST_BINS_PER_DECADE).astype(int)
+    overflow = np.isinf(mag_hi)
+    return edges[:-1], k, overflow, n
+
+
+def magnitude_counts(entry_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts per log magnitude bin and overflow counts from signed bin counts (bin axis first, any trailing).
+
+    Under-flow and zero bins are dropped: they lie below every threshold.
+    """
+    h = np.asarray(entry_hist, dtype=np.float64)
+    _, k, overflow, n = magnitude_bins()
+    out = np.zeros((n, *h.shape[1:]))
+    np.add.at(out, k[k >= 0], h[k >= 0])
+    return out, h[overflow].sum(0)
+
+
+def binned_hill(counts: np.ndarray, overflow: np.ndarray | float, start: int, ratio: float = BIN_RATIO) -> np.ndarray:
+    """α̂ = −ln q̂/ln r, q̂ = S/(S + k): geometric MLE above magnitude bin ``start`` (bin axis first)."""
+    c = np.asarray(counts, dtype=np.float64)[start:]
+    j = np.arange(c.shape[0], dtype=np.float64).reshape(-1, *([1] * (c.ndim - 1)))
+    s = (j * c).sum(0) + c.shape[0] * np.asarray(overflow, dtype=np.float64)
+    k = c.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.log(s / (s + k)) / math.log(ratio)
+
+
+def ks_distance(counts: np.ndarray, overflow: float, start: int, alpha: float,
+                ratio: float = BIN_RATIO) -> float:
+    """Largest gap between the binned tail's empirical CDF above ``start`` and the fitted geometric CDF."""
+    c = np.append(np.asarray(counts, dtype=np.float64)[start:], overflow)
+    total = c.sum()
+    q = ratio ** (-alpha)
+    emp = np.cumsum(c)[:-1] / total
+    fit = 1.0 - q ** np.arange(1, c.size)
+    return float(np.max(np.abs(emp - fit))) if emp.size else math.inf
+
+
+def select_threshold(counts: np.ndarray, overflow: float, min_tail: int = 100) -> int:
+    """The magnitude bin where the tail starts: minimal KS distance among bins with ≥ ``min_tail`` entries above.
+
+    Raises ValueError when no bin has ``min_tail`` entries above it.
+    """
+    tail = np.cumsum(np.asarray(counts, dtype=np.float64)[::-1])[::-1] + overflow
+    candidates = np.flatnonzero((tail >= min_tail) & (np.asarray(counts) > 0))
+    if candidates.size == 0:
+        raise ValueError(f"fewer than {min_tail} nonzero magnitudes: no tail to fit")
+    d = [ks_distance(counts, overflow, int(s), float(binned_hill(counts, overflow, int(s)))) for s in candidates]
+    return int(candidates[int(np.argmin(d))])
+
+
+@dataclass(frozen=True)
+class TailFit:
+    """Binned Hill tail index with its threshold, and the α-stable index (NaN without vectors)."""
+
+    hill: Estimate
+    threshold: float  # magnitude where the fitted tail starts
+    n_tail: int
+    ks: float
+    alpha_stable: Estimate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hill": self.hill.to_dict(), "hill_threshold": json_float(self.threshold), "hill_n_tail": self.n_tail,
+                "hill_ks": json_float(self.ks), "alpha_stable": self.alpha_stable.to_dict()}
+
+
+def fit_hill(entry_hist: np.ndarray, *, n_boot: int, rng: np.random.Generator, min_tail: int = 100,
+             level: float = 0.95) -> tuple[Estimate, float, int, float]:
+    """Binned Hill tail index of ``entry_hist`` (bin, trial) pooled over trials, with a trial bootstrap.
+
+    Returns (α̂ with interval, threshold magnitude, entries above it, KS distance).
+    """
+    counts, over = magnitude_counts(entry_hist)
+    pooled, pooled_over = counts.sum(1), float(over.sum())
+    try:
+        start = select_threshold(pooled, pooled_over, min_tail)
+    except ValueError as exc:
+        return Estimate(math.nan, note=str(exc)), math.nan, 0, math.nan
+    alpha = float(binned_hill(pooled, pooled_over, start))
+    ks = ks_distance(pooled, pooled_over, start, alpha)
+    n_tail = int(pooled[start:].sum() + pooled_over)
+    sample = np.concatenate([counts, over[None]], axis=0)
+
+    def stat(h: np.ndarray) -> np.ndarray:
+        tot = np.moveaxis(h.sum(-1), -1, 0)  # (bins + 1, *batch)
+        return binned_hill(tot[:-1], tot[-1], start)[None]
+
+    est = (bootstrap_trials([sample], stat, n_boot=n_boot, rng=rng, level=level).estimate(0) if n_boot > 0
+           else Estimate(alpha))
+    edges, *_ = magnitude_bins()
+    return est, float(edges[start]), n_tail, ks
+
+
+def stable_pair_sums(vectors: np.ndarray) -> np.ndarray:
+    """Per-pair additive terms of the Mohammadi et al. estimator: (Σ ln|X|, #X, Σ ln|Y|, #Y) × pair.
+
+    ``vectors`` is (trial, d): S of each trial; pair p is X = S_{2p} − S_{2p+1} (an odd last trial is left out);
+    blocks of K1 = ⌊√d⌋ consecutive entries.  Exact zeros (ln 0) are left out of the sums and counts.
+    """
+    v = np.asarray(vectors, dtype=np.float64)
+    n_pairs = v.shape[0] // 2
+    x = v[0 : 2 * n_pairs : 2] - v[1 : 2 * n_pairs : 2]
+    d = x.shape[-1]
+    k1 = block_length(d)
+    k2 = d // k1
+    x = x[:, : k1 * k2]
+    y = x.reshape(x.shape[0], k2, k1).sum(-1)
+    with np.errstate(divide="ignore"):
+        lx, ly = np.log(np.abs(x)), np.log(np.abs(y))
+    fx, fy = np.isfinite(lx), np.isfinite(ly)
+    return np.stack([np.where(fx, lx, 0).sum(1), fx.sum(1), np.where(fy, ly, 0).sum(1), fy.sum(1)]).astype(
+        np.float64)
+
+
+def block_length(d: int) -> int:
+    """K1 = ⌊√d⌋ (Şimşekli et al. 2019 take K1 ≈ √K)."""
+    if d < 4:
+        raise ValueError(f"the α-stable estimator needs vectors of at least 4 entries; got {d}")
+    return math.isqrt(d)
+
+
+def alpha_stable_statistic(sums: np.ndarray, k1: int) -> np.ndarray:
+    """α̂ = ln K1 / (mean ln|Y| − mean ln|X|) from per-trial sums (..., 4, trial)."""
+    t = sums.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (math.log(k1) / (t[..., 2] / t[..., 3] - t[..., 0] / t[..., 1]))[None]
+
+
+def fit_alpha_stable(sums: np.ndarray, d: int, *, n_boot: int, rng: np.random.Generator,
+                     level: float = 0.95) -> Estimate:
+    """α of Mohammadi et al. (2015) from :func:`stable_pair_sums` output, with a bootstrap over pairs of trials.
+
+    α-stable laws have α ∈ (0, 2]; an estimate above 2 is reported as is (it means "light-tailed").
+    """
+    k1 = block_length(d)
+
+    def stat(s: np.ndarray) -> np.ndarray:
+        return alpha_stable_statistic(s, k1)
+
+    if n_boot > 0:
+        return bootstrap_trials([sums], stat, n_boot=n_boot, rng=rng, level=level).estimate(0)
+    return Estimate(float(stat(sums)[0]))

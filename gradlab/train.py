@@ -181,18 +181,22 @@ def layer_kinds(model: nn.Module) -> tuple[list[str], list[str]]:
     return names, kinds
 
 
-def distances(model: nn.Module, init: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-tensor ‖θ − θ₀‖, and per group (all/weight/bias) ‖θ − θ₀‖ and ‖θ‖."""
-    per, sq_d, sq_o = [], dict.fromkeys(GROUPS, 0.0), dict.fromkeys(GROUPS, 0.0)
+def distances(model: nn.Module, init: dict[str, torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """Per tensor ‖θ − θ₀‖ and cos(θ, θ₀); per group (all/weight/bias) ‖θ − θ₀‖ and ‖θ‖."""
+    per_d, per_cos, sq_d, sq_o = [], [], dict.fromkeys(GROUPS, 0.0), dict.fromkeys(GROUPS, 0.0)
     for name, p in model.named_parameters():
-        d2 = float(((p.detach().double() - init[name].double()) ** 2).sum())
-        o2 = float((p.detach().double() ** 2).sum())
-        per.append(math.sqrt(d2))
+        theta, theta0 = p.detach().double().flatten(), init[name].double().flatten()
+        d2 = float(((theta - theta0) ** 2).sum())
+        o2 = float((theta**2).sum())
+        denom = math.sqrt(o2 * float((theta0**2).sum()))
+        per_d.append(math.sqrt(d2))
+        per_cos.append(float(theta @ theta0) / denom if denom > 0 else math.nan)
         kind = "bias" if name.endswith("bias") else "weight"
         for g in ("all", kind):
             sq_d[g] += d2
             sq_o[g] += o2
-    return (np.array(per), np.sqrt([sq_d[g] for g in GROUPS]), np.sqrt([sq_o[g] for g in GROUPS]))
+    return (np.array(per_d), np.array(per_cos), np.sqrt([sq_d[g] for g in GROUPS]),
+            np.sqrt([sq_o[g] for g in GROUPS]))
 
 
 def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
@@ -213,6 +217,7 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     n_layers = len(init)
     out = {k: np.full(epochs + 1, np.nan) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr_used")}
     out["dist_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
+    out["cos_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
     out["dist_init"] = np.full((epochs + 1, len(GROUPS)), np.nan)
     out["dist_origin"] = np.full((epochs + 1, len(GROUPS)), np.nan)
     out["diverged_epoch"] = np.array(-1)
@@ -223,7 +228,8 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
         out["train_loss"][epoch], out["train_acc"][epoch] = tl, ta
         if data.test is not None:
             out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test)
-        out["dist_init_layer"][epoch], out["dist_init"][epoch], out["dist_origin"][epoch] = distances(model, init)
+        (out["dist_init_layer"][epoch], out["cos_init_layer"][epoch], out["dist_init"][epoch],
+         out["dist_origin"][epoch]) = distances(model, init)
         if epoch == 0 or epoch in checkpoint_epochs(cfg):
             meta = {"dataset": data.name, "epoch": epoch, "step": epoch * steps_per_epoch, "batch_size": m,
                     "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
@@ -271,6 +277,7 @@ def _store_variables() -> list[VarSpec]:
         VarSpec("test_acc", re_, "float64", "test accuracy", "1"),
         VarSpec("lr_used", re_, "float64", "learning rate at the end of the epoch", "1"),
         VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
+        VarSpec("cos_init_layer", (*re_, "layer"), "float64", "cosine to init cos(θ, θ₀)", "1"),
         VarSpec("dist_init", (*re_, "group"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
         VarSpec("dist_origin", (*re_, "group"), "float64", "distance from origin ‖θ‖", "parameter unit"),
         VarSpec("diverged_epoch", ("run",), "int64", "epoch at which the loss became non-finite (-1: never)", "epoch",

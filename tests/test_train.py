@@ -39,6 +39,10 @@ def test_grid_writes_checkpoints_and_store(tmp_path):
     init = load_checkpoint(tmp_path / "r" / run / "epoch000.pt").state_dict
     d = sum(float(((net.state_dict()[k] - init[k]).double() ** 2).sum()) for k in init) ** 0.5
     assert d == pytest.approx(float(ds.dist_init.sel(run=ds.run.values[0], epoch=3, group="all")), rel=1e-6)
+    w, w0 = net.state_dict()["layers.0.weight"].double().flatten(), init["layers.0.weight"].double().flatten()
+    cos = float(w @ w0 / (w.norm() * w0.norm()))
+    assert cos == pytest.approx(float(ds.cos_init_layer.isel(run=0).sel(epoch=3, layer="layers.0.weight")), rel=1e-9)
+    np.testing.assert_allclose(ds.cos_init_layer.sel(epoch=0).values, 1.0)
     # the same seed gives the same init for every batch size and lr
     inits = [load_checkpoint(tmp_path / "r" / r / "epoch000.pt").state_dict for r in ds.run_dir.values]
     assert all(torch.equal(inits[0][k], i[k]) for i in inits[1:] for k in i)

@@ -44,14 +44,15 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
             norms.plot_norm_ridge(ads, ax, c, normalised=normalised)
         files += _save(fig, out, stem)
 
-    fig = Figure(figsize=(5 * len(labels), 4), layout="constrained")
-    for ax, c in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels, strict=True):
-        tails.plot_entry_tails(ads, ax, c)
-    files += _save(fig, out, "entry_tails")
+    if "entry_hist_pooled" in ads:
+        fig = Figure(figsize=(5 * len(labels), 4), layout="constrained")
+        for ax, c in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels, strict=True):
+            tails.plot_entry_tails(ads, ax, c)
+        files += _save(fig, out, "entry_tails")
 
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    tails.plot_tail_index(ads, fig.subplots())
-    files += _save(fig, out, "tail_index")
+        fig = Figure(figsize=(5.5, 4), layout="constrained")
+        tails.plot_tail_index(ads, fig.subplots())
+        files += _save(fig, out, "tail_index")
 
     layer_vars = [v for v in ("dist_init_layer", "cos_init_layer") if v in ds]
     if layer_vars:

@@ -37,7 +37,7 @@ from gradlab.errors import StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("grad_norm", "done", "entry_hist")
+REQUIRED = ("grad_norm", "done")  # entry_hist is absent from --keep norms stores
 ANALYSIS_GROUP = "analysis"
 
 
@@ -150,7 +150,10 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
         if name in ds:
             lazy.append(stats.norm_moments(ds[name], done, ref_batch_size))
     lazy_ds = xr.merge(lazy, compat="override", join="override")
-    lazy_ds["entry_hist_pooled"] = stats.pooled_entry_hist(ds, done)
+    if "entry_hist" in ds:
+        lazy_ds["entry_hist_pooled"] = stats.pooled_entry_hist(ds, done)
+    else:
+        notes.append("no entry histograms in the store (probed with --keep norms): tail indices are not computed")
     frozen = protocol == "frozen" and "minibatch_grad_norm" in ds
     if frozen:
         lazy_ds["minibatch_sq_norm_trials"] = stats.minibatch_sq_norm(ds, reduction)
@@ -218,8 +221,13 @@ def _fit_notes(cf: CheckpointFits) -> list[str]:
 
 def _fit_tails(ds: Any, ci: int, mi: int, d: np.ndarray, has_vectors: bool, ck: int, *, n_boot: int, seed: int,
                level: float) -> TailFit:
-    hist = np.asarray(ds["entry_hist"].isel(checkpoint=ci, batch_size=mi).transpose("bin", "trial").values)[:, d]
-    hill, thr, n_tail, ks = fit_hill(hist, n_boot=n_boot, rng=rng_for(seed, ck, SEED_CODES["hill"] + mi), level=level)
+    if "entry_hist" not in ds:
+        hill, thr, n_tail, ks = Estimate(math.nan, note="needs entry histograms (gradlab probe --keep histograms)"), \
+            math.nan, 0, math.nan
+    else:
+        hist = np.asarray(ds["entry_hist"].isel(checkpoint=ci, batch_size=mi).transpose("bin", "trial").values)[:, d]
+        hill, thr, n_tail, ks = fit_hill(hist, n_boot=n_boot, rng=rng_for(seed, ck, SEED_CODES["hill"] + mi),
+                                         level=level)
     alpha = Estimate(math.nan, note="needs the vectors S (gradlab probe --keep vectors)")
     if has_vectors:
         v = ds["grad_sum"].isel(checkpoint=ci, batch_size=mi).transpose("trial", "vector_element")

@@ -1,0 +1,253 @@
+"""The training loss over a fixed sample, its gradient and exact Hessian-vector products (double backward).
+
+For a sample of N examples, parameters θ (every parameter with ``requires_grad``, flattened in
+``named_parameters`` order) and a per-example loss ℓ,
+
+    L(θ) = (1/N) Σᵢ ℓ(f(xᵢ; θ), yᵢ),      H v = ∇_θ (∇_θ L(θ) · v)      (Pearlmutter 1994),
+
+computed by double backward chunk by chunk: ``H v = Σ_chunks ∇(∇L_chunk · v)`` with ``L_chunk`` the chunk's
+share ``(1/N) Σ_{i∈chunk} ℓᵢ``, so memory is bounded by one chunk whatever N is, and the result does not depend
+on the chunking (up to rounding).
+
+The objective works on a *functional copy* of the model (``copy.deepcopy`` cast to the requested dtype and
+device, evaluated with ``torch.func.functional_call`` on a flat parameter vector): the caller's model -- its
+parameters, buffers, ``.grad`` and train/eval flags -- is never touched.  Batch norm runs in eval mode (running
+statistics) unless ``bn_mode="train"``; then only the batch-norm modules use batch statistics, computed per chunk
+(so the BN batch is ``chunk_size``, recorded by the caller), and dropout stays off either way so that H is a
+fixed matrix.
+
+Example (mean-MSE linear regression, H = 2XᵀX/n)::
+
+    >>> import torch
+    >>> x = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
+    >>> obj = SampleObjective(torch.nn.Linear(3, 1, bias=False), x, y, loss="mse")
+    >>> v = torch.randn(3, dtype=torch.float64)
+    >>> bool(torch.allclose(obj.hvp(v), 2 * x.T @ x @ v / 20))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from gradlab.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+BN_MODES = ("eval", "train")
+
+
+class NotTwiceDifferentiable(UsageError):
+    """The loss has no usable second derivative (double backward fails, or H v ≡ 0 while ∇L ≠ 0)."""
+
+
+class NonFiniteCurvature(UsageError):
+    """A loss, gradient or Hessian-vector product came out NaN or infinite."""
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example squared error averaged over output entries (so the mean over examples is ``nn.MSELoss``)."""
+    diff = out - y.reshape(out.shape).to(out.dtype)
+    return diff.pow(2).flatten(1).mean(1) if diff.dim() > 1 else diff.pow(2)
+
+
+# Per-example losses: (outputs, targets) -> (n,) tensor.  An explicit registry.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "mse": _mse,
+}
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    from gradlab.models.norm import GhostBatchNorm
+
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, GhostBatchNorm))
+
+
+def functional_copy(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str, bn_mode: str) -> nn.Module:
+    """A deep copy of ``model`` in ``dtype`` on ``device``, in eval mode except batch norm when ``bn_mode="train"``.
+
+    The copy shares nothing with ``model``; gradients are never accumulated into it (we only call
+    ``torch.autograd.grad`` on a separate flat parameter vector).
+    """
+    if bn_mode not in BN_MODES:
+        raise UsageError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    net = copy.deepcopy(model).to(device=device, dtype=dtype)
+    net.eval()
+    if bn_mode == "train":
+        for m in net.modules():
+            if _is_batch_norm(m):
+                m.train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return net
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` contains a batch-norm module (the ``bn_mode`` choice matters only then)."""
+    return any(_is_batch_norm(m) for m in model.modules())
+
+
+class SampleObjective:
+    """L(θ) = (1/N) Σᵢ ℓ(f(xᵢ; θ), yᵢ) over a fixed sample, with ∇L and exact H v by double backward.
+
+    ``theta0`` is the checkpoint's flat parameter vector; every method takes an optional flat ``theta`` (default
+    ``theta0``).  ``hvp_count`` counts Hessian-vector products (one per ``hvp`` call, whatever the chunking).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        loss: str = "cross_entropy",
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        chunk_size: int = 256,
+        bn_mode: str = "eval",
+    ) -> None:
+        if loss not in LOSSES:
+            raise UsageError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+        if chunk_size < 1:
+            raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
+        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+            raise UsageError(f"need a non-empty sample with as many labels as inputs, got x {tuple(x.shape)} and "
+                             f"y {tuple(y.shape)}")
+        self.loss_name = loss
+        self._loss = LOSSES[loss]
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.chunk_size = int(chunk_size)
+        self.bn_mode = bn_mode
+        self.net = functional_copy(model, dtype=dtype, device=self.device, bn_mode=bn_mode)
+        self.x = x.to(device=self.device, dtype=dtype)
+        self.y = y.to(self.device) if loss == "cross_entropy" else y.to(device=self.device, dtype=dtype)
+        self.n_examples = int(x.shape[0])
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise UsageError("the model has no trainable parameters (none with requires_grad); nothing to measure")
+        self.param_names = [n for n, _ in named]
+        self.param_shapes = [tuple(p.shape) for _, p in named]
+        self.param_sizes = [int(p.numel()) for _, p in named]
+        self.n_params = int(sum(self.param_sizes))
+        own = dict(self.net.named_parameters())
+        self.theta0 = torch.cat([own[n].detach().reshape(-1) for n in self.param_names]).clone()
+        self._fixed = {n: t for n, t in self.net.named_parameters() if n not in set(self.param_names)}
+        self._buffers = dict(self.net.named_buffers())
+        self.hvp_count = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _as_theta(self, theta: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        if theta is None:
+            return self.theta0
+        t = torch.as_tensor(theta).to(device=self.device, dtype=self.dtype).reshape(-1)
+        if t.numel() != self.n_params:
+            raise ValueError(f"theta has {t.numel()} entries, the model has {self.n_params} parameters")
+        return t
+
+    def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        pieces = torch.split(flat, self.param_sizes)
+        out = {n: p.view(s) for n, p, s in zip(self.param_names, pieces, self.param_shapes)}
+        out.update(self._fixed)
+        return out
+
+    def _chunks(self) -> range:
+        return range(0, self.n_examples, self.chunk_size)
+
+    def _chunk_loss(self, flat: torch.Tensor, i0: int) -> torch.Tensor:
+        """This chunk's share of L: (1/N) Σ_{i in chunk} ℓᵢ."""
+        i1 = min(i0 + self.chunk_size, self.n_examples)
+        out = functional_call(self.net, (self._params(flat), self._buffers), (self.x[i0:i1],))
+        return self._loss(out, self.y[i0:i1]).sum() / self.n_examples
+
+    # -- public -----------------------------------------------------------------------------------------------
+    def value(self, theta: torch.Tensor | np.ndarray | None = None) -> float:
+        """L(θ) over the sample."""
+        flat = self._as_theta(theta)
+        with torch.no_grad():
+            total = sum(float(self._chunk_loss(flat, i0)) for i0 in self._chunks())
+        return float(total)
+
+    def value_and_grad(self, theta: torch.Tensor | np.ndarray | None = None) -> tuple[float, torch.Tensor]:
+        """(L(θ), ∇L(θ)) over the sample, accumulated chunk by chunk."""
+        flat = self._as_theta(theta).detach().requires_grad_(True)
+        total, grad = 0.0, torch.zeros_like(flat)
+        for i0 in self._chunks():
+            loss = self._chunk_loss(flat, i0)
+            (g,) = torch.autograd.grad(loss, flat)
+            total += float(loss.detach())
+            grad += g
+        return total, grad.detach()
+
+    def hvp(self, v: torch.Tensor | np.ndarray, theta: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """H(θ) v = ∇(∇L(θ)·v), by double backward per chunk (Pearlmutter 1994).
+
+        Raises :class:`NotTwiceDifferentiable` when double backward fails.  A gradient that does not depend on θ
+        (its graph was cut, e.g. by a custom autograd Function) gives H v = 0; :func:`check_twice_differentiable`
+        turns that into an error when ∇L ≠ 0.
+        """
+        vec = torch.as_tensor(v).to(device=self.device, dtype=self.dtype).reshape(-1)
+        if vec.numel() != self.n_params:
+            raise ValueError(f"v has {vec.numel()} entries, the model has {self.n_params} parameters")
+        flat = self._as_theta(theta).detach().requires_grad_(True)
+        out = torch.zeros_like(flat)
+        self.hvp_count += 1
+        for i0 in self._chunks():
+            loss = self._chunk_loss(flat, i0)
+            try:
+                (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+                if not g.requires_grad:
+                    continue  # the gradient is constant in θ along every path autograd can see
+                (hv,) = torch.autograd.grad(g @ vec, flat, allow_unused=True)
+            except RuntimeError as exc:
+                raise NotTwiceDifferentiable(
+                    "the loss is not twice differentiable: double backward through the model failed "
+                    f"({str(exc).splitlines()[0]}). Hessian-based sharpness needs a model whose operations support "
+                    "double backward (custom autograd Functions must not be @once_differentiable)."
+                ) from None
+            if hv is not None:
+                out += hv
+        return out.detach()
+
+
+def check_twice_differentiable(obj: SampleObjective, rng: np.random.Generator, n_probes: int = 2) -> None:
+    """Refuse a loss without a usable Hessian, and a non-finite loss, gradient or curvature.
+
+    Raises :class:`NonFiniteCurvature` when L, ∇L or H v is NaN/inf, and :class:`NotTwiceDifferentiable` when
+    double backward fails or when H v ≡ 0 on ``n_probes`` random Rademacher vectors while ∇L ≠ 0.  The latter is
+    the signature of a gradient whose graph is cut from θ (a custom autograd Function returning detached or
+    ``@once_differentiable`` gradients, ``.detach()`` inside the model, piecewise-constant operations): autograd
+    then sees no second derivative at all and every Hessian-based sharpness would silently be 0.
+    """
+    value, grad = obj.value_and_grad()
+    if not np.isfinite(value) or not bool(torch.isfinite(grad).all()):
+        raise NonFiniteCurvature(f"the loss ({value}) or its gradient is not finite at this checkpoint; curvature "
+                                 "is undefined there. Check the checkpoint (diverged run?) and --dtype.")
+    all_zero = True
+    for _ in range(n_probes):
+        v = torch.from_numpy(rng.integers(0, 2, size=obj.n_params).astype(np.float64) * 2 - 1)
+        hv = obj.hvp(v)
+        if not bool(torch.isfinite(hv).all()):
+            raise NonFiniteCurvature("a Hessian-vector product is not finite at this checkpoint (non-finite "
+                                     "curvature); check the checkpoint or use --dtype float64")
+        all_zero &= bool((hv == 0).all())
+    if all_zero and bool((grad != 0).any()):
+        raise NotTwiceDifferentiable(
+            "the loss is not twice differentiable as far as autograd can tell: Hessian-vector products are "
+            f"identically zero on {n_probes} random vectors while the gradient is non-zero (norm "
+            f"{float(grad.norm()):.3g}). The model's backward pass is probably cut from the parameters (a custom "
+            "autograd Function, .detach(), or a piecewise-constant operation); Hessian sharpness is undefined for it."
+        )

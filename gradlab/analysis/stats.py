@@ -49,8 +49,11 @@ def norm_moments(da: Any, done: Any, ref_batch_size: int) -> Any:
     import xarray as xr
 
     x = da.where(done)
-    mean = x.mean("trial", skipna=True)
-    std = x.std("trial", ddof=1, skipna=True)
+    # Moments from counts, dividing by NaN where a cell has no (or one) value: layers outside --params are all NaN,
+    # and 0/0 inside dask's own mean/std would warn.
+    n = x.count("trial")
+    mean = x.sum("trial", skipna=True) / n.where(n > 0)
+    std = np.sqrt(((x - mean) ** 2).sum("trial", skipna=True) / (n - 1).where(n > 1))
     scale = mean.sel(batch_size=ref_batch_size) / mean
     name = da.name
     return xr.Dataset({

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("gradlab.cli.probe", "summed-gradient norms for every batch size into a resumable zarr store"),
     "analyze": ("gradlab.cli.analyze", "statistics, law fits with intervals, and figures from stores"),
     "sharpness": ("gradlab.cli.sharpness", "Hessian eigenvalues, trace and epsilon-sharpness of checkpoints"),
+    "demo": ("gradlab.cli.demo", "the whole study on the embedded digits: train, probe, sharpness, analyze"),
 }
 
 

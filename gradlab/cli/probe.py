@@ -1,15 +1,116 @@
-"""`gradlab probe` (placeholder while it is being written; replaced by the real module)."""
+"""`gradlab probe`: summed-gradient norms for every batch size, distance and cosine to init, in a resumable store.
+
+A thin shell over :mod:`gradlab.probe.run`: parse flags, resolve and validate the config (nothing is written on bad
+input: exit 2), then print the plan (``--dry-run``) or run the probe with a progress bar on stderr.  Only the stdlib
+is imported at module level.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from gradlab.errors import UsageError
 
+# Powers of two: the blog's 3, 5, 6, 7 do not divide its budget N = 1024, and every batch size must divide N.
+DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256,512,1024"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]PATH", required=True,
+                        help="checkpoint to probe (repeatable); label = file stem unless given as LABEL=PATH")
+    parser.add_argument("--init", metavar="PATH", help="init checkpoint θ₀ for distances and cosines (default: the "
+                        "checkpoint tagged 'init' in each checkpoint's folder; NaN if none)")
+    parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
+    parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+    parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
+                        help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")
+    parser.add_argument("--budget", type=int, default=1024, help="examples per trial N (default 1024)")
+    parser.add_argument("--trials", type=int, default=100, help="trials per checkpoint (default 100)")
+    parser.add_argument("--protocol", choices=("step", "frozen"), default="step",
+                        help="step: N/m SGD steps per trial; frozen: minibatch gradients at fixed θ (default step)")
+    parser.add_argument("--reduction", choices=("mean", "sum"), default="mean", help="minibatch loss reduction")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the step protocol (default 0.01)")
+    parser.add_argument("--params", default=".", metavar="REGEX",
+                        help="regex searched in parameter names: the tensors whose gradients are measured "
+                        "(default: all)")
+    parser.add_argument("--keep", choices=("norms", "histograms", "vectors"), default="histograms",
+                        help="norms; + entry histograms of S; + S itself for the selected parameters")
+    parser.add_argument("--out", required=True, help="the zarr store to write")
+    parser.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--replacement", action="store_true", help="draw each trial's examples with replacement")
+    parser.add_argument("--trials-per-unit", type=int, metavar="T",
+                        help="trials per unit of work and per store chunk (default: 8, fewer for huge vectors)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted store (same flags)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; write nothing")
+    parser.add_argument("--workers", type=int, metavar="N", help="run units on a local Dask cluster of N processes")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run units on the Dask cluster at ADDRESS")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r} must be comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def _model_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"widths\": [64]}}'") \
+            from None
+    if not isinstance(kw, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return kw
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UsageError("gradlab probe is not available yet")
+    import logging
+
+    from gradlab.probe.run import plan_probe, resolve_config, run_probe
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # Dask's INFO chatter only with -v
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers and args.scheduler:
+        raise UsageError("give --workers or --scheduler, not both")
+    config = resolve_config(
+        args.checkpoint, data=args.data, init=args.init, model=args.model,
+        model_kwargs=_model_kwargs(args.model_kwargs),
+        batch_sizes=_batch_sizes(args.batch_sizes), budget=args.budget, trials=args.trials, protocol=args.protocol,
+        reduction=args.reduction, lr=args.lr, params=args.params, keep=args.keep, seed=args.seed, device=args.device,
+        dtype=args.dtype, replacement=args.replacement, trials_per_unit=args.trials_per_unit)
+    if args.dry_run:
+        plan = plan_probe(config, args.out, resume=args.resume, workers=args.workers or 1)
+        print(f"probe plan for {args.out} ({config.protocol} protocol, {len(config.checkpoints)} checkpoint(s), "
+              f"{config.trials} trials, batch sizes {list(config.batch_sizes)}, budget {config.budget})")
+        print(f"  parameters: {len(config.selected)} of {len(config.layers)} tensors selected "
+              f"({config.n_selected} entries)")
+        print(f"  units: {plan.units_todo} to compute of {plan.units_total} ({plan.trials_per_unit} trials each)")
+        print(f"  calibration: {plan.seconds_per_trial:.3f} s per trial (all batch sizes)")
+        print(f"  estimated time: {plan.estimated_seconds:.0f} s")
+        print(f"  store size: at most {_human_bytes(plan.store_bytes)} (uncompressed)")
+        print("  dry run: nothing written")
+        return 0
+    summary = run_probe(config, args.out, resume=args.resume, workers=args.workers, scheduler=args.scheduler,
+                        progress=True)
+    print(f"wrote {summary.path}: {summary.units_computed} of {summary.units_total} units computed in "
+          f"{summary.seconds:.1f} s" + (f"; {summary.nonfinite} non-finite gradient entries (see nonfinite_count)"
+                                        if summary.nonfinite else ""))
+    return 0

@@ -1,0 +1,14 @@
+"""Probes: torch-side measurements of minibatch gradients at a checkpoint (SCIENCE.md, "The two probe protocols").
+
+Modules (imported on use; this package file holds no code):
+
+- ``gradlab.probe.step``: the step protocol ("gradient competition"): the lock-step engine ``step_trials`` and its
+  result type ``StepResult``.
+- ``gradlab.probe.naive``: the blog's per-trial ``torch.optim.SGD`` loop for the step protocol
+  (``naive_step_trials``), kept as the reference the engine is tested and benchmarked against.
+- ``gradlab.probe.gram``: per-example gradient Gram matrices without per-example gradients.
+- ``gradlab.probe.frozen``: the frozen protocol: every minibatch gradient norm of every partition, from Gram matrices.
+- ``gradlab.probe.sampling``: per-trial draws of training examples from explicit seeds.
+- ``gradlab.probe.distance``: where the weights went (distance from init / origin, cosine to init).
+- ``gradlab.probe.run``: orchestration of ``gradlab probe`` (config, store, units, resume).
+"""

@@ -1,0 +1,191 @@
+"""Per-example gradient Gram matrices Kᵢⱼ = gᵢ·gⱼ, one per parameter tensor, without per-example gradients.
+
+For an ``nn.Linear`` applied once per forward to inputs of shape (N, in), example i's weight gradient is the outer
+product gᵢ = δᵢ aᵢᵀ of its output gradient δᵢ = ∂ℓᵢ/∂zᵢ and its input aᵢ, so
+
+    gᵢ·gⱼ = (aᵢ·aⱼ)(δᵢ·δⱼ)          (weights)          gᵢ·gⱼ = δᵢ·δⱼ          (biases)
+
+i.e. K_W = (A Aᵀ) ∘ (D Dᵀ) and K_b = D Dᵀ (Goodfellow 2015, "Efficient per-example gradient computations";
+Rochette et al. 2019; SCIENCE.md "The two probe protocols").  A and D come from forward hooks on a private copy of
+the model and one ``torch.autograd.grad`` of the *sum* of per-example losses, which makes row i of D example i's
+own output gradient -- provided examples do not interact.  The copy is therefore put in eval mode: batch norm uses
+its running statistics and dropout is off (``model_mode = "eval"`` in the store attrs).  The caller's model is
+never touched.
+
+Parameters outside such linear layers (convolutions, norms, embeddings, a linear layer called twice or on
+non-2-D inputs, or whose weight is tied to another module) fall back to per-example gradients from ``torch.func.vmap(grad(...))`` in chunks, then K = Γ Γᵀ
+with Γ the (N, p) matrix of that tensor's per-example gradients (memory N·p for those tensors only).
+
+Forward/backward passes run in chunks of ``chunk_size`` examples, so autograd memory is bounded by a chunk; the
+stored A and D are what one forward pass of N examples holds, and each K is N×N.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σᵢ ℓᵢ with ℓᵢ the cross-entropy of example i (a sum, so that ∂/∂zᵢ is example i's own gradient)."""
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+@dataclass(frozen=True)
+class GramResult:
+    """Gram matrices and summed gradients of one draw of N examples.
+
+    ``gram[name]``: (N, N) float64, Kᵢⱼ = gᵢ·gⱼ restricted to parameter tensor ``name``;
+    ``grad_sum[name]``: Σᵢ gᵢ for that tensor (its shape, compute dtype; empty dict when the engine was built with
+    ``grad_sum=False``, which saves the D^T A products); ``fallback``: names computed with
+    torch.func per-example gradients instead of the linear-layer identity.
+    """
+
+    gram: dict[str, torch.Tensor]
+    grad_sum: dict[str, torch.Tensor]
+    fallback: tuple[str, ...]
+
+
+class GramEngine:
+    """Computes :class:`GramResult` for draws of examples at fixed parameters θ (the frozen protocol).
+
+    Not thread-safe (calls hook its private model): use one engine per thread.
+
+    Example (checked in ``tests/probe/test_gram.py`` against per-example autograd)::
+
+        engine = GramEngine(model, ["layers.0.weight", "layers.0.bias"], dtype=torch.float64)
+        res = engine(x, y)       # res.gram["layers.0.weight"][i, j] == g_i · g_j
+    """
+
+    def __init__(self, model: nn.Module, selected: Sequence[str], *, loss_fn: LossFn = cross_entropy_sum,
+                 chunk_size: int = 256, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", grad_sum: bool = True) -> None:
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.selected = tuple(selected)
+        names = {n for n, _ in self.model.named_parameters()}
+        unknown = [n for n in self.selected if n not in names]
+        if unknown:
+            raise ValueError(f"parameters {unknown} are not in the model (it has {sorted(names)})")
+        self.loss_fn = loss_fn
+        self.chunk_size = int(chunk_size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.want_grad_sum = bool(grad_sum)
+        self._linear: dict[str, nn.Linear] | None = None  # module name -> module, decided on first call
+        self._fallback: tuple[str, ...] = ()
+
+    # -- which tensors take the linear-layer identity -------------------------------------------------------------
+    def _classify(self, x1: torch.Tensor) -> None:
+        linears = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        calls: dict[str, list[int]] = {name: [] for name in linears}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: calls[name].append(inp[0].dim()))
+                 for name, m in linears.items()]
+        try:
+            with torch.no_grad():
+                self.model(x1)
+        finally:
+            for h in hooks:
+                h.remove()
+        owners: dict[int, int] = {}  # a tensor shared by several modules (tied weights) takes the fallback
+        for mod in self.model.modules():
+            for p in mod._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        eligible = {name: m for name, m in linears.items() if calls[name] == [2]
+                    and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))}
+        owned = {f"{name}.{attr}" for name, m in eligible.items() for attr in ("weight", "bias")
+                 if getattr(m, attr, None) is not None}
+        self._linear = {name: m for name, m in eligible.items()
+                        if any(f"{name}.{a}" in self.selected for a in ("weight", "bias"))}
+        self._fallback = tuple(n for n in self.selected if n not in owned)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> GramResult:
+        """Gram matrices and summed gradients of the N examples ``x``, ``y`` (any device/dtype; moved here)."""
+        x = x.to(device=self.device, dtype=self.dtype)
+        y = y.to(device=self.device)
+        if self._linear is None:
+            self._classify(x[:1])
+        gram: dict[str, torch.Tensor] = {}
+        grad_sum: dict[str, torch.Tensor] = {}
+        if self._linear:
+            self._linear_grams(x, y, gram, grad_sum)
+        if self._fallback:
+            self._fallback_grams(x, y, gram, grad_sum)
+        return GramResult({n: gram[n] for n in self.selected},
+                          {n: grad_sum[n] for n in self.selected} if self.want_grad_sum else {}, self._fallback)
+
+    # -- linear-layer identity ------------------------------------------------------------------------------------
+    def _linear_grams(self, x: torch.Tensor, y: torch.Tensor, gram: dict[str, torch.Tensor],
+                      grad_sum: dict[str, torch.Tensor]) -> None:
+        linears = self._linear or {}
+        acts: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        deltas: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        outs: dict[str, torch.Tensor] = {}
+
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str) -> None:
+            acts[name].append(inp[0].detach())
+            outs[name] = out
+
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: hook(mod, inp, out, name))
+                 for name, m in linears.items()]
+        try:
+            for start in range(0, x.shape[0], self.chunk_size):
+                xc = x[start:start + self.chunk_size].detach().requires_grad_(True)
+                outs.clear()
+                with torch.enable_grad():
+                    loss = self.loss_fn(self.model(xc), y[start:start + self.chunk_size])
+                    names = list(outs)
+                    grads = torch.autograd.grad(loss, [outs[n] for n in names])
+                for n, g in zip(names, grads):
+                    deltas[n].append(g.detach())
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, mod in linears.items():
+            a = torch.cat(acts[name])
+            d = torch.cat(deltas[name])
+            dd = (d @ d.T).double()
+            wname, bname = f"{name}.weight", f"{name}.bias"
+            if wname in self.selected:
+                gram[wname] = (a @ a.T).double() * dd
+                if self.want_grad_sum:
+                    grad_sum[wname] = d.T @ a
+            if bname in self.selected and mod.bias is not None:
+                gram[bname] = dd
+                grad_sum[bname] = d.sum(0)
+
+    # -- generic fallback: torch.func per-example gradients -------------------------------------------------------
+    def _fallback_grams(self, x: torch.Tensor, y: torch.Tensor, gram: dict[str, torch.Tensor],
+                        grad_sum: dict[str, torch.Tensor]) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        fixed = {n: p for n, p in params.items() if n not in self._fallback}
+        model, loss_fn = self.model, self.loss_fn
+
+        def loss_one(free: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, ({**fixed, **free}, buffers), (xi[None],))
+            return loss_fn(out, yi[None])
+
+        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+        free = {n: params[n] for n in self._fallback}
+        n_ex = x.shape[0]
+        rows = {n: torch.empty((n_ex, params[n].numel()), dtype=self.dtype, device=self.device)
+                for n in self._fallback}
+        for start in range(0, n_ex, self.chunk_size):
+            g = per_example(free, x[start:start + self.chunk_size], y[start:start + self.chunk_size])
+            for n in self._fallback:
+                rows[n][start:start + g[n].shape[0]] = g[n].reshape(g[n].shape[0], -1)
+        for n in self._fallback:
+            gram[n] = (rows[n] @ rows[n].T).double()
+            grad_sum[n] = rows[n].sum(0).reshape(params[n].shape)

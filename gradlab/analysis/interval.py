@@ -34,12 +34,27 @@ class Estimate:
         return {"value": json_float(self.value), "low": json_float(self.low), "high": json_float(self.high),
                 "level": self.level, "note": self.note}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Estimate:
+        """Inverse of :meth:`to_dict` (as found in ``summary.json``)."""
+        def g(x: Any) -> float:
+            return math.nan if x is None else float(x)
+        return cls(g(d.get("value")), g(d.get("low")), g(d.get("high")), float(d.get("level", 0.95)), d.get("note"))
+
     def format(self, digits: int = 3) -> str:
         """``value [low, high]`` with ``digits`` significant digits (``[no interval]`` when there is none)."""
         def f(x: float) -> str:
             return "nan" if math.isnan(x) else ("inf" if x == math.inf else f"{x:.{digits}g}")
         ci = f"[{f(self.low)}, {f(self.high)}]" if self.has_interval else "[no interval]"
         return f"{f(self.value)} {ci}"
+
+
+def format_estimate(d: dict[str, Any] | None, digits: int = 3) -> str:
+    """``value [low, high]`` of a summary.json estimate dict, with its note when it has no interval."""
+    if d is None:
+        return "n/a"
+    e = Estimate.from_dict(d)
+    return e.format(digits) + (f" ({e.note})" if e.note and not e.has_interval else "")
 
 
 def json_float(x: float) -> float | str | None:

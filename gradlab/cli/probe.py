@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials-per-unit", type=int, metavar="T",
                         help="trials per unit of work and per store chunk (default: 8, fewer for huge vectors)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store (same flags)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; write nothing")
     parser.add_argument("--workers", type=int, metavar="N", help="run units on a local Dask cluster of N processes")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run units on the Dask cluster at ADDRESS")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print("  dry run: nothing written")
         return 0
     summary = run_probe(config, args.out, resume=args.resume, workers=args.workers, scheduler=args.scheduler,
-                        progress=True)
+                        progress=not args.no_progress)
     print(f"wrote {summary.path}: {summary.units_computed} of {summary.units_total} units computed in "
           f"{summary.seconds:.1f} s" + (f"; {summary.nonfinite} non-finite gradient entries (see nonfinite_count)"
                                         if summary.nonfinite else ""))

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress messages")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
     )
     out = run_sharpness(config, args.out, resume=args.resume,
-                        progress=lambda msg: print(f"gradlab sharpness: {msg}", file=sys.stderr, flush=True))
+                        progress=None if args.no_progress else
+                        (lambda msg: print(f"gradlab sharpness: {msg}", file=sys.stderr, flush=True)))
     print(f"gradlab sharpness: wrote {out}", file=sys.stderr)
     return 0

@@ -13,12 +13,7 @@ from typing import Any
 
 import numpy as np
 
-
-def label_from_attrs(da: Any, fallback: str = "") -> str:
-    """``long_name [units]`` from a DataArray's attrs (xarray's habit)."""
-    name = da.attrs.get("long_name", getattr(da, "name", None) or fallback)
-    units = da.attrs.get("units", "")
-    return f"{name} [{units}]" if units not in ("", "1") else str(name)
+from gradlab.figures.labels import label_from_attrs
 
 
 def plot_sharpness_vs_batch_size(ds: Any, ax: Any, *, measure: str = "lambda_max", analysis: Any = None,

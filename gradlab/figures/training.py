@@ -7,21 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from gradlab.analysis.training import log_t_fit
+from gradlab.figures.labels import label_from_attrs
 
 
-def _label(da: Any) -> str:
-    name = da.attrs.get("long_name", da.name)
-    units = da.attrs.get("units")
-    return f"{name} [{units}]" if units and units != "1" else str(name)
-
-
-def plot_grid(table: pd.DataFrame, ax: plt.Axes, title: str, fmt: str = ".3g", cmap: str = "viridis") -> plt.Axes:
+def plot_grid(table: pd.DataFrame, ax: Axes, title: str, fmt: str = ".3g", cmap: str = "viridis") -> Axes:
     """Heatmap of a batch size × lr table (from :func:`gradlab.analysis.training.grid`)."""
     sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar=False)
     ax.set_title(title)
@@ -30,7 +25,7 @@ def plot_grid(table: pd.DataFrame, ax: plt.Axes, title: str, fmt: str = ".3g", c
     return ax
 
 
-def plot_distance_vs_epoch(ds: Any, ax: plt.Axes, group: str = "all", fit: bool = True) -> plt.Axes:
+def plot_distance_vs_epoch(ds: Any, ax: Axes, group: str = "all", fit: bool = True) -> Axes:
     """‖θ_t − θ₀‖ against epoch for every run, log-scaled epochs, with the a + b·ln t fit dashed."""
     da = ds.dist_init.sel(group=group)
     epochs = ds.epoch.values
@@ -44,13 +39,13 @@ def plot_distance_vs_epoch(ds: Any, ax: plt.Axes, group: str = "all", fit: bool 
                 t = np.geomspace(1, epochs[-1], 50)
                 ax.plot(t, f.a + f.b * np.log(t), ls="--", color=palette[i], lw=1)
     ax.set_xscale("log")
-    ax.set_xlabel(_label(ds.epoch))
-    ax.set_ylabel(f"{_label(da)} ({group})")
+    ax.set_xlabel(label_from_attrs(ds.epoch))
+    ax.set_ylabel(f"{label_from_attrs(da)} ({group})")
     ax.legend(fontsize="x-small")
     return ax
 
 
-def plot_stable_lr(ranges: pd.DataFrame, ax: plt.Axes) -> plt.Axes:
+def plot_stable_lr(ranges: pd.DataFrame, ax: Axes) -> Axes:
     """The range of stable learning rates per batch size (vertical bars on log axes)."""
     ok = ranges.dropna(subset=["lr_min", "lr_max"])
     ax.vlines(ok.batch_size, ok.lr_min, ok.lr_max, lw=6, color="tab:blue")

@@ -1,0 +1,82 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Revisiting small batch training (Masters & Luschi 2018, seeds 000 and 002)
+#
+# Masters & Luschi define the SGD update with a fixed *base learning rate* η̃ = η/m (the loss summed over the
+# batch), so the mean update per example is the same at every batch size while its variance grows ∝ η̃²·m. They
+# report (i) the best test accuracy at small m for the same η̃, (ii) a range of stable η̃ that shrinks as m grows,
+# and (iii) with batch norm, best results when the batch-norm batch is even smaller than the SGD batch. The
+# stores come from `gradlab train --lr-scaling sum` grids (see `analyses/README.md`).
+
+# %%
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from gradlab.analysis.training import final_table, grid, stable_lr_range
+from gradlab.figures.training import plot_grid, plot_stable_lr
+from gradlab.store import open_store
+
+STUDIES = Path(os.environ.get("GRADLAB_STUDIES", "../studies"))
+base = open_store(STUDIES / "base_lr_grid" / "train.zarr", kind="train")
+assert base.attrs["lr_scaling"] == "sum", "this study needs a grid trained with --lr-scaling sum"
+
+# %% [markdown]
+# ## Test accuracy over batch size × base learning rate η̃
+
+# %%
+table = final_table(base)
+fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+plot_grid(grid(table, "test_acc"), axes[0], "test accuracy (η̃ = η/m, sum reduction)")
+ranges = stable_lr_range(table)
+plot_stable_lr(ranges, axes[1])
+axes[1].set_ylabel("stable base learning rates η̃")
+fig.tight_layout()
+print(ranges.to_string(index=False))
+
+# %%
+best = table.loc[table.groupby("batch_size").test_acc.idxmax(), ["batch_size", "lr", "test_acc"]]
+print("Best test accuracy per batch size (and the η̃ that reached it):")
+print(best.to_string(index=False))
+stable = ranges.dropna()
+widths = (stable.lr_max / stable.lr_min).round(1)
+print(f"Width of the stable η̃ range (max/min) per batch size: {dict(zip(stable.batch_size, widths))}; "
+      f"stable cells per batch size: {dict(zip(ranges.batch_size, ranges.n_stable))}.")
+
+# %% [markdown]
+# ## Batch-norm batch vs SGD batch (ghost batch norm)
+
+# %%
+rows = []
+for folder in sorted(STUDIES.glob("bn_batch_*")):
+    ds = open_store(folder / "train.zarr", kind="train")
+    t = final_table(ds)
+    cfg_ghost = folder.name.removeprefix("bn_batch_")
+    t["bn_batch"] = cfg_ghost
+    rows.append(t)
+bn = pd.concat(rows, ignore_index=True)
+fig, ax = plt.subplots(figsize=(6, 4))
+plot_grid(bn.pivot_table(values="test_acc", index="batch_size", columns="bn_batch", aggfunc="mean"), ax,
+          "test accuracy: SGD batch × batch-norm batch")
+ax.set_xlabel("batch-norm batch (ghost batch size; 'full' = the SGD batch)")
+print(bn.groupby(["batch_size", "bn_batch"]).test_acc.mean().unstack().round(3).to_string())
+
+# %% [markdown]
+# ## What the digits data shows, and where it differs from the paper
+#
+# The tables above are the findings of this run; the paragraph below is written from the full study in
+# `analyses/README.md` and is checked against it when the study is re-run.

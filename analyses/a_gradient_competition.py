@@ -66,8 +66,9 @@ norms.plot_norm_vs_batch_size(frozen_a, ax, norm="minibatch_sum_rms")
 for label, c in frozen["checkpoints"].items():
     nm, pl = c["noise_model"], c["power_law"]["minibatch_sum_rms"]
     print(f"{label}: ‖G‖² = {fmt(nm['grad_sq_norm'])}, tr Σ = {fmt(nm['trace_cov'])}, "
-          f"B_noise = {fmt(nm['b_noise'])}; β = {fmt(pl['beta'])}; √m law holds up to m = "
-          f"{pl['sqrt_law_max_batch_size']}; crossover m = {fmt(pl['crossover'])}; "
+          f"B_noise = {fmt(nm['b_noise'])}; β = {fmt(pl['beta'])}; √m law (local slope consistent with ½) "
+          f"{'up to m = ' + str(pl['sqrt_law_max_batch_size']) if pl['sqrt_law_max_batch_size'] else 'nowhere at this precision'}; "
+          f"crossover m = {fmt(pl['crossover'])}; "
           f"lack of fit p = {nm['lack_of_fit']['p_value']}")
 for change in frozen["comparison"]:
     if change["quantity"] in ("b_noise", "grad_sq_norm", "trace_cov"):
@@ -109,3 +110,21 @@ for label, c in step["checkpoints"].items():
 #
 # The printed lines above are the findings of this run; the paragraph below is written from the full study in
 # `analyses/README.md` and is checked against it when the study is re-run.
+#
+# On the full digits study (MLP 2×1024 trained at batch size 256, η = 0.05; 400 frozen and 100 step trials of
+# N = 1024): the noise model fits the frozen norms at both checkpoints (lack-of-fit p = 0.14 early, 0.66 late).
+# Early, ‖G‖² = 0.153 and tr Σ = 15.0, so B_noise = 98; late, ‖G‖² halves and tr Σ doubles, so B_noise grows
+# ×4.2 [4.2, 4.3] to 414 and ‖s_B‖ grows as m^0.54 over m = 1…1024 (m^0.64 early): late in training the summed
+# gradient of a minibatch is noise-dominated almost up to the whole budget, which is the √m law. With 400 trials
+# the local slopes are measured so precisely (±0.01) that they differ from ½ even at small m, so the "√m range"
+# is empty at this precision; the crossover from the two-term fit (106 early, 581 late) matches B_noise.
+#
+# Where this differs from the blog: the blog's quantity, ‖S‖ of the step protocol with mean reduction, does not
+# grow as √m here -- it falls as m^−0.91 early and m^−0.81 late, because each of the N/m steps carries the mean,
+# i.e. 1/m of the summed gradient. The blog's rising √m curve is what ‖s_B‖ (sum reduction) does; we could not
+# reproduce it with the step protocol as the blog describes it. Two other blog findings hold: late in training the
+# normalised std of ‖S‖ grows with m (0.0038 at m = 1 to 0.0087 at m = 1024; nearly flat early), and the entries
+# of S are heavier-tailed at large m by the α-stable index (1.40 → 0.88 early, 1.36 → 0.86 late). The binned
+# Hill index of the extreme tail does not agree (it rises with m late), so "heavier tails" depends on which part
+# of the tail one measures; both estimators are in the store.
+

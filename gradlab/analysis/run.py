@@ -254,11 +254,13 @@ def _compare(ds: Any, done: Any, labels: list[str], per_trial: dict[str, dict[st
             paired = same_draws(idx)
     m = batch_sizes.astype(np.float64)
     rng = rng_for(seed, 0, SEED_CODES["compare"])
-    changes = compare_checkpoints(
-        per_trial[e]["grad_norm"], per_trial[la]["grad_norm"],
-        lambda x: power_law_statistic(x, m, "mean")[:1], ["beta (grad_norm)"], ["difference"],
-        labels=(e, la), paired=paired, n_boot=n_boot, rng=rng, level=level)
-    if frozen:
+    changes: list[Change] = []
+    if not frozen:  # frozen ‖S‖ = c_m‖Σᵢgᵢ‖: its β is fixed by the reduction (−1 or 0), nothing to compare
+        changes += compare_checkpoints(
+            per_trial[e]["grad_norm"], per_trial[la]["grad_norm"],
+            lambda x: power_law_statistic(x, m, "mean")[:1], ["beta (grad_norm)"], ["difference"],
+            labels=(e, la), paired=paired, n_boot=n_boot, rng=rng, level=level)
+    else:
         x = finite_population_factor(m, pool_size, replacement) / m
 
         def noise(qq: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ resumes to exactly what an uninterrupted run writes:
 
 One writer at a time: ``StoreWriter`` holds an ``fcntl.flock`` on the sibling file ``.<store name>.lock`` (released
 by the kernel when the process dies, so a crash never leaves a stale lock).  The lock lives beside the store, not
-in it: zarr warns about any foreign file inside a hierarchy.  Resuming with another config is refused.
+in it: zarr warns about any foreign file inside a hierarchy.  A store may also be a group nested in another
+gradlab store (``gradlab sharpness --into norms.zarr`` writes ``norms.zarr/sharpness``): its lock and its staging
+folder then live beside the outermost store.  Resuming with another config is refused.
 
 Strings are stored as variable-length UTF-8 (object dtype): fixed-width numpy strings have no zarr v3 spec yet.
 Consolidated metadata is off (it is not part of zarr v3); open stores with :func:`open_store`.
@@ -60,10 +62,24 @@ class VarSpec:
         return np.nan if kind in "fc" else (False if kind == "b" else 0)
 
 
+def _outer_store(path: Path) -> Path | None:
+    """The outermost zarr store strictly containing ``path`` (a group inside a store), or None."""
+    outer = None
+    for parent in path.absolute().parents:
+        if (parent / "zarr.json").exists():
+            outer = parent
+        else:
+            break
+    return outer
+
+
 def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file of a store: ``.<name>.lock`` in the store's parent folder."""
-    p = Path(path)
-    return p.parent / f".{p.name}.lock"
+    """The lock file of a store: ``.<name>.lock`` beside it; for a group nested in a store (``a.zarr/sharpness``)
+    ``.a.zarr.sharpness.lock`` beside the outermost store, since no foreign file may live inside a hierarchy."""
+    p = Path(path).absolute()
+    outer = _outer_store(p)
+    base = outer.parent if outer is not None else p.parent
+    return base / ("." + ".".join(p.relative_to(base).parts) + ".lock")
 
 
 def _object_strings(values: Any) -> np.ndarray:
@@ -123,7 +139,8 @@ def create_store(
             **(dict(attrs) if attrs else {}),
         }
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    outer = _outer_store(path)  # a group nested in a store is staged beside the outermost store, not inside it
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=(outer.parent if outer is not None else path.parent)))
     try:
         target = tmp / "store.zarr"
         ds.to_zarr(target, compute=False, zarr_format=3, mode="w-", consolidated=False)

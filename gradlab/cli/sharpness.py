@@ -53,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lanczos-tol", type=float, default=None, help="eigsh tolerance (default by dtype)")
     parser.add_argument("--lbfgs-iters", type=int, default=10, help="L-BFGS-B iterations for epsilon-sharpness")
     parser.add_argument("--model", default=None, help="model name or pkg.module:factory (foreign checkpoints)")
-    parser.add_argument("--out", required=True, help="output zarr store")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output zarr store")
+    where.add_argument("--into", metavar="PROBE_STORE",
+                       help="write into an existing probe store, as its 'sharpness' group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store")
@@ -63,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gradlab.curvature.run import SharpnessConfig, run_sharpness
 
+    from pathlib import Path
+
+    out = args.out
+    if args.into is not None:
+        from gradlab.store import open_store
+
+        open_store(args.into, kind="probe")  # a clear error unless it is a gradlab probe store
+        out = str(Path(args.into) / "sharpness")
     config = SharpnessConfig(
         checkpoints=tuple(args.checkpoint),
         data=args.data,
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         lbfgs_maxiter=args.lbfgs_iters,
         model=args.model,
     )
-    out = run_sharpness(config, args.out, resume=args.resume,
+    out = run_sharpness(config, out, resume=args.resume,
                         progress=None if args.no_progress else
                         (lambda msg: print(f"gradlab sharpness: {msg}", file=sys.stderr, flush=True)))
     print(f"gradlab sharpness: wrote {out}", file=sys.stderr)

@@ -94,9 +94,10 @@ def expand_grid(cfg: TrainConfig) -> list[RunSpec]:
     return [RunSpec(i, int(m), float(lr), int(s), str(o)) for i, (m, lr, s, o) in enumerate(combos)]
 
 
-def validate(cfg: TrainConfig, data: DataBundle) -> None:
-    """Refuse an empty or invalid grid (and an unknown model) before anything is written."""
-    init_model(cfg, data, 0)
+def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
+    """Refuse an empty or invalid grid (and an unknown model) before anything is written; returns the model of
+    seed 0, built once here so callers can read its layout."""
+    model = init_model(cfg, data, 0)
     n = len(data.train)
     if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
         raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
@@ -123,6 +124,7 @@ def validate(cfg: TrainConfig, data: DataBundle) -> None:
         raise UsageError("--checkpoint-format must be 'pt' or 'safetensors'")
     for spec in expand_grid(cfg):
         rule_for(cfg, spec)  # raises UsageError on a bad rule
+    return model
 
 
 def checkpoint_epochs(cfg: TrainConfig) -> tuple[int, ...]:
@@ -291,13 +293,11 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
 
     out = Path(out)
     data = load_data(cfg.data, root=cfg.data_root, download=cfg.download)
-    validate(cfg, data)
+    names, kinds = layer_kinds(validate(cfg, data))
     store = out / "train.zarr"
     if out.exists() and any(out.iterdir()) and not store.exists():
         raise UsageError(f"{out} holds other data (no train.zarr); choose an empty or new folder for --out")
     specs = expand_grid(cfg)
-    probe_model = init_model(cfg, data, 0)
-    names, kinds = layer_kinds(probe_model)
     config = {"kind": "train", **cfg.to_dict()}
 
     def create() -> None:

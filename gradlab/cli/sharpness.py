@@ -36,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--full", action="store_true", help="use the whole training set")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="top eigenvalues by Lanczos (default 5)")
     parser.add_argument("--hutchinson-probes", type=int, default=50, metavar="P",
-                        help="Rademacher probes for the trace (default 50)")
+                        help="HVP budget for the trace (default 50)")
+    parser.add_argument("--trace-estimator", choices=("hutchinson", "hutch++"), default="hutchinson",
+                        help="trace estimator: Hutchinson, or Hutch++ (lower variance when a few eigenvalues "
+                             "dominate; default hutchinson)")
     parser.add_argument("--eps", default="1e-3,5e-4", help="epsilon values for Keskar's sharpness (default 1e-3,5e-4)")
     parser.add_argument("--subspace-dim", type=int, default=None, metavar="p",
                         help="also maximise in a random p-dimensional subspace")
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         samples=None if args.full else args.samples,
         top_k=args.top_k,
         hutchinson_probes=args.hutchinson_probes,
+        trace_estimator=args.trace_estimator,
         eps=_floats(args.eps, "--eps"),
         subspace_dim=args.subspace_dim,
         minibatch_sizes=_ints(args.minibatch_sizes, "--minibatch-sizes"),

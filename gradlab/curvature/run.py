@@ -48,7 +48,7 @@ import torch
 from gradlab.checkpoint import build_model_from, load_checkpoint
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
-from gradlab.curvature.hutchinson import hutchinson_trace
+from gradlab.curvature.hutchinson import TRACE_ESTIMATORS, trace_sample_count
 from gradlab.curvature.hvp import BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm
 from gradlab.curvature.interpolation import BN_BUFFERS, check_compatible, parametric_curve
 from gradlab.curvature.lanczos import top_eigenvalues
@@ -74,7 +74,8 @@ class SharpnessConfig:
     data_root: str | None = None
     samples: int | None = 1024  # None: the whole training set
     top_k: int = 5
-    hutchinson_probes: int = 50
+    hutchinson_probes: int = 50  # the trace's HVP budget
+    trace_estimator: str = "hutchinson"  # or "hutch++"
     eps: tuple[float, ...] = (1e-3, 5e-4)
     subspace_dim: int | None = None
     minibatch_sizes: tuple[int, ...] = ()
@@ -154,6 +155,11 @@ def validate(config: SharpnessConfig) -> None:
     if config.hutchinson_probes < 2:
         raise UsageError(f"--hutchinson-probes must be >= 2 (a standard error needs two), got "
                          f"{config.hutchinson_probes}")
+    if config.trace_estimator not in TRACE_ESTIMATORS:
+        raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, got {config.trace_estimator!r}")
+    if config.trace_estimator == "hutch++" and config.hutchinson_probes < 4:
+        raise UsageError(f"--trace-estimator hutch++ needs --hutchinson-probes >= 4 (a sketch and two remainder "
+                         f"probes), got {config.hutchinson_probes}")
     if not config.eps:
         raise UsageError("give at least one --eps value (Keskar used 1e-3,5e-4)")
     for e in config.eps:
@@ -252,7 +258,7 @@ def _spaces(config: SharpnessConfig) -> list[str]:
 
 def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
     C = len(prep.labels)
-    sizes = {"checkpoint": C, "k": config.top_k, "probe": config.hutchinson_probes, "eps": len(config.eps),
+    sizes = {"checkpoint": C, "k": config.top_k, "probe": trace_sample_count(config.trace_estimator, config.hutchinson_probes), "eps": len(config.eps),
              "space": len(_spaces(config)), "example": len(prep.sample_index)}
     per = ("checkpoint",)
     H = HESSIAN_UNITS
@@ -268,9 +274,9 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         VarSpec("eigen_residual", ("checkpoint", "k"), "float64", "eigenpair residual norm ||Hv - lambda v||", H),
         VarSpec("lanczos_hvps", per, "int64", "Hessian-vector products used by Lanczos", "1"),
         VarSpec("lanczos_converged", per, "bool", "Lanczos met its tolerance", "1"),
-        VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson, Rademacher probes)", H),
-        VarSpec("hessian_trace_stderr", per, "float64", "standard error of the Hutchinson trace", H),
-        VarSpec("trace_samples", ("checkpoint", "probe"), "float64", "Hutchinson sample v^T H v per probe", H),
+        VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson or Hutch++, Rademacher probes)", H),
+        VarSpec("hessian_trace_stderr", per, "float64", "standard error of the trace estimate", H),
+        VarSpec("trace_samples", ("checkpoint", "probe"), "float64", "per-probe trace sample (v^T H v; Hutch++: tr(Q^T H Q) + deflated g^T H g)", H),
         VarSpec("eps_sharpness", ("checkpoint", "space", "eps"), "float64",
                 "epsilon-sharpness phi (Keskar et al. 2017, Metric 2.1)", "%"),
         VarSpec("eps_loss_max", ("checkpoint", "space", "eps"), "float64",
@@ -294,7 +300,8 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         "n_params": ("checkpoint", np.array(prep.n_params, dtype=np.int64),
                      {"long_name": "number of parameters", "units": "1"}),
         "k": ("k", np.arange(config.top_k), {"long_name": "eigenvalue index (0 = largest)", "units": "1"}),
-        "probe": ("probe", np.arange(config.hutchinson_probes), {"long_name": "Hutchinson probe", "units": "1"}),
+        "probe": ("probe", np.arange(trace_sample_count(config.trace_estimator, config.hutchinson_probes)),
+                  {"long_name": "trace probe (Hutchinson, or Hutch++ remainder probe)", "units": "1"}),
         "eps": ("eps", np.array(config.eps, dtype=np.float64),
                 {"long_name": "epsilon (box half-width relative to |theta_i|+1)", "units": "1"}),
         "space": ("space", np.array(_spaces(config), dtype=object),
@@ -339,7 +346,10 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         "lbfgs_maxiter": config.lbfgs_maxiter,
         "eps_start": "first-order corner y0 = sign(grad)*half-widths",
         "subspace_box": "z = A y, A n x p with iid N(0,1) entries; |y_j| <= eps*(|(pinv(A) theta)_j| + 1) (Keskar)",
-        "hutchinson": "Rademacher probes; stderr = std(ddof=1)/sqrt(P)",
+        "trace_estimator": config.trace_estimator,
+        "hutchinson": ("Rademacher probes; stderr = std(ddof=1)/sqrt(P)" if config.trace_estimator == "hutchinson"
+                       else "Hutch++ (Meyer et al. 2021): k = floor(P/3) sketch, tr(Q^T H Q) exact, P - 2k "
+                            "Rademacher remainder probes; stderr = std(ddof=1)/sqrt(P - 2k)"),
     }
     if config.interpolate is not None:
         attrs["interp_bn_buffers"] = BN_BUFFERS
@@ -421,8 +431,8 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int,
     res.update(lambda_max=eig.eigenvalues[0], eigenvalues=eig.eigenvalues, eigen_residual=eig.residuals,
                lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged)
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
-    tr = hutchinson_trace(_np_matvec(obj), obj.n_params, config.hutchinson_probes,
-                          rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c])))
+    tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj), obj.n_params, config.hutchinson_probes,
+                                                  rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c])))
     res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=tr.samples)
     say(f"  trace = {tr.trace:.6g} ± {tr.stderr:.2g}")
     theta = obj.theta0.double().cpu().numpy()

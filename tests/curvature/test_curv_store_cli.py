@@ -80,6 +80,22 @@ def test_stored_curvature_matches_dense_hessian_on_the_recorded_sample(store, ck
     assert ds["interp_train_loss"].values[2] == ds["train_loss"].values[1]
 
 
+def test_hutchpp_trace_in_the_store_matches_the_dense_trace(ckpts, digits, tmp_path):
+    out = tmp_path / "hpp.zarr"
+    opts = [o if o != "4" else "12" for o in BASE]  # a budget of 12 HVPs: sketch 4, remainder probes 4
+    assert main(["sharpness", "--checkpoint", str(ckpts[1]), *opts, "--trace-estimator", "hutch++",
+                 "--no-progress", "--out", str(out)]) == 0
+    ds = xr.open_zarr(out, consolidated=False).load()
+    assert ds.attrs["trace_estimator"] == "hutch++" and ds.sizes["probe"] == 4
+    assert json.loads(ds.attrs["config"])["trace_estimator"] == "hutch++"
+    idx = torch.from_numpy(ds["sample_index"].values)
+    exact = float(np.trace(dense_hessian(build_model_from(load_checkpoint(ckpts[1])), digits.train.x[idx],
+                                         digits.train.y[idx])))
+    tr, se = float(ds["hessian_trace"].values[0]), float(ds["hessian_trace_stderr"].values[0])
+    assert tr == pytest.approx(ds["trace_samples"].values[0].mean(), rel=1e-12)
+    assert abs(tr - exact) <= 5 * se + 1e-9 * exact, (tr, se, exact)
+
+
 def test_analysis_round_trip_from_the_store(store, tmp_path):
     from gradlab.analysis.curvature import analyze_store
 
@@ -165,6 +181,7 @@ def _nan_checkpoint(tmp_path):
                                                        "parameter count"),
     ("minibatch_too_big", ["--minibatch-sizes", "16,500"], "exceed the sample of 96 examples"),
     ("samples_too_many", ["--samples", "100000"], "exceeds the 1438 training examples"),
+    ("hutchpp_budget", ["--trace-estimator", "hutch++", "--hutchinson-probes", "3"], "needs --hutchinson-probes >= 4"),
     ("non_finite", "nan", "not finite"),
     ("not_twice_differentiable", "cut", "not twice differentiable"),
 ])

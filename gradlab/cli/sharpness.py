@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch norm statistics for the Hessian (default eval: running statistics)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="arithmetic precision")
     parser.add_argument("--chunk-size", type=int, default=512, help="examples per double-backward chunk")
+    parser.add_argument("--cache-graph", choices=("auto", "yes", "no"), default="auto",
+                        help="keep the gradient's double-backward graph between Hessian-vector products (about "
+                             "1.5-3x faster HVPs; memory of every chunk at once). auto: only when one chunk "
+                             "covers the sample (default)")
     parser.add_argument("--lanczos-tol", type=float, default=None, help="eigsh tolerance (default by dtype)")
     parser.add_argument("--lbfgs-iters", type=int, default=10, help="L-BFGS-B iterations for epsilon-sharpness")
     parser.add_argument("--model", default=None, help="model name or pkg.module:factory (foreign checkpoints)")
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         chunk_size=args.chunk_size,
+        cache_graph=args.cache_graph,
         lanczos_tol=args.lanczos_tol,
         lbfgs_maxiter=args.lbfgs_iters,
         model=args.model,

@@ -105,6 +105,12 @@ class SampleObjective:
 
     ``theta0`` is the checkpoint's flat parameter vector; every method takes an optional flat ``theta`` (default
     ``theta0``).  ``hvp_count`` counts Hessian-vector products (one per ``hvp`` call, whatever the chunking).
+
+    ``cache_graph``: keep the graph of ∇L(θ₀) (built with ``create_graph``) between calls, so that each H v at θ₀
+    is one backward pass through it instead of forward + backward + double backward -- about 3× faster, the
+    trick PyHessian uses.  It holds every chunk's double-backward graph at once, so ``"auto"`` (default) caches
+    only when one chunk covers the sample (then the memory peak is that of a single uncached HVP); ``True``
+    caches always, ``False`` never.  Results are bitwise the same either way (the same operations run).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class SampleObjective:
         device: torch.device | str = "cpu",
         chunk_size: int = 256,
         bn_mode: str = "eval",
+        cache_graph: bool | str = "auto",
     ) -> None:
         if loss not in LOSSES:
             raise UsageError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
@@ -148,6 +155,10 @@ class SampleObjective:
         self._fixed = {n: t for n, t in self.net.named_parameters() if n not in set(self.param_names)}
         self._buffers = dict(self.net.named_buffers())
         self.hvp_count = 0
+        if cache_graph not in (True, False, "auto"):
+            raise UsageError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}")
+        self.cache_graph = bool(cache_graph) if cache_graph != "auto" else self.n_examples <= self.chunk_size
+        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     def _as_theta(self, theta: torch.Tensor | np.ndarray | None) -> torch.Tensor:
@@ -202,25 +213,40 @@ class SampleObjective:
         vec = torch.as_tensor(v).to(device=self.device, dtype=self.dtype).reshape(-1)
         if vec.numel() != self.n_params:
             raise ValueError(f"v has {vec.numel()} entries, the model has {self.n_params} parameters")
-        flat = self._as_theta(theta).detach().requires_grad_(True)
+        cached = self.cache_graph and theta is None
+        if cached and self._graph is None:
+            flat0 = self.theta0.detach().requires_grad_(True)
+            self._graph = (flat0, [self._chunk_grad(flat0, i0) for i0 in self._chunks()])
+        flat = self._graph[0] if cached else self._as_theta(theta).detach().requires_grad_(True)  # type: ignore[index]
         out = torch.zeros_like(flat)
         self.hvp_count += 1
-        for i0 in self._chunks():
-            loss = self._chunk_loss(flat, i0)
+        for c, i0 in enumerate(self._chunks()):
+            g = self._graph[1][c] if cached else self._chunk_grad(flat, i0)  # type: ignore[index]
+            if not g.requires_grad:
+                continue  # the gradient is constant in θ along every path autograd can see
             try:
-                (g,) = torch.autograd.grad(loss, flat, create_graph=True)
-                if not g.requires_grad:
-                    continue  # the gradient is constant in θ along every path autograd can see
-                (hv,) = torch.autograd.grad(g @ vec, flat, allow_unused=True)
+                (hv,) = torch.autograd.grad(g @ vec, flat, allow_unused=True, retain_graph=cached)
             except RuntimeError as exc:
-                raise NotTwiceDifferentiable(
-                    "the loss is not twice differentiable: double backward through the model failed "
-                    f"({str(exc).splitlines()[0]}). Hessian-based sharpness needs a model whose operations support "
-                    "double backward (custom autograd Functions must not be @once_differentiable)."
-                ) from None
+                raise _not_twice(exc) from None
             if hv is not None:
                 out += hv
         return out.detach()
+
+    def _chunk_grad(self, flat: torch.Tensor, i0: int) -> torch.Tensor:
+        """∇L_chunk with its graph kept (create_graph) for a second backward."""
+        loss = self._chunk_loss(flat, i0)
+        try:
+            (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+        except RuntimeError as exc:
+            raise _not_twice(exc) from None
+        return g
+
+
+def _not_twice(exc: RuntimeError) -> NotTwiceDifferentiable:
+    return NotTwiceDifferentiable(
+        "the loss is not twice differentiable: double backward through the model failed "
+        f"({str(exc).splitlines()[0]}). Hessian-based sharpness needs a model whose operations support "
+        "double backward (custom autograd Functions must not be @once_differentiable).")
 
 
 def check_twice_differentiable(obj: SampleObjective, rng: np.random.Generator, n_probes: int = 2) -> None:

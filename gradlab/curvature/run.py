@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 STORE_KIND = "sharpness"
 HESSIAN_UNITS = "loss / parameter^2"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CACHE_GRAPH: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
 # Seed tags: one stream per quantity.
 TAG_SAMPLE, TAG_PREFLIGHT, TAG_LANCZOS, TAG_HUTCHINSON, TAG_EPS = 1, 2, 3, 4, 5
 
@@ -87,6 +88,7 @@ class SharpnessConfig:
     device: str = "cpu"
     dtype: str = "float64"
     chunk_size: int = 512
+    cache_graph: str = "auto"  # keep the gradient's graph between HVPs: auto (one chunk), yes, no
     lanczos_tol: float | None = None  # None: 1e-9 in float64, 1e-5 in float32
     lbfgs_maxiter: int = 10
     model: str | None = None
@@ -155,6 +157,8 @@ def validate(config: SharpnessConfig) -> None:
     if config.hutchinson_probes < 2:
         raise UsageError(f"--hutchinson-probes must be >= 2 (a standard error needs two), got "
                          f"{config.hutchinson_probes}")
+    if config.cache_graph not in CACHE_GRAPH:
+        raise UsageError(f"--cache-graph must be one of {sorted(CACHE_GRAPH)}, got {config.cache_graph!r}")
     if config.trace_estimator not in TRACE_ESTIMATORS:
         raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, got {config.trace_estimator!r}")
     if config.trace_estimator == "hutch++" and config.hutchinson_probes < 4:
@@ -233,7 +237,7 @@ def _objective(config: SharpnessConfig, prep: _Prepared, net: torch.nn.Module, i
     idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
     return SampleObjective(net, prep.data.train.x[idx], prep.data.train.y[idx], loss=config.loss,
                            dtype=DTYPES[config.dtype], device=config.device, chunk_size=config.chunk_size,
-                           bn_mode=config.bn_mode)
+                           bn_mode=config.bn_mode, cache_graph=CACHE_GRAPH[config.cache_graph])
 
 
 def _np_matvec(obj: SampleObjective) -> Callable[[np.ndarray], np.ndarray]:

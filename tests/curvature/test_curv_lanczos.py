@@ -8,6 +8,7 @@ import torch
 from curv_cases import dense_hessian, linreg, tiny_mlp
 
 from gradlab.curvature.hvp import NonFiniteCurvature, SampleObjective
+from gradlab.errors import UsageError
 from gradlab.curvature.lanczos import lanczos_full_reorth, lanczos_history, power_iteration, top_eigenvalues
 
 
@@ -70,3 +71,24 @@ def test_full_reorth_lanczos_matches_linreg_and_certifies_its_residuals():
     assert res.converged and res.n_hvp == obj.hvp_count
     hist = lanczos_history(lambda v: h @ v, 40, 12, rng=np.random.default_rng(0))
     assert np.all(np.diff(hist) >= -1e-12) and hist[-1] <= exact[0] + 1e-12  # Ritz values rise to λ_max
+
+
+@pytest.mark.parametrize("chunk", [50, 17])
+def test_cached_graph_hvps_are_bitwise_those_of_recomputation(digits, chunk):
+    model = tiny_mlp(widths=(6,), seed=3)
+    x, y = digits.train.x[:50], digits.train.y[:50]
+    plain = SampleObjective(model, x, y, chunk_size=chunk, cache_graph=False)
+    cached = SampleObjective(model, x, y, chunk_size=chunk, cache_graph=True)
+    assert SampleObjective(model, x, y, chunk_size=chunk).cache_graph == (chunk >= 50)  # auto: one chunk only
+    h = dense_hessian(model, x, y)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # reused graph: every call, not only the first
+        v = torch.from_numpy(rng.standard_normal(plain.n_params))
+        hv = cached.hvp(v)
+        assert torch.equal(hv, plain.hvp(v))
+        np.testing.assert_allclose(hv.numpy(), h @ v.numpy(), rtol=1e-10, atol=1e-12)
+    theta = plain.theta0 + 0.01  # away from theta0 the cache is not used
+    v = torch.from_numpy(rng.standard_normal(plain.n_params))
+    assert torch.equal(cached.hvp(v, theta), plain.hvp(v, theta))
+    with pytest.raises(UsageError, match="cache_graph"):
+        SampleObjective(model, x, y, cache_graph="sometimes")

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import UsageError
-from gradlab.schema import GROUPS, entry_bin_edges, entry_histogram, probe_variables
+from gradlab.schema import GROUPS, entry_bin_edges, probe_variables
 from gradlab.store import VarSpec
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,9 @@ def _entry_outputs(config: ProbeConfig, vec: np.ndarray, out: dict[str, np.ndarr
     """Histogram / vector of one S (flattened selected entries) into ``out``; returns its non-finite count."""
     if config.keep == "norms":
         return int((~np.isfinite(vec)).sum())
-    counts, nonfinite = entry_histogram(vec)
+    from gradlab.probe.histogram import entry_histogram_torch
+
+    counts, nonfinite = entry_histogram_torch(vec)  # the schema's bins and counts, vectorised in torch
     out["entry_hist"][i, j] = counts
     if config.keep == "vectors":
         out["grad_sum"][i, j] = vec
@@ -473,6 +475,7 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
     if config.protocol == "frozen":
         from gradlab.probe.distance import param_kind
         from gradlab.probe.frozen import frozen_trial, reduction_scale
+        from gradlab.probe.histogram import ScaledHistograms
 
         engine = _gram_engine(config, c)
         kinds = {n: param_kind(n) for n in order}
@@ -488,9 +491,16 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
             out["gram_trace"][j] = ft.gram_trace
             out["gram_sum"][j] = ft.gram_sum
             base = torch.cat([res.grad_sum[n].reshape(-1) for n in order])
+            # S_m = c_m·base: one log pass serves every batch size's histogram; finiteness does not depend on m
+            hist = ScaledHistograms(base) if config.keep != "norms" else None
+            bad = hist.nonfinite if hist is not None else int((~torch.isfinite(base)).sum())
             for i, m in enumerate(config.batch_sizes):
-                vec = (base * reduction_scale(int(m), config.reduction)).cpu().numpy()
-                out["nonfinite_count"][i, j] = _entry_outputs(config, vec, out, i, j)
+                scale = reduction_scale(int(m), config.reduction)
+                out["nonfinite_count"][i, j] = bad
+                if hist is not None:
+                    out["entry_hist"][i, j] = hist.counts(scale)
+                if config.keep == "vectors":
+                    out["grad_sum"][i, j] = (base * scale).cpu().numpy()
     else:
         from gradlab.probe.step import step_trials
 

@@ -215,41 +215,51 @@ def _is_flat_chain(model: nn.Module) -> bool:
 
 
 class _LowRankUpdates:
-    """Pending SGD updates of one weight, W_true = W + U Vᵀ, flushed into W with one GEMM every R/m steps.
+    """Pending SGD updates of one weight, W_true = W − η U Vᵀ, flushed into W with one GEMM every R/m steps.
 
     A rank-m update W ← W − η gᵀa rewrites the whole (out, in) matrix every step, which at small m costs more
     memory traffic than the forward and backward products together.  Keeping the last few updates as thin factors
-    (U = −η gᵀ columns, V = aᵀ columns) changes only the order of the additions: x W_trueᵀ = x Wᵀ + (x V) Uᵀ and
-    g W_true = g W + (g U) Vᵀ.
+    (U = gᵀ columns, V = aᵀ columns) changes only the order of the additions: x W_trueᵀ = x Wᵀ − η (x V) Uᵀ and
+    g W_true = g W − η (g U) Vᵀ.  When the weight is recorded, the flush also adds U Vᵀ into its S, and the step's
+    gradient norm comes from m×m Gram matrices, ‖gᵀa‖² = Σ (g gᵀ) ⊙ (a aᵀ), so the (out, in) gradient is never
+    formed.
     """
 
-    def __init__(self, weight: Tensor, rank: int) -> None:
+    def __init__(self, weight: Tensor, rank: int, lr: float, grad_sum: Tensor | None = None) -> None:
         tb, out, inp = weight.shape
-        self.weight = weight
+        self.weight, self.grad_sum, self.lr = weight, grad_sum, lr
         self.u = weight.new_zeros(tb, out, rank)
         self.v = weight.new_zeros(tb, inp, rank)
         self.r = 0
 
     def forward_add(self, h: Tensor, a: Tensor) -> None:
         if self.r:
-            h.baddbmm_(torch.bmm(a, self.v[:, :, :self.r]), self.u[:, :, :self.r].transpose(1, 2))
+            h.baddbmm_(torch.bmm(a, self.v[:, :, :self.r]), self.u[:, :, :self.r].transpose(1, 2), alpha=-self.lr)
 
     def backward_add(self, g_in: Tensor, g: Tensor) -> None:
         if self.r:
-            g_in.baddbmm_(torch.bmm(g, self.u[:, :, :self.r]), self.v[:, :, :self.r].transpose(1, 2))
+            g_in.baddbmm_(torch.bmm(g, self.u[:, :, :self.r]), self.v[:, :, :self.r].transpose(1, 2), alpha=-self.lr)
 
-    def push(self, g: Tensor, a: Tensor, lr: float) -> None:
+    def push(self, g: Tensor, a: Tensor) -> None:
         m = g.shape[1]
         if self.r + m > self.u.shape[2]:
             self.flush()
-        torch.mul(g.transpose(1, 2), -lr, out=self.u[:, :, self.r:self.r + m])
+        self.u[:, :, self.r:self.r + m] = g.transpose(1, 2)
         self.v[:, :, self.r:self.r + m] = a.transpose(1, 2)
         self.r += m
 
     def flush(self) -> None:
         if self.r:
-            self.weight.baddbmm_(self.u[:, :, :self.r], self.v[:, :, :self.r].transpose(1, 2))
+            u, vt = self.u[:, :, :self.r], self.v[:, :, :self.r].transpose(1, 2)
+            self.weight.baddbmm_(u, vt, alpha=-self.lr)
+            if self.grad_sum is not None:
+                self.grad_sum.baddbmm_(u, vt)
             self.r = 0
+
+
+def _outer_sq_norm(g: Tensor, a: Tensor) -> Tensor:
+    """‖gᵀa‖_F² per trial from the m×m Grams of g (Tb, m, out) and a (Tb, m, in)."""
+    return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
 
 
 # pending-update rank R of _LowRankUpdates; used for weights with min(out, in) > 2R when m <= R/8 (on the blog MLP,
@@ -276,9 +286,8 @@ def _chain_block(
     w = {n: b.expand(tb, *b.shape[1:]).clone() for n, b in base.items()}
     sums = {n: torch.zeros_like(w[n]) for n in inp.selected}
     explicit = set(theta) if count else set(inp.selected)
-    lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK) for op in ops
-            if op is not None and op.weight not in explicit and 8 * m <= LOW_RANK
-            and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
+    lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, lr, sums.get(op.weight)) for op in ops
+            if op is not None and not count and 8 * m <= LOW_RANK and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
     step_norms = torch.zeros(tb, inp.n_steps, dtype=xb.dtype, device=xb.device)
     bad = torch.zeros(tb, dtype=torch.long, device=xb.device)
     first_linear = next(i for i, op in enumerate(ops) if op is not None)
@@ -322,12 +331,14 @@ def _chain_block(
                 g_in = torch.bmm(g, weight)
                 if op.weight in lazy:
                     lazy[op.weight].backward_add(g_in, g)
-            if op.weight in explicit:
+            if op.weight in lazy:
+                lazy[op.weight].push(g, a_in)
+                if op.weight in sums:
+                    sq.add_(_outer_sq_norm(g, a_in))
+            elif op.weight in explicit:
                 d = torch.bmm(g.transpose(1, 2), a_in)
                 account(op.weight, d)
                 weight.add_(d, alpha=-lr)
-            elif op.weight in lazy:
-                lazy[op.weight].push(g, a_in, lr)
             else:  # fused SGD update inside the GEMM: W ← W − η gᵀa
                 weight.baddbmm_(g.transpose(1, 2), a_in, alpha=-lr)
             if op.bias is not None:

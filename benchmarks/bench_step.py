@@ -36,7 +36,8 @@ from gradlab.probe.naive import naive_step_trials
 from gradlab.probe.step import StepResult, step_trials
 
 POOL, BUDGET, LR, SEED = 4096, 1024, 0.01, 20240601
-SELECTED = ("layers.4.weight", "layers.4.bias")
+SELECTED = ("layers.4.weight", "layers.4.bias")  # the blog's choice: the last layer
+ALL = tuple(f"layers.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias"))  # gradlab probe's default --params .
 
 
 def blog_mlp() -> MLP:
@@ -73,10 +74,10 @@ def max_rel_diff(a: StepResult, b: StepResult) -> float:
     return max(float(np.max(np.abs(u - v) / np.maximum(np.abs(v), 1e-300))) for u, v in pairs)
 
 
-def memory_probe(trials: int, device: str) -> None:
+def memory_probe(trials: int, device: str, selected: tuple[str, ...]) -> None:
     """Child-process mode: run the engine on ``trials`` trials at m = 64 and print the peak memory as JSON."""
     model, (x, y) = blog_mlp(), synthetic_data()
-    step_trials(model, x, y, draws(trials), 64, LR, "mean", SELECTED, device=device)
+    step_trials(model, x, y, draws(trials), 64, LR, "mean", selected, device=device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"trials": trials, "peak_rss_mib": peak}))
 
@@ -92,12 +93,14 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trials-per-block", type=int, default=None, help="engine block size (default: engine's)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--select", choices=["last", "all"], default="last",
+                    help="recorded parameters: the blog's last layer (default) or all (gradlab probe's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory check")
     ap.add_argument("--_memory-probe", type=int, default=None, dest="memory_probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
-        memory_probe(args.memory_probe, args.device)
+        memory_probe(args.memory_probe, args.device, SELECTED if args.select == "last" else ALL)
         return 0
 
     sizes = [1, 2, 3, 4, 5, 6, 7, 8] + [2 ** k for k in range(4, 11)] if args.full else [1, 2, 4, 8, 16]
@@ -107,11 +110,12 @@ def main() -> int:
     if bad:
         ap.error(f"batch sizes must divide N = {BUDGET}: {bad}")
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    selected = SELECTED if args.select == "last" else ALL
     model, (x, y) = blog_mlp(), synthetic_data()
     tpb = args.trials_per_block or (32 if args.device.startswith("cuda") else 2)
     idx = draws(max(args.trials, args.check_trials))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    print(f"blog MLP 784-1024-1024-10, N={BUDGET}, lr={LR}, mean reduction, selected={list(SELECTED)}, "
+    print(f"blog MLP 784-1024-1024-10, N={BUDGET}, lr={LR}, mean reduction, selected={list(selected)}, "
           f"device={args.device}, threads={torch.get_num_threads()}, timing dtype={args.dtype}, "
           f"trials={args.trials}, trials_per_block={tpb}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
@@ -122,8 +126,8 @@ def main() -> int:
         check = float("nan")
         if args.check_trials:
             rows = idx[:args.check_trials]
-            ref = naive_step_trials(model, x, y, rows, m, LR, "mean", SELECTED, dtype=torch.float64, device=args.device)
-            got = step_trials(model, x, y, rows, m, LR, "mean", SELECTED, dtype=torch.float64, device=args.device,
+            ref = naive_step_trials(model, x, y, rows, m, LR, "mean", selected, dtype=torch.float64, device=args.device)
+            got = step_trials(model, x, y, rows, m, LR, "mean", selected, dtype=torch.float64, device=args.device,
                               trials_per_block=tpb)
             check = max_rel_diff(got, ref)
             worst = max(worst, check)
@@ -134,11 +138,11 @@ def main() -> int:
             for start in range(0, args.trials, tpb):
                 rows = idx[start:min(start + tpb, args.trials)]
                 t0 = time.perf_counter()
-                ref = naive_step_trials(model, x, y, rows, m, LR, "mean", SELECTED, dtype=dtype, device=args.device,
+                ref = naive_step_trials(model, x, y, rows, m, LR, "mean", selected, dtype=dtype, device=args.device,
                                         count_nonfinite=False)  # the blog's loop as it was: no isfinite passes
                 sync()
                 t1 = time.perf_counter()
-                got = step_trials(model, x, y, rows, m, LR, "mean", SELECTED, dtype=dtype, device=args.device,
+                got = step_trials(model, x, y, rows, m, LR, "mean", selected, dtype=dtype, device=args.device,
                                   trials_per_block=tpb)
                 sync()
                 t2 = time.perf_counter()
@@ -158,7 +162,7 @@ def main() -> int:
         peaks = []
         for trials in (2, 16):
             out = subprocess.run([sys.executable, __file__, "--_memory-probe", str(trials), "--device", args.device,
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(args.threads), "--select", args.select], capture_output=True, text=True, check=True)
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
         growth = peaks[1]["peak_rss_mib"] - peaks[0]["peak_rss_mib"]
         print("peak RSS of the engine at m=64: " + ", ".join(f"{p['trials']} trials {p['peak_rss_mib']:.0f} MiB"

@@ -38,6 +38,24 @@ def cross_entropy_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(output, target, reduction="sum")
 
 
+SYM_BLOCK = 256  # below this many rows a Gram matrix is one GEMM
+
+
+def sym_gram(x: torch.Tensor) -> torch.Tensor:
+    """X Xᵀ for X (N, d), computing only the blocks on and below the diagonal (recursively halved down to
+    ``SYM_BLOCK`` rows) and mirroring the rest: about 5/8 of the GEMM work for N = 1024."""
+    n = x.shape[0]
+    if n <= SYM_BLOCK:
+        return x @ x.T
+    h = n // 2
+    out = x.new_empty(n, n)
+    out[:h, :h] = sym_gram(x[:h])
+    out[h:, h:] = sym_gram(x[h:])
+    torch.mm(x[h:], x[:h].T, out=out[h:, :h])
+    out[:h, h:] = out[h:, :h].T
+    return out
+
+
 @dataclass(frozen=True)
 class GramResult:
     """Gram matrices and summed gradients of one draw of N examples.
@@ -153,10 +171,10 @@ class GramEngine:
         for name, mod in linears.items():
             a = torch.cat(acts[name])
             d = torch.cat(deltas[name])
-            dd = (d @ d.T).double()
+            dd = sym_gram(d).double()
             wname, bname = f"{name}.weight", f"{name}.bias"
             if wname in self.selected:
-                gram[wname] = (a @ a.T).double() * dd
+                gram[wname] = sym_gram(a).double() * dd
                 if self.want_grad_sum:
                     grad_sum[wname] = d.T @ a
             if bname in self.selected and mod.bias is not None:
@@ -187,5 +205,5 @@ class GramEngine:
             for n in self._fallback:
                 rows[n][start:start + g[n].shape[0]] = g[n].reshape(g[n].shape[0], -1)
         for n in self._fallback:
-            gram[n] = (rows[n] @ rows[n].T).double()
+            gram[n] = sym_gram(rows[n]).double()
             grad_sum[n] = rows[n].sum(0).reshape(params[n].shape)

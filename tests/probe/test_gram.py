@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.models import build_model
-from gradlab.probe.gram import GramEngine
+from gradlab.probe.gram import GramEngine, sym_gram
 
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -109,3 +109,13 @@ def test_engine_without_summed_gradients_gives_the_same_grams(digits):
     full = GramEngine(net, names, dtype=torch.float64)(x, y)
     lean = GramEngine(net, names, dtype=torch.float64, grad_sum=False)(x, y)
     assert lean.grad_sum == {} and all(torch.equal(full.gram[n], lean.gram[n]) for n in names)
+
+
+@pytest.mark.parametrize("n,d", [(1, 4), (256, 3), (257, 5), (1000, 30), (1024, 7)])
+def test_sym_gram_equals_the_full_product(n, d):
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    g = sym_gram(x)
+    torch.testing.assert_close(g, x @ x.T, rtol=1e-12, atol=1e-12)
+    h = n // 2
+    if n > 256:  # the mirrored block is the transpose of the computed one, bit for bit
+        assert torch.equal(g[:h, h:], g[h:, :h].T)

@@ -171,14 +171,14 @@ class GramEngine:
         for name, mod in linears.items():
             a = torch.cat(acts[name])
             d = torch.cat(deltas[name])
-            dd = sym_gram(d).double()
+            dd = sym_gram(d)  # in the compute dtype; the Hadamard product's rounding is that of the Grams' own
             wname, bname = f"{name}.weight", f"{name}.bias"
             if wname in self.selected:
-                gram[wname] = sym_gram(a).double() * dd
+                gram[wname] = (sym_gram(a) * dd).double()
                 if self.want_grad_sum:
                     grad_sum[wname] = d.T @ a
             if bname in self.selected and mod.bias is not None:
-                gram[bname] = dd
+                gram[bname] = dd.double()
                 grad_sum[bname] = d.sum(0)
 
     # -- generic fallback: torch.func per-example gradients -------------------------------------------------------

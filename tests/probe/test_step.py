@@ -110,9 +110,10 @@ def _cnn(batch_norm: bool) -> nn.Module:
     return _randomise(nn.Sequential(*mods), seed=4)
 
 
+@pytest.mark.parametrize("engine", ["auto", "loop", "generic"])  # auto is loop on CPU
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_generic_engine_matches_naive_loop_on_cnn(batch_norm: bool, reduction: str) -> None:
+def test_generic_and_loop_engines_match_naive_loop_on_cnn(batch_norm: bool, reduction: str, engine: str) -> None:
     model = _cnn(batch_norm)
     assert chain_ops(model) is None
     x, y = _pool((1, 6, 6), 4)
@@ -120,7 +121,8 @@ def test_generic_engine_matches_naive_loop_on_cnn(batch_norm: bool, reduction: s
     sel = ["0.weight", f"{len(model) - 1}.bias"]
     for m in (1, 2, 4):
         ref = naive_step_trials(model, x, y, idx, m, 0.2, reduction, sel, dtype=F64)
-        got = step_trials(model, x, y, idx, m, 0.2, reduction, sel, dtype=F64, trials_per_block=2)
+        got = step_trials(model, x, y, idx, m, 0.2, reduction, sel, dtype=F64, trials_per_block=2,
+                          engine=engine)  # type: ignore[arg-type]
         assert_results_close(got, ref)
 
 
@@ -146,7 +148,7 @@ def _softmax_regression_grads(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np
     return np.einsum("nc,nd->ncd", p, np.concatenate([x, np.ones((len(x), 1))], axis=1))
 
 
-@pytest.mark.parametrize("engine", ["chain", "generic"])
+@pytest.mark.parametrize("engine", ["chain", "loop", "generic"])
 def test_lr_zero_sum_is_sum_of_per_example_gradients_over_m(engine: str) -> None:
     model = _randomise(nn.Sequential(nn.Linear(5, 3)), seed=5)
     x, y = _pool((5,), 3)
@@ -217,7 +219,7 @@ def _count_low_rank_flushes(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("engine", ["chain", "chain-low-rank", "generic"])
+@pytest.mark.parametrize("engine", ["chain", "chain-low-rank", "loop", "generic"])
 def test_inf_input_is_counted_per_trial_and_leaves_other_trials_alone(monkeypatch, engine: str) -> None:
     if engine == "chain-low-rank":
         monkeypatch.setattr(step_module, "LOW_RANK", 16)  # hidden weights keep pending updates at m = 1

@@ -14,7 +14,9 @@ never touched.
 
 Parameters outside such linear layers (convolutions, norms, embeddings, a linear layer called twice or on
 non-2-D inputs, or whose weight is tied to another module) fall back to per-example gradients from ``torch.func.vmap(grad(...))`` in chunks, then K = Γ Γᵀ
-with Γ the (N, p) matrix of that tensor's per-example gradients (memory N·p for those tensors only).
+with Γ the (N, p) matrix of that tensor's per-example gradients (memory N·p for those tensors only; above
+``max_fallback_bytes``, 2 GiB by default, K is assembled from blocks of rows, recomputing per-example gradients
+block by block, so memory stays bounded for ResNet-sized models at the cost of more backward passes).
 
 Forward/backward passes run in chunks of ``chunk_size`` examples, so autograd memory is bounded by a chunk; the
 stored A and D are what one forward pass of N examples holds, and each K is N×N.
@@ -84,7 +86,8 @@ class GramEngine:
 
     def __init__(self, model: nn.Module, selected: Sequence[str], *, loss_fn: LossFn = cross_entropy_sum,
                  chunk_size: int = 256, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", grad_sum: bool = True) -> None:
+                 device: torch.device | str = "cpu", grad_sum: bool = True,
+                 max_fallback_bytes: int = 2 * 2**30) -> None:
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -98,6 +101,7 @@ class GramEngine:
         self.dtype = dtype
         self.device = torch.device(device)
         self.want_grad_sum = bool(grad_sum)
+        self.max_fallback_bytes = int(max_fallback_bytes)
         self._linear: dict[str, nn.Linear] | None = None  # module name -> module, decided on first call
         self._fallback: tuple[str, ...] = ()
 
@@ -198,12 +202,37 @@ class GramEngine:
         per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
         free = {n: params[n] for n in self._fallback}
         n_ex = x.shape[0]
-        rows = {n: torch.empty((n_ex, params[n].numel()), dtype=self.dtype, device=self.device)
-                for n in self._fallback}
-        for start in range(0, n_ex, self.chunk_size):
-            g = per_example(free, x[start:start + self.chunk_size], y[start:start + self.chunk_size])
+
+        def block_rows(i0: int, i1: int) -> dict[str, torch.Tensor]:
+            """Per-example gradients Γ[i0:i1] of every fallback tensor, (i1 − i0, numel) each."""
+            rows = {n: torch.empty((i1 - i0, params[n].numel()), dtype=self.dtype, device=self.device)
+                    for n in self._fallback}
+            for start in range(i0, i1, self.chunk_size):
+                stop = min(start + self.chunk_size, i1)
+                g = per_example(free, x[start:stop], y[start:stop])
+                for n in self._fallback:
+                    rows[n][start - i0:stop - i0] = g[n].reshape(stop - start, -1)
+            return rows
+
+        # Γ of all N examples must fit max_fallback_bytes; otherwise K is built from row blocks, two at a time
+        # (block J's gradients are recomputed for every earlier block I: more passes, bounded memory)
+        row_bytes = sum(params[n].numel() for n in self._fallback) * torch.finfo(self.dtype).bits // 8
+        block = n_ex if n_ex * row_bytes <= self.max_fallback_bytes else max(1, self.max_fallback_bytes // (2 * row_bytes))
+        k = {n: torch.empty((n_ex, n_ex), dtype=self.dtype, device=self.device) for n in self._fallback}
+        total = {n: torch.zeros(params[n].numel(), dtype=self.dtype, device=self.device) for n in self._fallback}
+        starts = list(range(0, n_ex, block))
+        for b, i0 in enumerate(starts):
+            i1 = min(i0 + block, n_ex)
+            gi = block_rows(i0, i1)
             for n in self._fallback:
-                rows[n][start:start + g[n].shape[0]] = g[n].reshape(g[n].shape[0], -1)
+                k[n][i0:i1, i0:i1] = sym_gram(gi[n])
+                total[n] += gi[n].sum(0)
+            for j0 in starts[b + 1:]:
+                j1 = min(j0 + block, n_ex)
+                gj = block_rows(j0, j1)
+                for n in self._fallback:
+                    torch.mm(gj[n], gi[n].T, out=k[n][j0:j1, i0:i1])
+                    k[n][i0:i1, j0:j1] = k[n][j0:j1, i0:i1].T
         for n in self._fallback:
-            gram[n] = sym_gram(rows[n]).double()
-            grad_sum[n] = rows[n].sum(0).reshape(params[n].shape)
+            gram[n] = k[n].double()
+            grad_sum[n] = total[n].reshape(params[n].shape)

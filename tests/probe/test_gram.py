@@ -119,3 +119,21 @@ def test_sym_gram_equals_the_full_product(n, d):
     h = n // 2
     if n > 256:  # the mirrored block is the transpose of the computed one, bit for bit
         assert torch.equal(g[:h, h:], g[h:, :h].T)
+
+
+@pytest.mark.parametrize("budget_rows", [1, 3, 10])  # Γ for all 24 examples does not fit: blocks of 1, 1, 5 rows
+def test_fallback_in_row_blocks_under_a_memory_budget_matches_per_example_autograd(digits, budget_rows):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        cnn = build_model("cnn", (1, 8, 8), 10, channels=[3], hidden=8)
+    names = [n for n, _ in cnn.named_parameters()]
+    x, y = digits.train.x[:24], digits.train.y[:24]
+    full = GramEngine(cnn, names, dtype=torch.float64, chunk_size=7)(x, y)
+    row_bytes = 8 * sum(p.numel() for n, p in cnn.named_parameters() if n in full.fallback)
+    blocked = GramEngine(cnn, names, dtype=torch.float64, chunk_size=7, max_fallback_bytes=budget_rows * row_bytes)
+    res = blocked(x, y)
+    ref = per_example_grads(cnn, x, y)
+    for n in full.fallback:
+        torch.testing.assert_close(res.gram[n], full.gram[n], rtol=1e-12, atol=1e-14, msg=n)
+        torch.testing.assert_close(res.gram[n], ref[n] @ ref[n].T, rtol=1e-10, atol=1e-12, msg=n)
+        torch.testing.assert_close(res.grad_sum[n].reshape(-1), ref[n].sum(0), rtol=1e-10, atol=1e-12, msg=n)

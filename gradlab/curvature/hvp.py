@@ -107,8 +107,8 @@ class SampleObjective:
     ``theta0``).  ``hvp_count`` counts Hessian-vector products (one per ``hvp`` call, whatever the chunking).
 
     ``cache_graph``: keep the graph of ∇L(θ₀) (built with ``create_graph``) between calls, so that each H v at θ₀
-    is one backward pass through it instead of forward + backward + double backward -- about 3× faster, the
-    trick PyHessian uses.  It holds every chunk's double-backward graph at once, so ``"auto"`` (default) caches
+    is one backward pass through it instead of forward + backward + double backward -- 1.5× faster on the digits
+    MLP (1.1 M parameters, 512 examples), the trick PyHessian uses.  It holds every chunk's double-backward graph at once, so ``"auto"`` (default) caches
     only when one chunk covers the sample (then the memory peak is that of a single uncached HVP); ``True``
     caches always, ``False`` never.  Results are bitwise the same either way (the same operations run).
     """

@@ -160,7 +160,8 @@ def validate(config: SharpnessConfig) -> None:
     if config.cache_graph not in CACHE_GRAPH:
         raise UsageError(f"--cache-graph must be one of {sorted(CACHE_GRAPH)}, got {config.cache_graph!r}")
     if config.trace_estimator not in TRACE_ESTIMATORS:
-        raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, got {config.trace_estimator!r}")
+        raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, "
+                         f"got {config.trace_estimator!r}")
     if config.trace_estimator == "hutch++" and config.hutchinson_probes < 4:
         raise UsageError(f"--trace-estimator hutch++ needs --hutchinson-probes >= 4 (a sketch and two remainder "
                          f"probes), got {config.hutchinson_probes}")
@@ -262,7 +263,8 @@ def _spaces(config: SharpnessConfig) -> list[str]:
 
 def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
     C = len(prep.labels)
-    sizes = {"checkpoint": C, "k": config.top_k, "probe": trace_sample_count(config.trace_estimator, config.hutchinson_probes), "eps": len(config.eps),
+    n_probe = trace_sample_count(config.trace_estimator, config.hutchinson_probes)
+    sizes = {"checkpoint": C, "k": config.top_k, "probe": n_probe, "eps": len(config.eps),
              "space": len(_spaces(config)), "example": len(prep.sample_index)}
     per = ("checkpoint",)
     H = HESSIAN_UNITS
@@ -280,7 +282,8 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         VarSpec("lanczos_converged", per, "bool", "Lanczos met its tolerance", "1"),
         VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson or Hutch++, Rademacher probes)", H),
         VarSpec("hessian_trace_stderr", per, "float64", "standard error of the trace estimate", H),
-        VarSpec("trace_samples", ("checkpoint", "probe"), "float64", "per-probe trace sample (v^T H v; Hutch++: tr(Q^T H Q) + deflated g^T H g)", H),
+        VarSpec("trace_samples", ("checkpoint", "probe"), "float64",
+                "per-probe trace sample (v^T H v; Hutch++: tr(Q^T H Q) + deflated g^T H g)", H),
         VarSpec("eps_sharpness", ("checkpoint", "space", "eps"), "float64",
                 "epsilon-sharpness phi (Keskar et al. 2017, Metric 2.1)", "%"),
         VarSpec("eps_loss_max", ("checkpoint", "space", "eps"), "float64",
@@ -304,7 +307,7 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         "n_params": ("checkpoint", np.array(prep.n_params, dtype=np.int64),
                      {"long_name": "number of parameters", "units": "1"}),
         "k": ("k", np.arange(config.top_k), {"long_name": "eigenvalue index (0 = largest)", "units": "1"}),
-        "probe": ("probe", np.arange(trace_sample_count(config.trace_estimator, config.hutchinson_probes)),
+        "probe": ("probe", np.arange(n_probe),
                   {"long_name": "trace probe (Hutchinson, or Hutch++ remainder probe)", "units": "1"}),
         "eps": ("eps", np.array(config.eps, dtype=np.float64),
                 {"long_name": "epsilon (box half-width relative to |theta_i|+1)", "units": "1"}),
@@ -435,8 +438,9 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int,
     res.update(lambda_max=eig.eigenvalues[0], eigenvalues=eig.eigenvalues, eigen_residual=eig.residuals,
                lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged)
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
+    trace_rng = np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c]))
     tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj), obj.n_params, config.hutchinson_probes,
-                                                  rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c])))
+                                                  rng=trace_rng)
     res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=tr.samples)
     say(f"  trace = {tr.trace:.6g} ± {tr.stderr:.2g}")
     theta = obj.theta0.double().cpu().numpy()

@@ -12,7 +12,7 @@ selected parameters, and the number of non-finite gradient entries met, Σ_k #{j
 parameters.  Non-finite values never raise: the trial keeps stepping, its numbers become NaN, the count stays
 exact.  (Blog: "gradient competition"; McCandlish et al. 2018 for why ‖S‖ tracks the gradient noise scale.)
 
-Two engines compute the same numbers (tested against :func:`gradlab.probe.naive.naive_step_trials` in float64):
+Three engines compute the same numbers (tested against :func:`gradlab.probe.naive.naive_step_trials` in float64):
 
 - ``chain``: models that are a chain of ``nn.Linear`` and ``nn.ReLU`` (gradlab's MLP without batch norm, or an
   ``nn.Sequential`` of Flatten/Linear/ReLU).  Each block of trials keeps per-trial weight copies (T_b, out, in),
@@ -25,15 +25,15 @@ Two engines compute the same numbers (tested against :func:`gradlab.probe.naive.
 - ``loop``: any other model on CPU (the default there): trial after trial on one private copy with
   ``torch.autograd.grad`` and ``torch._foreach`` updates -- the blog's loop without its per-trial model copy,
   optimizer object and per-step non-finite passes (counted only when a trial's results turn out non-finite, as
-  above).  On CPU, ``vmap`` over trials was 0.2-0.9x the blog's loop for conv nets (cnn, resnet-8 on 32x32
-  inputs), so trials are not batched there.
+  above).  On CPU, ``vmap`` over trials ran at 0.5-0.85x the blog's loop for conv nets (cnn, resnet-8 on
+  32x32 inputs, ``benchmarks/bench_step_conv.py``), the loop at 1.04-1.15x, so trials are not batched there.
 - ``generic``: any other model on other devices (the default there), via ``torch.func.functional_call`` +
   ``vmap(grad)`` over stacked per-trial parameters.
 
 Model mode: the probe runs the model as SGD training does (train mode).  Batch-norm layers normalise each
-minibatch with its own statistics; their running statistics are neither used nor updated (the generic engine
-and loop engines work on a copy passed through ``torch.func.replace_all_batch_norm_modules_``).  Models with active dropout are
-refused with :class:`~gradlab.errors.UsageError`: their randomness cannot be reproduced trial by trial.  Every
+minibatch with its own statistics; their running statistics are neither used nor updated (the loop and
+generic engines work on a copy passed through ``torch.func.replace_all_batch_norm_modules_``).  Models with
+active dropout are refused with :class:`~gradlab.errors.UsageError`: their randomness cannot be reproduced trial by trial.  Every
 parameter is stepped, whatever its ``requires_grad``.  The caller's model is never mutated.
 
 Example (lr = 0: S is the sum of the minibatch gradients at θ, i.e. Σᵢ gᵢ / m for mean reduction)::

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,8 +242,13 @@ def _objective(config: SharpnessConfig, prep: _Prepared, net: torch.nn.Module, i
                            bn_mode=config.bn_mode, cache_graph=CACHE_GRAPH[config.cache_graph])
 
 
-def _np_matvec(obj: SampleObjective) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda v: obj.hvp(torch.from_numpy(v)).double().cpu().numpy()
+def _np_matvec(obj: SampleObjective, tick: Callable[[], Any] = lambda: None) -> Callable[[np.ndarray], np.ndarray]:
+    """v ↦ H v on numpy float64 vectors; ``tick`` is called once per product (the progress bar)."""
+    def mv(v: np.ndarray) -> np.ndarray:
+        tick()
+        return obj.hvp(torch.from_numpy(v)).double().cpu().numpy()
+
+    return mv
 
 
 def _np_value_and_grad(obj: SampleObjective) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
@@ -394,15 +400,22 @@ def run_sharpness(
         create_store(out, kind=STORE_KIND, sizes=tmpl["sizes"], coords=tmpl["coords"], variables=tmpl["variables"],
                      unit_dims=["checkpoint"], chunks={"checkpoint": 1}, config=cfg, attrs=tmpl["attrs"])
 
-    say = progress or (lambda msg: log.info(msg))
-    with writer_for(out, resume=resume, config=cfg, create=create) as writer:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="Hessian-vector products", unit="HVP", file=sys.stderr, disable=progress is None, leave=False)
+
+    def say(msg: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            (progress or log.info)(msg)
+
+    with bar, writer_for(out, resume=resume, config=cfg, create=create) as writer:
         done = writer.done()
         for c, label in enumerate(prep.labels):
             if done[c]:
                 say(f"checkpoint {label}: already done")
                 continue
             say(f"checkpoint {label}: measuring ({prep.n_params[c]} parameters)")
-            for name, values in _measure_checkpoint(config, prep, c, say).items():
+            for name, values in _measure_checkpoint(config, prep, c, say, bar.update).items():
                 writer.write(name, {"checkpoint": c}, values)
             writer.mark_done({"checkpoint": c})
         if config.interpolate is not None and not bool(writer.read("interp_done").all()):
@@ -419,8 +432,8 @@ def run_sharpness(
     return out
 
 
-def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int,
-                        say: Callable[[str], None]) -> dict[str, Any]:
+def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int, say: Callable[[str], None],
+                        tick: Callable[[], Any] = lambda: None) -> dict[str, Any]:
     net = prep.models[c]
     dtype = DTYPES[config.dtype]
     res: dict[str, Any] = {}
@@ -433,13 +446,13 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int,
     loss0, grad = obj.value_and_grad()
     res["sample_loss"], res["grad_norm"] = loss0, float(grad.norm())
     tol = config.resolved_lanczos_tol()
-    eig = top_eigenvalues(_np_matvec(obj), obj.n_params, config.top_k, tol=tol,
+    eig = top_eigenvalues(_np_matvec(obj, tick), obj.n_params, config.top_k, tol=tol,
                           rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_LANCZOS, c])))
     res.update(lambda_max=eig.eigenvalues[0], eigenvalues=eig.eigenvalues, eigen_residual=eig.residuals,
                lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged)
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
     trace_rng = np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c]))
-    tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj), obj.n_params, config.hutchinson_probes,
+    tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params, config.hutchinson_probes,
                                                   rng=trace_rng)
     res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=tr.samples)
     say(f"  trace = {tr.trace:.6g} ± {tr.stderr:.2g}")
@@ -459,12 +472,16 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int,
     if config.minibatch_sizes:
         def lambda_of(idx: np.ndarray, rng: np.random.Generator) -> float:
             sub = _objective(config, prep, net, prep.sample_index[idx])
-            return float(top_eigenvalues(_np_matvec(sub), sub.n_params, 1, tol=tol, rng=rng).eigenvalues[0])
+            return float(top_eigenvalues(_np_matvec(sub, tick), sub.n_params, 1, tol=tol, rng=rng).eigenvalues[0])
 
         vals = minibatch_lambda_max(lambda_of, len(prep.sample_index), config.minibatch_sizes,
                                     config.minibatch_trials, seed=config.seed, checkpoint=c)
         ext = extrapolate_full_batch(config.minibatch_sizes, vals, len(prep.sample_index))
         res.update(minibatch_lambda_max=vals, minibatch_lambda_full=ext.lambda_full,
                    minibatch_lambda_full_stderr=ext.lambda_full_stderr, minibatch_slope=ext.slope)
-        say(f"  mini-batch extrapolation: lambda_full = {ext.lambda_full:.6g} ± {ext.lambda_full_stderr:.2g}")
+        if np.isfinite(ext.lambda_full):
+            say(f"  mini-batch extrapolation: lambda_full = {ext.lambda_full:.6g} ± {ext.lambda_full_stderr:.2g}")
+        else:
+            say("  mini-batch extrapolation: not possible (it needs at least two distinct --minibatch-sizes with "
+                "results); the per-size lambda_max values are stored")
     return res

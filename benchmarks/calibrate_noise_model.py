@@ -16,10 +16,8 @@ import argparse
 
 import numpy as np
 
-from gradlab.analysis.noise_model import fit_noise_model
-from gradlab.synthetic import make_pool, minibatch_sq_norms
+from gradlab.synthetic import noise_model_replicate
 
-M = np.array([1, 2, 4, 8, 16, 32, 64])
 TRUTH = {"grad_sq_norm": 1.0, "trace_cov": 16.0, "b_noise": 16.0}
 
 
@@ -30,12 +28,7 @@ def main() -> None:
     hits = {k: 0 for k in TRUTH}
     above = {k: 0 for k in TRUTH}  # interval entirely above the truth
     for r in range(args.seeds):
-        s_pool, s_draw, s_boot = np.random.SeedSequence([777, r]).spawn(3)
-        pool = make_pool(1.0, 16.0, 512, 8, np.random.default_rng(s_pool))
-        rng = np.random.default_rng(s_draw)
-        index = np.stack([rng.permutation(512)[:64] for _ in range(200)])
-        fit = fit_noise_model(minibatch_sq_norms(pool, index, M), M, pool_size=512, replacement=False, n_boot=999,
-                              rng=np.random.default_rng(s_boot))
+        fit = noise_model_replicate(np.random.SeedSequence([777, r]))
         for name, truth in TRUTH.items():
             est = getattr(fit, name)
             if est.contains(truth):

@@ -252,3 +252,21 @@ def _write_checkpoint(w: StoreWriter, c: int, *, protocol: str, g2: float, tr: f
     w.write("dist_init", reg, np.array([tot, dist[0], dist[1]]))
     w.write("dist_origin", reg, np.array([np.sqrt(np.sum(origin**2)), origin[0], origin[1]]))
     w.write("cos_init", reg, np.array([cos.mean(), cos[0], cos[1]]))
+
+
+def noise_model_replicate(seed: np.random.SeedSequence, *, n_boot: int = 999) -> Any:
+    """One replicate of the noise-model calibration design (tests and ``benchmarks/calibrate_noise_model.py``).
+
+    An exact pool (‖G‖² = 1, tr Σ = 16, n = 512, d = 8) from ``seed``'s first child, 200 trials of N = 64 drawn
+    without replacement from its second, and the fit over m = 1…64 with a BCa bootstrap from its third; returns
+    the :class:`~gradlab.analysis.noise_model.NoiseModelFit`.
+    """
+    from gradlab.analysis.noise_model import fit_noise_model
+
+    s_pool, s_draw, s_boot = seed.spawn(3)
+    pool = make_pool(1.0, 16.0, 512, 8, np.random.default_rng(s_pool))
+    rng = np.random.default_rng(s_draw)
+    index = np.stack([rng.permutation(512)[:64] for _ in range(200)])
+    m = np.array([1, 2, 4, 8, 16, 32, 64])
+    return fit_noise_model(minibatch_sq_norms(pool, index, m), m, pool_size=512, replacement=False, n_boot=n_boot,
+                           rng=np.random.default_rng(s_boot))

@@ -262,6 +262,15 @@ class _LowRankUpdates:
             self.r = 0
 
 
+def _block_outputs(tb: int, theta: dict[str, Tensor], inp: StepInputs, like: Tensor
+                   ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Zeroed per-block outputs of every engine: S per selected tensor (Tb, *shape), step norms (Tb, K) and
+    non-finite counts (Tb,), in ``like``'s dtype and device."""
+    sums = {n: torch.zeros(tb, *theta[n].shape, dtype=like.dtype, device=like.device) for n in inp.selected}
+    step_norms = torch.zeros(tb, inp.n_steps, dtype=like.dtype, device=like.device)
+    return sums, step_norms, torch.zeros(tb, dtype=torch.long, device=like.device)
+
+
 def _outer_sq_norm(g: Tensor, a: Tensor) -> Tensor:
     """‖gᵀa‖_F² per trial from the m×m Grams of g (Tb, m, out) and a (Tb, m, in)."""
     return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
@@ -289,12 +298,11 @@ def _chain_block(
     # per-trial copies: weights (Tb, out, in), biases (Tb, 1, out) so that they broadcast in baddbmm
     base = {n: t.unsqueeze(0) if t.ndim == 2 else t.view(1, 1, -1) for n, t in theta.items()}
     w = {n: b.expand(tb, *b.shape[1:]).clone() for n, b in base.items()}
-    sums = {n: torch.zeros_like(w[n]) for n in inp.selected}
+    flat_sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
+    sums = {n: v.view(w[n].shape) for n, v in flat_sums.items()}  # views: biases as (Tb, 1, out)
     explicit = set(theta) if count else set(inp.selected)
     lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, lr, sums.get(op.weight)) for op in ops
             if op is not None and not count and 8 * m <= LOW_RANK and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
-    step_norms = torch.zeros(tb, inp.n_steps, dtype=xb.dtype, device=xb.device)
-    bad = torch.zeros(tb, dtype=torch.long, device=xb.device)
     first_linear = next(i for i, op in enumerate(ops) if op is not None)
 
     for k in range(inp.n_steps):
@@ -358,8 +366,7 @@ def _chain_block(
 
     disp_sq = sum(torch.linalg.vector_norm((w[n] - theta[n].reshape(w[n].shape[1:])).flatten(1), dim=1).square()
                   for n in theta)
-    out = {n: s.reshape(tb, *theta[n].shape) for n, s in sums.items()}
-    return out, disp_sq.sqrt(), step_norms, bad
+    return flat_sums, disp_sq.sqrt(), step_norms, bad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,9 +390,7 @@ def _generic_block(
 
     grad_fn: Callable[..., dict[str, Tensor]] = vmap(grad(loss))
     params = {n: t.expand(tb, *t.shape).clone() for n, t in theta.items()}
-    sums = {n: torch.zeros_like(params[n]) for n in inp.selected}
-    step_norms = torch.zeros(tb, inp.n_steps, dtype=xb.dtype, device=xb.device)
-    bad = torch.zeros(tb, dtype=torch.long, device=xb.device)
+    sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
     for k in range(inp.n_steps):
         sl = slice(k * m, (k + 1) * m)
         grads = grad_fn(params, xb[:, sl], yb[:, sl])
@@ -420,9 +425,7 @@ def _loop_block(
     own = dict(net.named_parameters())
     params = [own[n] for n in names]
     sel = [names.index(n) for n in inp.selected]
-    sums = {n: torch.zeros(tb, *theta[n].shape, dtype=xb.dtype, device=xb.device) for n in inp.selected}
-    step_norms = torch.zeros(tb, inp.n_steps, dtype=xb.dtype, device=xb.device)
-    bad = torch.zeros(tb, dtype=torch.long, device=xb.device)
+    sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
     disp_sq = torch.zeros(tb, dtype=xb.dtype, device=xb.device)
     for t in range(tb):
         for p, n in zip(params, names):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradlab.analysis.noise_model import finite_population_factor, fit_noise_model, wls_line
-from gradlab.synthetic import draw_trials, make_pool, minibatch_sq_norms
+from gradlab.synthetic import draw_trials, make_pool, minibatch_sq_norms, noise_model_replicate
 
 M = np.array([1, 2, 4, 8, 16, 32, 64])
 
@@ -62,12 +62,7 @@ def test_intervals_cover_the_truth_in_95_percent_of_200_seeds():
     """
     hits, lof, n_rep = np.zeros(3), 0, 200
     for r in range(n_rep):
-        s_pool, s_draw, s_boot = np.random.SeedSequence([2024, r]).spawn(3)
-        pool = make_pool(1.0, 16.0, 512, 8, np.random.default_rng(s_pool))
-        rng = np.random.default_rng(s_draw)
-        index = np.stack([rng.permutation(512)[:64] for _ in range(200)])
-        fit = fit_noise_model(minibatch_sq_norms(pool, index, M), M, pool_size=512, replacement=False, n_boot=999,
-                              rng=np.random.default_rng(s_boot))
+        fit = noise_model_replicate(np.random.SeedSequence([2024, r]))
         assert fit.grad_sq_norm.contains(fit.grad_sq_norm.value) and fit.b_noise.contains(fit.b_noise.value)
         hits += [fit.grad_sq_norm.contains(1.0), fit.trace_cov.contains(16.0), fit.b_noise.contains(16.0)]
         lof += fit.p_value < 0.05

@@ -233,29 +233,30 @@ class _LowRankUpdates:
     def __init__(self, weight: Tensor, rank: int, lr: float, grad_sum: Tensor | None = None) -> None:
         tb, out, inp = weight.shape
         self.weight, self.grad_sum, self.lr = weight, grad_sum, lr
-        self.u = weight.new_zeros(tb, out, rank)
-        self.v = weight.new_zeros(tb, inp, rank)
+        # factors stored row by row (Uᵀ: (Tb, R, out), Vᵀ: (Tb, R, in)) so that a push is a contiguous copy
+        self.ut = weight.new_zeros(tb, rank, out)
+        self.vt = weight.new_zeros(tb, rank, inp)
         self.r = 0
 
     def forward_add(self, h: Tensor, a: Tensor) -> None:
         if self.r:
-            h.baddbmm_(torch.bmm(a, self.v[:, :, :self.r]), self.u[:, :, :self.r].transpose(1, 2), alpha=-self.lr)
+            h.baddbmm_(torch.bmm(a, self.vt[:, :self.r].transpose(1, 2)), self.ut[:, :self.r], alpha=-self.lr)
 
     def backward_add(self, g_in: Tensor, g: Tensor) -> None:
         if self.r:
-            g_in.baddbmm_(torch.bmm(g, self.u[:, :, :self.r]), self.v[:, :, :self.r].transpose(1, 2), alpha=-self.lr)
+            g_in.baddbmm_(torch.bmm(g, self.ut[:, :self.r].transpose(1, 2)), self.vt[:, :self.r], alpha=-self.lr)
 
     def push(self, g: Tensor, a: Tensor) -> None:
         m = g.shape[1]
-        if self.r + m > self.u.shape[2]:
+        if self.r + m > self.ut.shape[1]:
             self.flush()
-        self.u[:, :, self.r:self.r + m] = g.transpose(1, 2)
-        self.v[:, :, self.r:self.r + m] = a.transpose(1, 2)
+        self.ut[:, self.r:self.r + m] = g
+        self.vt[:, self.r:self.r + m] = a
         self.r += m
 
     def flush(self) -> None:
         if self.r:
-            u, vt = self.u[:, :, :self.r], self.v[:, :, :self.r].transpose(1, 2)
+            u, vt = self.ut[:, :self.r].transpose(1, 2), self.vt[:, :self.r]
             self.weight.baddbmm_(u, vt, alpha=-self.lr)
             if self.grad_sum is not None:
                 self.grad_sum.baddbmm_(u, vt)
@@ -281,6 +282,34 @@ def _outer_sq_norm(g: Tensor, a: Tensor) -> Tensor:
 LOW_RANK = 64
 
 
+class _Workspace:
+    """Buffers that every block of one :func:`step_trials` call reuses: per-trial weight copies, the selected
+    tensors' S, and the gathered inputs, each for ``trials_per_block`` trials (a block uses the first Tb rows).
+
+    A fresh multi-megabyte tensor costs a page fault per 4 KiB on first touch (≈ 1 µs each on the 2-core VMs,
+    PERF-NOTES.md); for the blog MLP at m = 16, allocating these per block and forming θ_end − θ out of place took
+    a sixth of the engine's time.
+    """
+
+    def __init__(self, theta: dict[str, Tensor], selected: Sequence[str], tpb: int) -> None:
+        self.weights = {n: t.new_empty(tpb, *((1, t.numel()) if t.ndim == 1 else t.shape)) for n, t in theta.items()}
+        self.sums = {n: theta[n].new_empty(tpb, *theta[n].shape) for n in selected}
+        self.inputs: Tensor | None = None
+
+    def gather(self, x: Tensor, rows: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """x[rows] (rows (Tb, N)) as (Tb, N, *x.shape[1:]) in ``dtype`` on ``device``, into the reused buffer when x
+        already has that dtype and device."""
+        tb, n = rows.shape
+        if x.dtype != dtype or x.device != device:
+            return x[rows.reshape(-1)].to(device=device, dtype=dtype).reshape(tb, n, *x.shape[1:])
+        tpb = next(iter(self.weights.values())).shape[0]
+        if self.inputs is None:
+            self.inputs = x.new_empty(tpb * n, *x.shape[1:])
+        out = self.inputs[:tb * n]
+        torch.index_select(x, 0, rows.reshape(-1).to(x.device), out=out)
+        return out.view(tb, n, *x.shape[1:])
+
+
 def _chain_block(
     ops: list[_Op],
     theta: dict[str, Tensor],
@@ -288,8 +317,10 @@ def _chain_block(
     onehot: Tensor,
     inp: StepInputs,
     count: bool,
+    ws: _Workspace,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """Run one block of trials; xb (Tb, N, d_in), onehot (Tb, N, C).  Returns S, displacement, step norms, counts.
+    """Run one block of trials; xb (Tb, N, d_in), onehot (Tb, N, C).  Returns S, displacement, step norms, counts
+    (S as views of ``ws``: copy them out before the next block).
 
     With ``count`` every gradient is formed explicitly and its non-finite entries are counted; otherwise the
     updates of unrecorded weights are fused into a GEMM or kept as pending low-rank factors.
@@ -297,8 +328,9 @@ def _chain_block(
     tb, m, lr = xb.shape[0], inp.batch_size, inp.lr
     # per-trial copies: weights (Tb, out, in), biases (Tb, 1, out) so that they broadcast in baddbmm
     base = {n: t.unsqueeze(0) if t.ndim == 2 else t.view(1, 1, -1) for n, t in theta.items()}
-    w = {n: b.expand(tb, *b.shape[1:]).clone() for n, b in base.items()}
+    w = {n: ws.weights[n][:tb].copy_(b.expand(tb, *b.shape[1:])) for n, b in base.items()}
     flat_sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
+    flat_sums = {n: ws.sums[n][:tb].zero_() for n in flat_sums}
     sums = {n: v.view(w[n].shape) for n, v in flat_sums.items()}  # views: biases as (Tb, 1, out)
     explicit = set(theta) if count else set(inp.selected)
     lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, lr, sums.get(op.weight)) for op in ops
@@ -364,8 +396,8 @@ def _chain_block(
     for pending in lazy.values():
         pending.flush()
 
-    disp_sq = sum(torch.linalg.vector_norm((w[n] - theta[n].reshape(w[n].shape[1:])).flatten(1), dim=1).square()
-                  for n in theta)
+    # in place: θ_end − θ over the block's own copies (a fresh (Tb, out, in) difference costs page faults)
+    disp_sq = sum(torch.linalg.vector_norm(w[n].sub_(base[n]).flatten(1), dim=1).square() for n in theta)
     return flat_sums, disp_sq.sqrt(), step_norms, bad
 
 
@@ -536,10 +568,14 @@ def step_trials(
     step_norms = np.empty((n_trials, inp.n_steps))
     nonfinite = np.zeros(n_trials, dtype=np.int64)
     n_classes = None
+    ws = _Workspace(theta, inp.selected, trials_per_block) if use_chain else None
     for start in range(0, n_trials, trials_per_block):
         rows = inp.indices[start:start + trials_per_block]
         tb = rows.shape[0]
-        xb = x[rows.reshape(-1)].to(device=dev, dtype=dtype).reshape(tb, n_budget, *x.shape[1:])
+        if ws is not None:
+            xb = ws.gather(x, rows, dtype, dev)
+        else:
+            xb = x[rows.reshape(-1)].to(device=dev, dtype=dtype).reshape(tb, n_budget, *x.shape[1:])
         yb = y[rows.reshape(-1)].to(device=dev, dtype=torch.long).reshape(tb, n_budget)
         with torch.no_grad():
             if use_chain:
@@ -551,9 +587,10 @@ def step_trials(
                 onehot = F.one_hot(yb, n_classes).to(dtype)
                 # a fused update can hide a non-finite gradient only if lr == 0; otherwise θ_end turns non-finite
                 # and the block is rerun with exact counting (rare, so the common path skips the isfinite passes)
-                res = _chain_block(ops, theta, xb, onehot, inp, count=inp.lr == 0.0)
+                assert ws is not None
+                res = _chain_block(ops, theta, xb, onehot, inp, inp.lr == 0.0, ws)
                 if inp.lr != 0.0 and not _all_finite(res):
-                    res = _chain_block(ops, theta, xb, onehot, inp, count=True)
+                    res = _chain_block(ops, theta, xb, onehot, inp, True, ws)
             elif use_loop:
                 assert net is not None
                 res = _loop_block(net, theta, xb, yb, inp, count=inp.lr == 0.0)

@@ -263,6 +263,53 @@ class _LowRankUpdates:
             self.r = 0
 
 
+class _InputWindow:
+    """The first Linear layer, whose inputs are the data and so known in advance, run a window of K = R/m steps at a
+    time.
+
+    At a window's start the pending updates are flushed into W (one GEMM, as in :class:`_LowRankUpdates`), and two
+    GEMMs over the window's K·m inputs X_w give P = X_w Wᵀ and the Gram X_w X_wᵀ.  Step j of the window then needs no
+    product with W at all: x_j W_jᵀ = P_j − η Σ_{s<j} (x_j · x_s) g_s, a (m × jm) slice of the Gram times the
+    window's gradients so far.  W is read once per window instead of once per step, which is what bounds the
+    first layer at small m (the products are thin and memory-bound).  Only the order of additions changes.
+    """
+
+    def __init__(self, weight: Tensor, xb: Tensor, m: int, rank: int, lr: float, grad_sum: Tensor | None) -> None:
+        self.weight, self.xb, self.m, self.lr, self.grad_sum = weight, xb, m, lr, grad_sum
+        self.k_win = rank // m
+        self.ut = weight.new_empty(weight.shape[0], self.k_win * m, weight.shape[1])  # the window's gᵀ, row-wise
+        self.r, self.start = 0, 0
+        self.p = self.gram = self.xw = None
+
+    def flush(self) -> None:
+        if self.r:
+            assert self.xw is not None
+            u, vt = self.ut[:, :self.r].transpose(1, 2), self.xw[:, :self.r]
+            self.weight.baddbmm_(u, vt, alpha=-self.lr)
+            if self.grad_sum is not None:
+                self.grad_sum.baddbmm_(u, vt)
+            self.r = 0
+
+    def forward(self, k: int, bias: Tensor | None) -> Tensor:
+        """Pre-activations of step k (steps must come in order), bias (Tb, 1, out) or None."""
+        m, j = self.m, k % self.k_win
+        if j == 0:
+            self.flush()
+            self.xw = self.xb[:, k * m:(k + self.k_win) * m]
+            self.p = torch.bmm(self.xw, self.weight.transpose(1, 2))
+            self.gram = torch.bmm(self.xw, self.xw.transpose(1, 2))
+        assert self.p is not None and self.gram is not None
+        rows = slice(j * m, (j + 1) * m)
+        h = self.p[:, rows] + bias if bias is not None else self.p[:, rows].clone()
+        if j:
+            h.baddbmm_(self.gram[:, rows, :j * m], self.ut[:, :j * m], alpha=-self.lr)
+        return h
+
+    def push(self, g: Tensor) -> None:
+        self.ut[:, self.r:self.r + self.m] = g
+        self.r += self.m
+
+
 def _block_outputs(tb: int, theta: dict[str, Tensor], inp: StepInputs, like: Tensor
                    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Zeroed per-block outputs of every engine: S per selected tensor (Tb, *shape), step norms (Tb, K) and
@@ -280,6 +327,10 @@ def _outer_sq_norm(g: Tensor, a: Tensor) -> Tensor:
 # pending-update rank R of _LowRankUpdates; used for weights with min(out, in) > 2R when m <= R/8 (on the blog MLP,
 # 2 threads: 1.6x faster at m = 4, 1.4x at m = 8, 1.3x slower at m = 16 than the fused GEMM update)
 LOW_RANK = 64
+# window of _InputWindow in rows (K = WINDOW_RANK / m steps); used for a first Linear layer with min(out, in) >
+# WINDOW_RANK when K >= 4 (blog MLP, 2 threads, 8 trials: 16% faster at m = 2, 13% at m = 4, 8% at m = 8, same at
+# m = 16; windows of 128-512 rows were no better)
+WINDOW_RANK = 64
 
 
 class _Workspace:
@@ -333,9 +384,15 @@ def _chain_block(
     flat_sums = {n: ws.sums[n][:tb].zero_() for n in flat_sums}
     sums = {n: v.view(w[n].shape) for n, v in flat_sums.items()}  # views: biases as (Tb, 1, out)
     explicit = set(theta) if count else set(inp.selected)
-    lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, lr, sums.get(op.weight)) for op in ops
-            if op is not None and not count and 8 * m <= LOW_RANK and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
     first_linear = next(i for i, op in enumerate(ops) if op is not None)
+    op0 = ops[first_linear]
+    assert op0 is not None
+    window = None
+    if not count and first_linear == 0 and 4 * m <= WINDOW_RANK and min(w[op0.weight].shape[1:]) > WINDOW_RANK:
+        window = _InputWindow(w[op0.weight], xb, m, WINDOW_RANK, lr, sums.get(op0.weight))
+    lazy = {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, lr, sums.get(op.weight)) for op in ops
+            if op is not None and not count and 8 * m <= LOW_RANK and min(w[op.weight].shape[1:]) > 2 * LOW_RANK
+            and not (window is not None and op is op0)}
 
     for k in range(inp.n_steps):
         sl = slice(k * m, (k + 1) * m)
@@ -344,6 +401,8 @@ def _chain_block(
             h = acts[-1]
             if op is None:
                 h = torch.relu(h) if i <= first_linear else h.relu_()  # never write into the input block
+            elif i == 0 and window is not None:
+                h = window.forward(k, w[op.bias] if op.bias is not None else None)
             else:
                 a = h
                 if op.bias is None:
@@ -376,7 +435,11 @@ def _chain_block(
                 g_in = torch.bmm(g, weight)
                 if op.weight in lazy:
                     lazy[op.weight].backward_add(g_in, g)
-            if op.weight in lazy:
+            if i == 0 and window is not None:
+                window.push(g)
+                if op.weight in sums:
+                    sq.add_(_outer_sq_norm(g, a_in))
+            elif op.weight in lazy:
                 lazy[op.weight].push(g, a_in)
                 if op.weight in sums:
                     sq.add_(_outer_sq_norm(g, a_in))
@@ -393,7 +456,7 @@ def _chain_block(
                 w[op.bias].add_(d, alpha=-lr)
             g = g_in
         step_norms[:, k] = sq.sqrt()
-    for pending in lazy.values():
+    for pending in [*lazy.values(), *([window] if window is not None else [])]:
         pending.flush()
 
     # in place: θ_end − θ over the block's own copies (a fresh (Tb, out, in) difference costs page faults)

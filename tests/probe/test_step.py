@@ -74,6 +74,7 @@ def test_pending_low_rank_updates_match_naive_loop(monkeypatch, reduction: str, 
     # with R = 16 both hidden weights of this MLP keep their SGD updates as low-rank factors for m <= 2 and flush
     # them into the weights mid-trial; at m = 4 the fused GEMM update is used instead
     monkeypatch.setattr(step_module, "LOW_RANK", 16)
+    monkeypatch.setattr(step_module, "WINDOW_RANK", 0)  # the first layer too, not in an input window
     flushes = _count_low_rank_flushes(monkeypatch)
     model = _randomise(MLP(40, 5, widths=(48, 36)), seed=8, scale=0.2)
     x, y = _pool((1, 5, 8), 5)
@@ -85,6 +86,33 @@ def test_pending_low_rank_updates_match_naive_loop(monkeypatch, reduction: str, 
     # pending weights: both hidden weights in both selections (a recorded weight keeps pending factors too, and
     # its S is added at each flush), 2 blocks each, and per block N / R = 32 / 16 flushes (R update columns each)
     assert flushes[0] == (2 * 2 * 2 * 2 if batch_size <= 2 else 0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_window_matches_naive_loop(monkeypatch, batch_size: int, bias: bool) -> None:
+    # with a window of 32 rows the first layer (40 -> 48) runs K = 32/m steps from one precomputed X_w Wᵀ and Gram;
+    # N = 48 ends on a partial window at every m, and m = 8 (K = 4) is the largest the window takes
+    monkeypatch.setattr(step_module, "WINDOW_RANK", 32)
+    windows = [0]
+    forward = step_module._InputWindow.forward
+
+    def counted(self, k: int, b: torch.Tensor | None) -> torch.Tensor:
+        windows[0] += k % self.k_win == 0
+        return forward(self, k, b)
+
+    monkeypatch.setattr(step_module._InputWindow, "forward", counted)
+    model = _randomise(nn.Sequential(nn.Flatten(), nn.Linear(40, 48, bias=bias), nn.ReLU(), nn.Linear(48, 36),
+                                     nn.ReLU(), nn.Linear(36, 5)), seed=8, scale=0.2)
+    x, y = _pool((1, 5, 8), 5)
+    idx = _draw(3, 48, len(x))
+    for reduction in ("mean", "sum"):
+        for sel in (["5.weight"], ["1.weight", "3.bias"] + (["1.bias"] if bias else [])):
+            ref = naive_step_trials(model, x, y, idx, batch_size, 0.1, reduction, sel, dtype=F64)
+            got = step_trials(model, x, y, idx, batch_size, 0.1, reduction, sel, dtype=F64, trials_per_block=2)
+            assert_results_close(got, ref)
+    # 2 reductions x 2 selections x 2 blocks, each with ceil(48 / 32) = 2 windows
+    assert windows[0] == 2 * 2 * 2 * 2
 
 
 def test_chain_engine_matches_naive_on_sequential_without_bias() -> None:
@@ -219,9 +247,14 @@ def _count_low_rank_flushes(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("engine", ["chain", "chain-low-rank", "loop", "generic"])
+@pytest.mark.parametrize("engine", ["chain", "chain-low-rank", "chain-window", "loop", "generic"])
 def test_inf_input_is_counted_per_trial_and_leaves_other_trials_alone(monkeypatch, engine: str) -> None:
-    if engine == "chain-low-rank":
+    if engine == "chain-window":
+        monkeypatch.setattr(step_module, "WINDOW_RANK", 4)  # the first layer runs in windows of 4 steps at m = 1
+        model, shape, flushes = _mlp(), (1, 3, 4), None
+        assert min(model.layers[0].weight.shape) > 4
+        engine = "chain"
+    elif engine == "chain-low-rank":
         monkeypatch.setattr(step_module, "LOW_RANK", 16)  # hidden weights keep pending updates at m = 1
         model, shape = _randomise(MLP(40, 5, widths=(48, 36)), seed=8, scale=0.2), (1, 5, 8)
         flushes = _count_low_rank_flushes(monkeypatch)

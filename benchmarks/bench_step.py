@@ -8,9 +8,11 @@ the last layer selected (as in the blog).  For each batch size m it
 2. times the blog's loop (the naive reference without its per-step non-finite counting) and the engine in
    ``--dtype`` (float32 by default: what users run) on ``--trials`` trials, interleaved block by block so that load
    from other processes hits both alike, ``--repeats`` times, keeping the fastest,
+3. in float32, compares both timed runs with the float64 values of the same trials (the largest relative difference
+   over trials; a ReLU input near zero that flips under float32 rounding moves a whole trajectory, in either method),
 
-and prints a table (m, naive s/trial, engine s/trial, ratio).  Finally it runs the engine in fresh subprocesses on
-2 and 16 trials and prints their peak memory, which must not grow with the number of trials.
+and prints a table (m, naive s/trial, engine s/trial, ratio, and the differences).  Finally it runs the engine in
+fresh subprocesses on 2 and 16 trials and prints their peak memory, which must not grow with the number of trials.
 
     python benchmarks/bench_step.py                 # m in {1, 2, 4, 8, 16}, about 1.5 minutes on 2 idle cores
     python benchmarks/bench_step.py --full          # m in {1..8, 16, 32, ..., 1024}
@@ -23,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -68,18 +69,36 @@ def norm_s(r: StepResult) -> np.ndarray:
     return np.sqrt(sum(np.square(v.astype(np.float64)).reshape(len(v), -1).sum(1) for v in r.grad_sum.values()))
 
 
+def rows_of(r: StepResult, start: int, stop: int) -> StepResult:
+    """Trials start..stop-1 of r."""
+    return StepResult({n: v[start:stop] for n, v in r.grad_sum.items()},
+                      *(getattr(r, f)[start:stop] for f in ("displacement", "step_norm_mean", "step_norm_std",
+                                                             "step_norm_max", "nonfinite")))
+
+
 def max_rel_diff(a: StepResult, b: StepResult) -> float:
     pairs = [(norm_s(a), norm_s(b))] + [(getattr(a, f), getattr(b, f)) for f in
                                         ("displacement", "step_norm_mean", "step_norm_std", "step_norm_max")]
     return max(float(np.max(np.abs(u - v) / np.maximum(np.abs(v), 1e-300))) for u, v in pairs)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM).  Not ``getrusage().ru_maxrss``: Linux carries that over from
+    the parent through fork and exec, so a child started by a 450 MiB parent reports at least 450 MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_probe(trials: int, device: str, selected: tuple[str, ...]) -> None:
-    """Child-process mode: run the engine on ``trials`` trials at m = 64 and print the peak memory as JSON."""
+    """Child-process mode: run the engine on ``trials`` trials at m = 64 and print as JSON its peak memory and the
+    size of the S arrays it returns (O(trials × selected) by nature: ``gradlab probe`` passes a unit at a time)."""
     model, (x, y) = blog_mlp(), synthetic_data()
-    step_trials(model, x, y, draws(trials), 64, LR, "mean", selected, device=device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"trials": trials, "peak_rss_mib": peak}))
+    r = step_trials(model, x, y, draws(trials), 64, LR, "mean", selected, device=device)
+    out = sum(v.nbytes for v in r.grad_sum.values()) / 2**20
+    print(json.dumps({"trials": trials, "peak_rss_mib": peak_rss_mib(), "returned_mib": out}))
 
 
 def main() -> int:
@@ -120,7 +139,7 @@ def main() -> int:
           f"trials={args.trials}, trials_per_block={tpb}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
     print(f"{'m':>5} {'naive s/trial':>14} {'engine s/trial':>15} {'ratio':>7} {'f64 max rel diff':>17} "
-          f"{args.dtype + ' rel diff':>17}", flush=True)
+          f"{'naive f32 vs f64':>15} {'engine f32 vs f64':>16}", flush=True)
     worst = 0.0
     for m in sizes:
         check = float("nan")
@@ -132,7 +151,10 @@ def main() -> int:
             check = max_rel_diff(got, ref)
             worst = max(worst, check)
         best_naive = best_engine = math.inf
-        diff = 0.0
+        # float64 values of the timed trials: how far each float32 run lands from them (rounding, not method)
+        truth = step_trials(model, x, y, idx[:args.trials], m, LR, "mean", selected, dtype=torch.float64,
+                            device=args.device, trials_per_block=tpb) if dtype == torch.float32 else None
+        off_naive = off_engine = 0.0
         for _ in range(args.repeats):
             t_naive = t_engine = 0.0
             for start in range(0, args.trials, tpb):
@@ -147,10 +169,14 @@ def main() -> int:
                 sync()
                 t2 = time.perf_counter()
                 t_naive, t_engine = t_naive + t1 - t0, t_engine + t2 - t1
-                diff = max(diff, max_rel_diff(got, ref))
+                if truth is not None:
+                    sub = rows_of(truth, start, start + len(rows))
+                    off_naive = max(off_naive, max_rel_diff(ref, sub))
+                    off_engine = max(off_engine, max_rel_diff(got, sub))
             best_naive, best_engine = min(best_naive, t_naive), min(best_engine, t_engine)
         n, e = best_naive / args.trials, best_engine / args.trials
-        print(f"{m:>5} {n:>14.3f} {e:>15.3f} {n / e:>6.1f}x {check:>17.1e} {diff:>17.1e}", flush=True)
+        print(f"{m:>5} {n:>14.3f} {e:>15.3f} {n / e:>6.1f}x {check:>17.1e} {off_naive:>15.1e} {off_engine:>16.1e}",
+              flush=True)
     status = 0
     print(f"load average now {os.getloadavg()[0]:.1f} (timings are only comparable when it stays below the core "
           "count: other processes stall every multi-threaded op)")
@@ -165,8 +191,10 @@ def main() -> int:
                                   "--threads", str(args.threads), "--select", args.select], capture_output=True, text=True, check=True)
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
         growth = peaks[1]["peak_rss_mib"] - peaks[0]["peak_rss_mib"]
+        grown_out = peaks[1]["returned_mib"] - peaks[0]["returned_mib"]
         print("peak RSS of the engine at m=64: " + ", ".join(f"{p['trials']} trials {p['peak_rss_mib']:.0f} MiB"
-                                                          for p in peaks) + f" (growth {growth:+.0f} MiB)")
+                                                          for p in peaks) +
+              f" (growth {growth:+.0f} MiB, of which the returned S arrays {grown_out:+.0f} MiB)")
     return status
 
 

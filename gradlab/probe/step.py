@@ -310,11 +310,14 @@ class _InputWindow:
         self.r += self.m
 
 
-def _block_outputs(tb: int, theta: dict[str, Tensor], inp: StepInputs, like: Tensor
-                   ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def _block_outputs(tb: int, theta: dict[str, Tensor], inp: StepInputs, like: Tensor,
+                   reuse: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Zeroed per-block outputs of every engine: S per selected tensor (Tb, *shape), step norms (Tb, K) and
-    non-finite counts (Tb,), in ``like``'s dtype and device."""
-    sums = {n: torch.zeros(tb, *theta[n].shape, dtype=like.dtype, device=like.device) for n in inp.selected}
+    non-finite counts (Tb,), in ``like``'s dtype and device.  S goes into the first Tb rows of ``reuse`` if given."""
+    if reuse is not None:
+        sums = {n: reuse[n][:tb].zero_() for n in inp.selected}
+    else:
+        sums = {n: torch.zeros(tb, *theta[n].shape, dtype=like.dtype, device=like.device) for n in inp.selected}
     step_norms = torch.zeros(tb, inp.n_steps, dtype=like.dtype, device=like.device)
     return sums, step_norms, torch.zeros(tb, dtype=torch.long, device=like.device)
 
@@ -380,8 +383,7 @@ def _chain_block(
     # per-trial copies: weights (Tb, out, in), biases (Tb, 1, out) so that they broadcast in baddbmm
     base = {n: t.unsqueeze(0) if t.ndim == 2 else t.view(1, 1, -1) for n, t in theta.items()}
     w = {n: ws.weights[n][:tb].copy_(b.expand(tb, *b.shape[1:])) for n, b in base.items()}
-    flat_sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
-    flat_sums = {n: ws.sums[n][:tb].zero_() for n in flat_sums}
+    flat_sums, step_norms, bad = _block_outputs(tb, theta, inp, xb, ws.sums)
     sums = {n: v.view(w[n].shape) for n, v in flat_sums.items()}  # views: biases as (Tb, 1, out)
     explicit = set(theta) if count else set(inp.selected)
     first_linear = next(i for i, op in enumerate(ops) if op is not None)

@@ -52,12 +52,15 @@ class EigenResult:
 
 @dataclass(frozen=True)
 class PowerResult:
-    """Power iteration: the final Rayleigh quotient, HVPs used, every Rayleigh quotient on the way."""
+    """Power iteration: the final Rayleigh quotient, HVPs used, every Rayleigh quotient on the way, and every
+    residual ‖Hv − λv‖ (v of unit norm; the same certificate as Lanczos's Ritz residual: some eigenvalue lies within
+    it of λ)."""
 
     eigenvalue: float
     n_hvp: int
     history: np.ndarray
     converged: bool
+    residuals: np.ndarray
 
 
 class _Counted:
@@ -217,11 +220,13 @@ def power_iteration(
     v = rng.standard_normal(n)
     v /= np.linalg.norm(v)
     history: list[float] = []
+    residuals: list[float] = []
     converged = False
     for _ in range(maxiter):
         hv = counted(v)
         lam = float(v @ hv)
         history.append(lam)
+        residuals.append(float(np.linalg.norm(hv - lam * v)))
         if len(history) > 1 and abs(lam - history[-2]) < tol * abs(lam):
             converged = True
             break
@@ -230,4 +235,4 @@ def power_iteration(
             converged = True
             break
         v = hv / norm
-    return PowerResult(history[-1], counted.count, np.asarray(history), converged)
+    return PowerResult(history[-1], counted.count, np.asarray(history), converged, np.asarray(residuals))

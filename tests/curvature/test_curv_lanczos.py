@@ -47,6 +47,11 @@ def test_power_iteration_converges_to_lambda_max_with_a_gap():
     assert res.converged and res.n_hvp == res.history.size
     # the Rayleigh quotient approaches from below (a lower bound at every step)
     assert np.all(res.history <= 10.0 + 1e-12)
+    # residuals ‖Av − λv‖: the distance to the nearest eigenvalue is within each (Weyl), they decay like (5/10)^t
+    assert res.residuals.shape == res.history.shape
+    assert np.all(np.min(np.abs(res.history[:, None] - np.diag(a)[None, :]), axis=1) <= res.residuals + 1e-12)
+    assert res.residuals[-1] < 1e-5 < res.residuals[0]
+    assert res.residuals[20] / res.residuals[10] == pytest.approx(0.5 ** 10, rel=0.05)
 
 
 def test_lanczos_reports_largest_algebraic_eigenvalue_when_negative_ones_dominate():

@@ -53,9 +53,19 @@ def block_sums(gram: torch.Tensor, batch_size: int, drop_last: bool = False) -> 
     if n % batch_size and not drop_last:
         raise ValueError(f"batch size {batch_size} does not divide the budget {n}")
     nb = n // batch_size
-    used = nb * batch_size
-    blocks = gram[:used, :used].reshape(nb, batch_size, nb, batch_size).diagonal(dim1=0, dim2=2)  # (m, m, nb)
-    return blocks.sum(dim=(0, 1))
+    g = gram.contiguous()
+    # the diagonal blocks as a strided view (nb, m, m): block k starts at entry (km, km); no copy when m ∤ N
+    blocks = g.as_strided((nb, batch_size, batch_size), (batch_size * (n + 1), n, 1))
+    return blocks.sum(dim=(1, 2))
+
+
+def leading_sum(gram: torch.Tensor, used: int) -> float:
+    """1ᵀ K_{[:used, :used]} 1 in float64, as the whole sum less the last N − used rows and columns (a thin strip,
+    instead of a pass over a strided (used, used) slice)."""
+    g = gram.double()
+    if used == g.shape[0]:
+        return float(g.sum())
+    return float(g.sum() - g[used:].sum() - g[:, used:].sum() + g[used:, used:].sum())
 
 
 def reduction_scale(batch_size: int, reduction: str) -> float:
@@ -98,7 +108,9 @@ def frozen_trial(grams: Mapping[str, torch.Tensor], kinds: Mapping[str, str], ba
     """
     names = list(grams)
     n = next(iter(grams.values())).shape[0]
-    total = sum(grams[name].double() for name in names)
+    total = grams[names[0]].double().clone()
+    for name in names[1:]:
+        total.add_(grams[name])
     layer_sum = np.array([float(grams[name].double().sum()) for name in names])
     gram_sum = float(total.sum())
     gram_trace = float(total.diagonal().sum())
@@ -116,7 +128,7 @@ def frozen_trial(grams: Mapping[str, torch.Tensor], kinds: Mapping[str, str], ba
         else:
             if not drop_last:
                 raise ValueError(f"batch size {m} does not divide the budget {n}")
-            lsum = np.array([float(grams[name][:used, :used].double().sum()) for name in names])
+            lsum = np.array([leading_sum(grams[name], used) for name in names])
             sums = float(lsum.sum())
         grad_norm[i] = c * np.sqrt(max(sums, 0.0))
         grad_norm_layer[i] = c * _sqrt0(lsum)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.models import build_model
-from gradlab.probe.frozen import block_sums, checkpoint_estimates, frozen_trial, trial_moment_estimates
+from gradlab.probe.frozen import (block_sums, checkpoint_estimates, frozen_trial, leading_sum,
+                                  trial_moment_estimates)
 from gradlab.probe.gram import GramEngine
 from gradlab.probe.sampling import draw_trial
 from gradlab.schema import GROUPS
@@ -23,6 +24,21 @@ def test_block_sums_are_diagonal_block_sums():
     for m in (1, 2, 3, 6):
         expected = [float(k[i:i + m, i:i + m].sum()) for i in range(0, 6, m)]
         assert block_sums(k, m).tolist() == expected
+
+
+def test_block_sums_and_leading_sums_when_m_does_not_divide_n():
+    # a view with a storage offset and a transposed (non-contiguous) one: the strided block view must not assume
+    # either away
+    big = torch.randn(9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for k in (big[2:, 2:], big[2:, 2:].T, big[1:8, 1:8].contiguous()):
+        n = k.shape[0]
+        for m in (2, 3, 4, 5, 6):
+            used = (n // m) * m
+            expected = [float(k[i:i + m, i:i + m].sum()) for i in range(0, used, m)]
+            np.testing.assert_allclose(block_sums(k, m, drop_last=True).numpy(), expected, rtol=1e-14)
+            assert leading_sum(k, used) == pytest.approx(float(k[:used, :used].sum()), rel=1e-13)
+        with pytest.raises(ValueError, match="does not divide"):
+            block_sums(k, 2)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

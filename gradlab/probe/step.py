@@ -278,8 +278,10 @@ class _InputWindow:
         self.weight, self.xb, self.m, self.lr, self.grad_sum = weight, xb, m, lr, grad_sum
         self.k_win = rank // m
         self.ut = weight.new_empty(weight.shape[0], self.k_win * m, weight.shape[1])  # the window's gᵀ, row-wise
-        self.r, self.start = 0, 0
-        self.p = self.gram = self.xw = None
+        self.r = 0
+        self.p: Tensor | None = None
+        self.gram: Tensor | None = None
+        self.xw: Tensor | None = None
 
     def flush(self) -> None:
         if self.r:

@@ -256,11 +256,17 @@ class _LowRankUpdates:
 
     def flush(self) -> None:
         if self.r:
-            u, vt = self.ut[:, :self.r].transpose(1, 2), self.vt[:, :self.r]
-            self.weight.baddbmm_(u, vt, alpha=-self.lr)
-            if self.grad_sum is not None:
-                self.grad_sum.baddbmm_(u, vt)
+            _apply_updates(self.weight, self.grad_sum, self.ut[:, :self.r], self.vt[:, :self.r], self.lr)
             self.r = 0
+
+
+def _apply_updates(weight: Tensor, grad_sum: Tensor | None, gt: Tensor, at: Tensor, lr: float) -> None:
+    """W ← W − η Σ gᵀa and S ← S + Σ gᵀa (if recorded) for r pending rows gt (Tb, r, out), at (Tb, r, in): one GEMM
+    each."""
+    u = gt.transpose(1, 2)
+    weight.baddbmm_(u, at, alpha=-lr)
+    if grad_sum is not None:
+        grad_sum.baddbmm_(u, at)
 
 
 class _InputWindow:
@@ -286,10 +292,7 @@ class _InputWindow:
     def flush(self) -> None:
         if self.r:
             assert self.xw is not None
-            u, vt = self.ut[:, :self.r].transpose(1, 2), self.xw[:, :self.r]
-            self.weight.baddbmm_(u, vt, alpha=-self.lr)
-            if self.grad_sum is not None:
-                self.grad_sum.baddbmm_(u, vt)
+            _apply_updates(self.weight, self.grad_sum, self.ut[:, :self.r], self.xw[:, :self.r], self.lr)
             self.r = 0
 
     def forward(self, k: int, bias: Tensor | None) -> Tensor:

@@ -19,17 +19,27 @@ N_BINS = 2 * N_LOG + 5  # overflow, N_LOG negative, underflow, zero, underflow, 
 ZERO = N_LOG + 2
 
 
+# entries per pass of entry_histogram_torch: a chunk's float64 temporaries (1 MiB each) stay in cache and their
+# memory is reused, instead of a dozen passes over fresh tensors of the whole vector (1.1 M entries: 5.2 ms instead
+# of 13.5 ms alone, and 30 ms inside the step probe, where the fresh memory is what costs)
+HIST_CHUNK = 1 << 17
+
+
 def entry_histogram_torch(values: Tensor | np.ndarray) -> tuple[np.ndarray, int]:
     """Counts of ``values`` (any shape, any float dtype) on the fixed entry bins, and the non-finite count."""
-    v = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
-    a = v.abs()
-    bad = ~torch.isfinite(a)
-    k = torch.log10(a).sub_(HIST_MIN_EXP).mul_(HIST_BINS_PER_DECADE).add_(1e-9).floor_().clamp_(0, N_LOG)
-    k.masked_fill_(a < 10.0**HIST_MIN_EXP, -1.0).masked_fill_(bad, 0.0)  # kk: -1 underflow, N_LOG overflow
-    # positive values go to N_LOG + 4 + kk, negative ones to N_LOG − kk, zeros to ZERO: ZERO + sign·(2 + kk)
-    idx = torch.sign(v).masked_fill_(bad, 0.0).mul_(k.add_(2.0)).add_(ZERO).to(torch.int64)
-    idx.masked_fill_(bad, N_BINS)  # non-finite values: one extra bin, counted apart
-    counts = torch.bincount(idx, minlength=N_BINS + 1).cpu().numpy()
+    flat = torch.as_tensor(values).detach().reshape(-1)
+    total = torch.zeros(N_BINS + 1, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), HIST_CHUNK):
+        v = flat[start:start + HIST_CHUNK].to(torch.float64)
+        a = v.abs()
+        bad = ~torch.isfinite(a)
+        k = torch.log10(a).sub_(HIST_MIN_EXP).mul_(HIST_BINS_PER_DECADE).add_(1e-9).floor_().clamp_(0, N_LOG)
+        k.masked_fill_(a < 10.0**HIST_MIN_EXP, -1.0).masked_fill_(bad, 0.0)  # kk: -1 underflow, N_LOG overflow
+        # positive values go to N_LOG + 4 + kk, negative ones to N_LOG − kk, zeros to ZERO: ZERO + sign·(2 + kk)
+        idx = torch.sign(v).masked_fill_(bad, 0.0).mul_(k.add_(2.0)).add_(ZERO).to(torch.int64)
+        idx.masked_fill_(bad, N_BINS)  # non-finite values: one extra bin, counted apart
+        total += torch.bincount(idx, minlength=N_BINS + 1)
+    counts = total.cpu().numpy()
     return counts[:N_BINS], int(counts[N_BINS])
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradlab.probe import histogram as histogram_module
 from gradlab.probe.histogram import N_BINS, ScaledHistograms, entry_histogram_torch
 from gradlab.schema import entry_bin_edges, entry_histogram
 
@@ -19,10 +20,15 @@ def _awkward(seed: int = 0, n: int = 50_000) -> np.ndarray:
                  np.nextafter(edges, np.inf), 0.0, -0.0, np.nan, np.inf, -np.inf, 5e-324, -1e300]
 
 
+@pytest.mark.parametrize("chunk", [None, 977])  # the default (one chunk here) and many uneven chunks
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_torch_histogram_equals_the_schema_definition(dtype):
+def test_torch_histogram_equals_the_schema_definition(monkeypatch, dtype, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(histogram_module, "HIST_CHUNK", chunk)
     with np.errstate(over="ignore"):
         v = _awkward().astype(dtype)  # -1e300 overflows to -inf in float32
+    if chunk is not None:  # spread the edge and non-finite values over many chunks
+        v = v[np.random.default_rng(3).permutation(v.size)]
     counts, bad = entry_histogram_torch(torch.from_numpy(v))
     ref, ref_bad = entry_histogram(v)
     assert counts.shape == (N_BINS,) == ref.shape

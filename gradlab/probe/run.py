@@ -578,7 +578,7 @@ def plan_probe(config: ProbeConfig, out: str | os.PathLike, *, resume: bool = Fa
 
     The step protocol's calibration unit is one engine block of trials (2 on CPU, as the run itself advances
     them): on a digits MLP, timing a lone trial overestimated the run 1.7× on CPU and a block of two about 1.3×
-    (the run's units of 8 trials amortise more).  A short calibration, so an upper estimate.
+    (the run's units of 8 trials amortise more): the estimate tends to be high.
     """
     units = config.units()
     todo = units

@@ -1,0 +1,247 @@
+"""The task contract: a task is (model, data, per-example loss).
+
+A **batch** is whatever the data collates to: a tensor, or a tuple/list/dict (nested freely) whose tensor leaves
+all share the leading dimension B (the examples).  gradlab never reshapes a user's inputs and never casts integer
+tensors; floating tensors are moved to the run's dtype (``--dtype``) and every tensor to the run's device.
+
+A **per-example loss** is ``fn(model, batch) -> Tensor`` of shape (B,): the loss ℓᵢ of each example of the batch.
+The model is called inside ``fn``, so any forward signature works.  Every gradlab quantity is defined from it:
+gᵢ = ∇ℓᵢ, the mean-reduced minibatch loss is (1/m) Σ ℓᵢ and the summed one Σ ℓᵢ (docs/science.md).
+
+Built-in losses (``LOSSES``; ``--loss NAME``), each reading the batch as (inputs, targets) -- a 2-sequence, or a
+dict with ``input_ids``/``x``/``input``/``inputs`` and ``labels``/``label``/``y``/``target``/``targets``:
+
+- ``cross-entropy``: classification; ``model(x)`` gives logits (B, C) and targets are class indices (B,)
+  (or logits (B, C, d₁, …) with targets (B, d₁, …): ℓᵢ is the mean over the positions).
+- ``mse``: regression; ``model(x)`` has the targets' shape (B, …), ℓᵢ = mean over the target's elements of
+  (outputᵢ − yᵢ)².  Float targets of any shape.
+- ``lm``: causal language modelling; ``model(input_ids)`` gives logits (B, T, V) (or an object with a ``.logits``
+  attribute, as Hugging Face models return), labels (B, T) are aligned with the logits (labels[t] is the token
+  that position t predicts, as in nanoGPT: shift them in your data if your labels equal your input ids), and ℓᵢ
+  is the mean token cross-entropy of sequence i over its labels ≠ −100.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(3, 2)
+    >>> batch = (torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1]))
+    >>> resolve_loss("cross-entropy")(model, batch).shape
+    torch.Size([5])
+    >>> batch_len(batch), batch_len(index_batch(batch, torch.tensor([0, 2])))
+    (5, 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from gradlab.errors import UsageError
+
+Batch = Any
+PerExampleLoss = Callable[[nn.Module, Batch], Tensor]
+
+_INPUT_KEYS = ("input_ids", "x", "input", "inputs")
+_TARGET_KEYS = ("labels", "label", "y", "target", "targets")
+
+
+# -- batches ----------------------------------------------------------------------------------------------------
+def tensor_leaves(batch: Batch) -> list[Tensor]:
+    return [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def batch_len(batch: Batch) -> int:
+    """The number of examples B of a batch: the common leading dimension of its tensor leaves."""
+    leaves = tensor_leaves(batch)
+    if not leaves:
+        raise UsageError("a batch holds no tensors; the data must give tensors (or collate to tensors)")
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        shapes = [tuple(t.shape) for t in leaves]
+        raise UsageError(f"the tensors of a batch must share their first dimension (the examples), got shapes "
+                         f"{shapes}; return one row per example in every tensor")
+    return sizes.pop()
+
+
+def index_batch(batch: Batch, idx: Tensor | slice) -> Batch:
+    """The examples ``idx`` of a batch (every tensor leaf indexed along its first dimension)."""
+    return tree_map(lambda t: t[idx] if isinstance(t, Tensor) else t, batch)
+
+
+def to_run(batch: Batch, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+    """Move a batch to the run: every tensor to ``device``, floating tensors (only) to ``dtype``."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return tree_map(move, batch)
+
+
+def batch_nonfinite(batch: Batch) -> int:
+    """Number of non-finite entries in the floating tensors of a batch."""
+    return int(sum(int((~torch.isfinite(t)).sum()) for t in tensor_leaves(batch) if t.is_floating_point()))
+
+
+def inputs_targets(batch: Batch, loss: str = "loss") -> tuple[Any, Tensor]:
+    """(inputs, targets) of a batch given as a 2-sequence or a dict with recognised keys."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        xk = next((k for k in _INPUT_KEYS if k in batch), None)
+        yk = next((k for k in _TARGET_KEYS if k in batch), None)
+        if xk is not None and yk is not None:
+            return batch[xk], batch[yk]
+        raise UsageError(f"the {loss!r} loss reads a dict batch by its keys {_INPUT_KEYS} (inputs) and "
+                         f"{_TARGET_KEYS} (targets), got keys {sorted(batch)}; rename them or pass your own "
+                         "--loss pkg.module:fn")
+    raise UsageError(f"the {loss!r} loss needs batches of (inputs, targets), got {type(batch).__name__}; return "
+                     "(x, y) pairs from your data or pass your own --loss pkg.module:fn")
+
+
+def _output_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise UsageError(f"the model returned {type(out).__name__}, not a tensor or an object with .logits; "
+                     "pass your own --loss pkg.module:fn that calls the model and returns per-example losses")
+
+
+# -- built-in per-example losses --------------------------------------------------------------------------------
+def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
+    """ℓᵢ = cross-entropy of example i (classification; mean over positions for (B, C, d…) logits)."""
+    x, y = inputs_targets(batch, "cross-entropy")
+    out = _output_tensor(model(x))
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise UsageError(f"the cross-entropy loss needs integer class-index targets, got {y.dtype}; use --loss mse "
+                         "for float targets")
+    if out.dim() < 2 or out.shape[0] != y.shape[0] or tuple(out.shape[2:]) != tuple(y.shape[1:]):
+        raise UsageError(f"the cross-entropy loss needs logits (B, C, …) matching targets (B, …), got logits "
+                         f"{tuple(out.shape)} and targets {tuple(y.shape)}")
+    n_out = out.shape[1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
+        raise UsageError(f"labels range over {int(y.min())}..{int(y.max())} but the model gives {n_out} logits; "
+                         f"labels must be class indices 0..{n_out - 1} (or build the model with more outputs)")
+    per = F.cross_entropy(out, y, reduction="none")
+    return per.reshape(per.shape[0], -1).mean(1) if per.dim() > 1 else per
+
+
+def mse(model: nn.Module, batch: Batch) -> Tensor:
+    """ℓᵢ = mean over the elements of example i's target of (outputᵢ − yᵢ)² (regression)."""
+    x, y = inputs_targets(batch, "mse")
+    out = _output_tensor(model(x))
+    if not y.is_floating_point():
+        raise UsageError(f"the mse loss needs floating targets, got {y.dtype}; use --loss cross-entropy for class "
+                         "indices")
+    if out.shape != y.shape:
+        raise UsageError(f"the mse loss needs model outputs of the targets' shape, got outputs {tuple(out.shape)} "
+                         f"and targets {tuple(y.shape)}; make the model output match the targets")
+    return (out - y).pow(2).reshape(out.shape[0], -1).mean(1)
+
+
+def lm(model: nn.Module, batch: Batch) -> Tensor:
+    """ℓᵢ = mean token cross-entropy of sequence i over its labels ≠ −100 (labels aligned with the logits)."""
+    ids, labels = inputs_targets(batch, "lm")
+    out = _output_tensor(model(ids))
+    if out.dim() != 3 or tuple(out.shape[:2]) != tuple(labels.shape):
+        raise UsageError(f"the lm loss needs logits (B, T, V) and labels (B, T), got logits {tuple(out.shape)} and "
+                         f"labels {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise UsageError(f"the lm loss needs integer token labels, got {labels.dtype}")
+    keep = labels != -100
+    vocab = out.shape[-1]
+    valid = labels[keep]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        raise UsageError(f"token labels range over {int(valid.min())}..{int(valid.max())} but the model gives "
+                         f"{vocab} logits; labels must be token ids 0..{vocab - 1} or -100 (ignored)")
+    tok = F.cross_entropy(out.transpose(1, 2), labels.masked_fill(~keep, 0), reduction="none")  # (B, T)
+    count = keep.sum(1)
+    if bool((count == 0).any()):
+        raise UsageError("a sequence has no label other than -100; every example needs at least one scored token")
+    return (tok * keep).sum(1) / count.to(tok.dtype)
+
+
+LOSSES: dict[str, PerExampleLoss] = {"cross-entropy": cross_entropy, "mse": mse, "lm": lm}
+ALIASES = {"cross_entropy": "cross-entropy", "ce": "cross-entropy"}
+
+
+def resolve_loss(spec: str | PerExampleLoss) -> PerExampleLoss:
+    """A built-in loss by name, ``pkg.module:fn``, or a callable ``fn(model, batch) -> (B,)``."""
+    if callable(spec):
+        return spec
+    name = ALIASES.get(spec, spec)
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" in name:
+        from gradlab.factory import resolve_factory
+
+        return resolve_factory(name, "loss")
+    raise UsageError(f"unknown loss {spec!r}; choose one of {sorted(LOSSES)} or pass 'pkg.module:fn' with "
+                     "fn(model, batch) returning the per-example losses (B,)")
+
+
+def loss_name(spec: str | PerExampleLoss) -> str:
+    """The name recorded in stores: the built-in name, the ``pkg.module:fn`` spec, or module:qualname."""
+    if isinstance(spec, str):
+        return ALIASES.get(spec, spec)
+    for name, fn in LOSSES.items():
+        if fn is spec:
+            return name
+    return f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
+
+
+def source_sha256(obj: Any) -> str | None:
+    """sha256 of the source of a user function or class (recorded in stores), or None when it has none."""
+    try:
+        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name: str = "loss",
+                   need_grad: bool = True) -> Tensor:
+    """Call ``loss(model, batch)`` and check the contract: a tensor (B,), finite, attached to the parameters."""
+    n = batch_len(batch)
+    with torch.enable_grad():
+        out = loss(model, batch)
+    if not isinstance(out, Tensor):
+        raise UsageError(f"loss {name!r} returned {type(out).__name__}; it must return a tensor of per-example "
+                         f"losses of shape ({n},)")
+    if out.dim() == 0:
+        raise UsageError(f"loss {name!r} returned a scalar (an already reduced loss); return the per-example losses "
+                         f"of shape ({n},), e.g. F.cross_entropy(..., reduction='none')")
+    if tuple(out.shape) != (n,):
+        raise UsageError(f"loss {name!r} returned shape {tuple(out.shape)} for a batch of {n} examples; it must "
+                         f"return one loss per example, shape ({n},)")
+    if not out.is_floating_point():
+        raise UsageError(f"loss {name!r} returned {out.dtype} values; per-example losses must be floating point")
+    if not bool(torch.isfinite(out).all()):
+        raise UsageError(f"loss {name!r} returned non-finite values ({int((~torch.isfinite(out)).sum())} of {n}) "
+                         "on the first examples; check the data and the checkpoint")
+    if need_grad and not out.requires_grad:
+        raise UsageError(f"loss {name!r} returned a tensor without grad (computed under no_grad or detached); "
+                         "compute it from the model's output so that it depends on the parameters")
+    return out
+
+
+def sum_loss(loss: PerExampleLoss) -> Callable[[nn.Module, Batch], Tensor]:
+    """Σᵢ ℓᵢ over a batch (its gradient row i w.r.t. an activation is example i's own, for independent examples)."""
+    return lambda model, batch: loss(model, batch).sum()
+

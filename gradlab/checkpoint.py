@@ -244,8 +244,10 @@ def build_model_from(
     kwargs = dict(model_kwargs) if model_kwargs is not None else dict(recipe.kwargs if recipe else {})
     shape = input_shape or (recipe.input_shape if recipe else None)
     classes = n_classes or (recipe.n_classes if recipe else None)
-    if not shape or not classes:
-        raise UsageError(f"{ckpt.path}: cannot tell the input shape and class count; pass --data")
-    net = build_model(name, shape, classes, **kwargs)
+    if not is_factory_spec(name) and (not shape or not classes):
+        raise UsageError(f"{ckpt.path}: cannot tell the input shape and class count of zoo model {name!r} (the data "
+                         "gives no image/feature tensors with class-index labels); pass --model pkg.module:factory "
+                         "for your own model, or data with (x, y) class labels")
+    net = build_model(name, shape or (), classes or 0, **kwargs)
     load_state_strict(net, ckpt.state_dict, str(ckpt.path))
     return net

@@ -37,8 +37,13 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs:
     if is_factory_spec(name):
         factory = resolve_factory(name, "model")
         params = inspect.signature(factory).parameters
-        extra = {k: v for k, v in (("input_shape", tuple(input_shape)), ("n_classes", n_classes)) if k in params}
-        model = factory(**extra, **kwargs)
+        extra = {k: v for k, v in (("input_shape", tuple(input_shape)), ("n_classes", n_classes))
+                 if k in params and k not in kwargs}
+        try:
+            model = factory(**extra, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- the user's own code: one line naming it
+            raise UsageError(f"model factory {name!r} raised {type(exc).__name__}: {exc} (called with "
+                             f"{ {**extra, **kwargs} }); check --model-kwargs") from exc
         if not isinstance(model, nn.Module):
             raise UsageError(f"model factory {name!r} returned {type(model).__name__}, expected a torch nn.Module")
         return model

@@ -21,8 +21,8 @@ strings in the header metadata under ``gradlab.recipe`` and ``gradlab.meta``.
 Foreign checkpoints are read as well: a bare state_dict; dicts keyed ``state_dict``, ``model_state_dict`` or
 ``model``; Lightning ``.ckpt``; safetensors; Hugging Face ``save_pretrained`` folders (:func:`load_hf_folder`).
 ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped.  Pickled checkpoints are only
-ever opened with ``weights_only=True``: a pickle carrying code is refused without the code running.  A recipe naming code outside gradlab is never imported from a checkpoint:
-the user must pass the same factory with ``--model``.
+ever opened with ``weights_only=True``: a pickle carrying code is refused without the code running.  A recipe naming
+code outside gradlab is never imported from a checkpoint: the user must pass the same factory with ``--model``.
 """
 
 from __future__ import annotations

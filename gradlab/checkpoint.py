@@ -27,6 +27,7 @@ code outside gradlab is never imported from a checkpoint: the user must pass the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -221,6 +222,33 @@ def load_hf_folder(path: Path) -> Checkpoint:
         except ValueError as exc:
             raise UsageError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     return Checkpoint(path, strip_prefixes(state), None, meta, "huggingface")
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file's bytes; for a Hugging Face folder, SHA-256 over ``name NUL sha256(file) LF``
+    of ``config.json`` and every weight or shard file :func:`load_hf_folder` reads, in name order."""
+    path = Path(path)
+
+    def file_sha(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if not path.is_dir():
+        return file_sha(path)
+    names = {n for n in ("config.json", *HF_WEIGHTS) if (path / n).is_file()}
+    for index in (n for n in list(names) if n.endswith(".index.json")):
+        try:
+            names |= {s for s in json.loads((path / index).read_text())["weight_map"].values()
+                      if isinstance(s, str) and Path(s).name == s and (path / s).is_file()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # load_hf_folder reports a broken index
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0{file_sha(path / name)}\n".encode())
+    return h.hexdigest()
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

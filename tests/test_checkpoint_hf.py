@@ -8,6 +8,7 @@ GPT2LMHeadModel's own ``save_pretrained`` folder is loaded as well.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gradlab.checkpoint import build_model_from, load_checkpoint
+from gradlab.checkpoint import build_model_from, checkpoint_sha256, load_checkpoint
 from gradlab.errors import UsageError
 from gradlab.models import build_model
 from gradlab.task import lm
@@ -88,6 +89,21 @@ def test_hf_folder_with_a_factory_that_reads_config_json(tmp_path, monkeypatch):
     net = build_model_from(load_checkpoint(tmp_path / "hf"), model="my_hf_models:make",
                            model_kwargs={"path": str(tmp_path / "hf")}, input_shape=(T,), n_classes=VOCAB)
     assert _same(net, original)
+
+
+def test_folder_digest_covers_every_shard_and_the_config(tmp_path):
+    _write_folder(tmp_path / "hf", _gpt(seed=1), "sharded")
+    digest = checkpoint_sha256(tmp_path / "hf")
+    assert digest == checkpoint_sha256(tmp_path / "hf") and len(digest) == 64
+    (tmp_path / "hf" / "README.md").write_text("not read")  # files the loader does not read do not count
+    assert checkpoint_sha256(tmp_path / "hf") == digest
+    for name in ("model-00002-of-00002.safetensors", "config.json"):
+        original = (tmp_path / "hf" / name).read_bytes()
+        (tmp_path / "hf" / name).write_bytes(original + b" ")
+        assert checkpoint_sha256(tmp_path / "hf") != digest, name
+        (tmp_path / "hf" / name).write_bytes(original)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "c.pt")
+    assert checkpoint_sha256(tmp_path / "c.pt") == hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()
 
 
 def test_a_folder_without_weights_names_what_was_expected(tmp_path):

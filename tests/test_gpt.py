@@ -166,3 +166,17 @@ def test_float_inputs_and_too_long_sequences_are_refused() -> None:
         model(torch.zeros(2, 4))
     with pytest.raises(UsageError, match="block_size is 4"):
         model(torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_default_gpt_on_shakespeare_char_scores_every_character() -> None:
+    from gradlab.datasets import load_data
+
+    data = load_data("shakespeare-char")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model("gpt", data.input_shape, data.n_classes)
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size) == (2, 4, 64, 64)
+    assert sum(p.numel() for p in model.parameters()) == 113_920
+    losses = lm(model, (data.train.x[:4], data.train.y[:4]))
+    assert losses.shape == (4,)  # at init every character is about equally likely: loss ≈ ln 76
+    torch.testing.assert_close(losses, torch.full((4,), float(torch.log(torch.tensor(76.0)))), rtol=0, atol=0.05)

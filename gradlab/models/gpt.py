@@ -34,13 +34,18 @@ from gradlab.errors import UsageError
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Sizes of a :class:`GPT`.  ``tie_weights`` shares the head's weight with the token embedding."""
+    """Sizes of a :class:`GPT`.  ``tie_weights`` shares the head's weight with the token embedding.
+
+    The defaults (2 layers, 4 heads, width 64: 114k parameters with shakespeare-char's 76 characters and block 64)
+    train one epoch of shakespeare-char (8,631 windows of 64) in about a minute on one CPU thread; nanoGPT's
+    character-level Shakespeare model is 6 layers, 6 heads, width 384.
+    """
 
     vocab_size: int
     block_size: int
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
-    n_embd: int = 128
+    n_embd: int = 64
     dropout: float = 0.0
     tie_weights: bool = False
 

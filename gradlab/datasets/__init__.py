@@ -27,6 +27,7 @@ DATASETS: dict[str, str] = {
     "mnist": "gradlab.datasets.idx:load_mnist",
     "fashion-mnist": "gradlab.datasets.idx:load_fashion_mnist",
     "cifar10": "gradlab.datasets.cifar:load_cifar10",
+    "shakespeare-char": "gradlab.datasets.text:load_shakespeare_char",
 }
 
 

@@ -21,6 +21,7 @@ MODELS: dict[str, str] = {
     "cnn": "gradlab.models.cnn:SmallCNN",
     "vgg": "gradlab.models.vgg:VGG",
     "resnet": "gradlab.models.resnet:CifarResNet",
+    "gpt": "gradlab.models.gpt:build_gpt",
 }
 
 
@@ -30,7 +31,7 @@ def _builder(name: str) -> Any:
 
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model (``mlp``, ``cnn``, ``vgg``, ``resnet``) or a user ``pkg.module:factory``.
+    """Build a registered model (``mlp``, ``cnn``, ``vgg``, ``resnet``, ``gpt``) or a user ``pkg.module:factory``.
 
     A user factory is called as ``factory(**kwargs)``; if it accepts ``input_shape``/``n_classes`` they are passed.
     """

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlab._callable import make_callable
 from gradlab.checkpoint import Recipe, save_checkpoint
 from gradlab.datasets import DataBundle, Split, load_data
 from gradlab.errors import UsageError
@@ -38,6 +39,7 @@ from gradlab.task import (PerExampleLoss, check_task, cross_entropy, inputs_targ
                           to_run)
 
 log = logging.getLogger(__name__)
+make_callable(__name__, "train")  # gradlab.train(...) is the Python API (gradlab.api.train)
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -69,7 +71,7 @@ class TrainConfig:
     cyclic_half_epochs: float = 2.0
     ghost_batch_size: int | None = None
     checkpoint_format: str = "pt"
-    loss: str = "cross-entropy"  # per-example loss (gradlab.task): cross-entropy, mse, lm or pkg.module:fn
+    loss: str | None = None  # per-example loss (gradlab.task): cross-entropy, mse, lm, pkg.module:fn; None: the data's
     dtype: str | None = None  # float32 / float64: model and floating data in this dtype (None: as they come)
     collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch
 
@@ -103,7 +105,7 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     """Refuse an empty or invalid grid (and an unknown model) before anything is written; returns the model of
     seed 0, built once here so callers can read its layout."""
     model = init_model(cfg, data, 0)
-    check_task(model, resolve_loss(cfg.loss), data.train, name=loss_name(cfg.loss))
+    check_task(model, resolve_loss(cfg.loss or data.loss), data.train, name=loss_name(cfg.loss or data.loss))
     n = len(data.train)
     if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
         raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
@@ -228,7 +230,7 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     """Train one run; returns per-epoch arrays.  Checkpoints go to ``run_dir/epoch{e:03d}.{pt|safetensors}``."""
     from gradlab.probe.step import minibatch_loss
 
-    loss_fn = resolve_loss(cfg.loss)
+    loss_fn = resolve_loss(cfg.loss or data.loss)
     model = init_model(cfg, data, spec.seed)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     rule = rule_for(cfg, spec)
@@ -347,8 +349,8 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
                 "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
                 "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
             },
-            variables=_store_variables(loss_name(cfg.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
-            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss),
+            variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
+            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss or data.loss),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
         )
 

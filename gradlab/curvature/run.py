@@ -95,7 +95,7 @@ class SharpnessConfig:
     lanczos_tol: float | None = None  # None: 1e-9 in float64, 1e-5 in float32
     lbfgs_maxiter: int = 10
     model: str | None = None
-    loss: str = "cross_entropy"  # a task loss (gradlab.task: cross-entropy, mse, lm, pkg.module:fn)
+    loss: str | None = None  # a task loss (gradlab.task: cross-entropy, mse, lm, pkg.module:fn); None: the data's
     model_kwargs: dict[str, Any] | None = None
     collate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -194,6 +194,10 @@ def prepare(config: SharpnessConfig) -> _Prepared:
 
     validate(config)
     data = load_data(config.data, root=config.data_root, collate=config.collate)
+    if config.loss is None:
+        import dataclasses
+
+        config = dataclasses.replace(config, loss="cross_entropy" if data.loss == "cross-entropy" else data.loss)
     n_train = len(data.train)
     if config.samples is None:
         sample_index = np.arange(n_train)
@@ -400,6 +404,11 @@ def run_sharpness(
     if out.exists() and not resume:
         raise UsageError(f"{out} already exists; pass --resume to continue it, or choose another --out")
     prep = prepare(config)
+    if config.loss is None:  # the data's own loss; "cross_entropy" keeps the store of a classification unchanged
+        import dataclasses
+
+        config = dataclasses.replace(config, loss="cross_entropy" if prep.data.loss == "cross-entropy"
+                                     else prep.data.loss)
     tmpl = _template(config, prep)
     cfg = config_dict(config)
 

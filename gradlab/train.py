@@ -36,7 +36,7 @@ from gradlab.models import build_model
 from gradlab.schema import GROUPS
 from gradlab.store import VarSpec, create_store, writer_for
 from gradlab.task import (PerExampleLoss, check_task, cross_entropy, inputs_targets, loss_name, resolve_loss,
-                          to_run)
+                          task_record, to_run)
 
 log = logging.getLogger(__name__)
 make_callable(__name__, "train")  # gradlab.train(...) is the Python API (gradlab.api.train)
@@ -351,6 +351,8 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
             },
             variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
             attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss or data.loss),
+                   "task": task_record(data=cfg.data, loss=loss_name(cfg.loss or data.loss), model=cfg.model,
+                                       collate=cfg.collate),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
         )
 

@@ -213,6 +213,10 @@ def test_regression_probe_and_sharpness_through_the_cli(user, tmp_path):
                  str(out)]) == 0
     ds = xr.open_zarr(out, consolidated=False)
     assert ds.attrs["loss"] == "mse"
+    import json
+
+    task = json.loads(ds.attrs["task"])  # the task is recorded, user code with the SHA-256 of its source
+    assert task["data"] == "usermod:regression" and len(task["model_source_sha256"]) == 64
     net = user.regressor()
     net.load_state_dict(torch.load(tmp_path / "reg.pt", weights_only=True))
     x, y = user.regression()

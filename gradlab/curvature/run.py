@@ -57,7 +57,7 @@ from gradlab.curvature.lanczos import top_eigenvalues
 from gradlab.curvature.minibatch import Extrapolation, extrapolate_full_batch, minibatch_lambda_max
 from gradlab.errors import UsageError
 from gradlab.store import VarSpec, create_store, writer_for
-from gradlab.task import check_task
+from gradlab.task import check_task, task_record
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +363,7 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         "bn_batch": config.chunk_size if config.bn_mode == "train" else 0,
         "dtype": config.dtype,
         "loss": config.loss,
+        "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
         "sample": "whole training set" if config.samples is None else f"{len(prep.sample_index)} examples",
         "dataset": config.data,
         "seed": config.seed,

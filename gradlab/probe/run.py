@@ -337,6 +337,7 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
     from gradlab.store import create_store
 
     from gradlab.provenance import package_versions
+    from gradlab.task import task_record
 
     lower, upper = entry_bin_edges()
     sizes = store_sizes(config)
@@ -377,7 +378,9 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "replacement": config.replacement, "pool_size": config.pool_size, "seed": config.seed, "lr": config.lr,
         "keep": config.keep, "params": config.params, "selected": list(config.selected), "data": config.data,
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
-        "model_mode": config.model_mode, "loss": config.loss, "seed_derivation": SEED_DERIVATION,
+        "model_mode": config.model_mode, "loss": config.loss,
+        "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
+        "seed_derivation": SEED_DERIVATION,
         "versions": json.dumps(package_versions()),
     }
     create_store(path, kind="probe", sizes=sizes, coords=coords, variables=store_variables(config),

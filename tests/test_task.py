@@ -282,3 +282,15 @@ def test_resolve_loss_accepts_names_specs_and_callables(user):
     assert resolve_loss("cross-entropy") is cross_entropy and resolve_loss("ce") is cross_entropy
     assert resolve_loss("usermod:records_loss") is user.records_loss
     assert resolve_loss(user.records_loss) is user.records_loss
+
+
+def test_sparse_labels_do_not_silently_make_a_hundred_class_model(tmp_path, monkeypatch, capsys):
+    # issue 16 item 10: labels 0 and 99 from a user factory used to build a 100-class zoo model without a word
+    (tmp_path / "sparse.py").write_text("import torch\ndef data():\n"
+                                        "    return torch.randn(20, 5), torch.tensor([0, 99] * 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = main(["train", "--model", "mlp", "--data", "sparse:data", "--epochs", "1", "--batch-sizes", "4",
+               "--no-progress", "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 distinct values ranging up to 99" in err and "0..1" in err, err
+    assert not (tmp_path / "t").exists()

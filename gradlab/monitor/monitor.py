@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gradlab.errors import UsageError
 from gradlab.monitor.estimators import EmaRatio, noise_estimates
-from gradlab.monitor.norms import PerExampleNorms, vmap_sq_norms
+from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MISSING, MonitorStore
 from gradlab.task import Batch, PerExampleLoss, batch_len, loss_name, resolve_loss, source_sha256
 
@@ -358,10 +358,13 @@ class NoiseMonitor:
         todo = [n for n in self.fallback if n not in self.excluded]
         if todo and micro.weights:
             try:
-                micro.unscaled = vmap_sq_norms(self.model, self.loss_fn, micro.batch, todo)
-            except Exception as exc:  # noqa: BLE001 - any torch.func failure: exclude those tensors, say so
+                try:
+                    micro.unscaled = vmap_sq_norms(self.model, self.loss_fn, micro.batch, todo)
+                except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
+                    micro.unscaled = loop_sq_norms(self.model, self.loss_fn, micro.batch, todo)
+            except Exception as exc:  # noqa: BLE001 - any failure: exclude those tensors, say so
                 self.excluded.extend(todo)
-                note = (f"no per-example gradients for {todo} (torch.func: {type(exc).__name__}: "
+                note = (f"no per-example gradients for {todo} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}): excluded from every group")
                 log.warning("NoiseMonitor: %s", note)
                 self.store.set_attrs({"excluded_params": self.excluded, "notes": [*self._notes(), note]})
@@ -371,6 +374,7 @@ class NoiseMonitor:
         pend = self._start()
         pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
         if pend.record:
+            self._collect(pend)  # before the update: the fallback parameters' gradients are taken at θ_t
             with torch.no_grad():
                 if self._before is None:
                     self._before = [p.detach().clone() for p in self.params.values()]

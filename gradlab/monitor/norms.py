@@ -14,7 +14,8 @@ per-example gradient is materialised except where that is the cheaper way (long 
 
 Every other parameter (and one shared by two modules, e.g. tied embeddings) is a *fallback* parameter: its
 per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples (an extra forward/backward on the
-batch for those parameters only); where that fails (batch norm in training mode, random ops) the parameter is
+batch for those parameters only), or, where the loss cannot be vmapped (data-dependent checks), from one
+forward/backward per example; where both fail (batch norm in training mode, random ops) the parameter is
 *excluded* and the store says so.  The captured gradients are those of the backpropagated scalar L = Σᵢ wᵢℓᵢ
 (w from a hook on the per-example losses), so row i carries wᵢgᵢ -- exact provided examples do not interact
 (no batch norm in training mode).
@@ -205,6 +206,24 @@ def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], ba
 
     grads = vmap(grad(one), in_dims=(None, 0))(wanted, batch)
     return {n: _sq_rows(g) for n, g in grads.items()}
+
+
+def loop_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,
+                  names: list[str]) -> dict[str, Tensor]:
+    """The same as :func:`vmap_sq_norms` by one forward/backward per example (for losses that vmap cannot map:
+    data-dependent checks, ``.item()``); raises what the model raises on a batch of one example."""
+    from gradlab.task import batch_len, index_batch
+
+    params = dict(model.named_parameters())
+    wanted = [params[n] for n in names]
+    rows = []
+    for i in range(batch_len(batch)):
+        with torch.enable_grad():
+            li = loss(model, index_batch(batch, slice(i, i + 1)))[0]
+            gs = torch.autograd.grad(li, wanted, allow_unused=True)
+        rows.append([torch.zeros((), dtype=p.dtype, device=p.device) if g is None else g.detach().pow(2).sum()
+                     for p, g in zip(wanted, gs)])
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
 
 
 class _swapped:

@@ -28,6 +28,7 @@ def _run(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300, check=True)
 
 
+@pytest.mark.slow
 def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()

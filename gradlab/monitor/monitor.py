@@ -87,14 +87,16 @@ class NoiseMonitor:
     from n examples (None: with replacement); ``ema_decay`` β per recorded step; ``level`` of the intervals;
     ``chunk_steps`` recorded steps per appended chunk; ``resume`` with ``start_step`` (the number of optimizer
     steps the restored checkpoint had taken): the store keeps its steps < start_step and continues; ``config``
-    extra JSON-safe settings recorded in the store (seeds, data, ...).
+    extra JSON-safe settings recorded in the store (seeds, data, ...); ``distances=False`` skips the update norm
+    and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
+    the monitor's cost on memory-bound CPUs; they are then recorded as NaN).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
                  optimizer: torch.optim.Optimizer | None = None, every: int = 1, estimator: str = "per-example",
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
-                 level: float = 0.95, chunk_steps: int = 64, resume: bool = False, start_step: int | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
+                 distances: bool = True, config: Mapping[str, Any] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
         if int(every) < 1:
@@ -115,6 +117,7 @@ class NoiseMonitor:
         self.every, self.estimator, self.reduction = int(every), estimator, reduction
         self.pool_size = None if pool_size is None else int(pool_size)
         self.optimizer = optimizer
+        self.distances = bool(distances)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise UsageError("the model has no trainable parameters to monitor")
@@ -136,7 +139,7 @@ class NoiseMonitor:
         task = {"loss": loss_name(loss), "loss_source_sha256": source_sha256(self.loss_fn),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "model_source_sha256": source_sha256(type(model))}
-        cfg = {"every": self.every, "estimator": estimator, "reduction": reduction, "pool_size": self.pool_size,
+        cfg = {"every": self.every, "distances": self.distances, "estimator": estimator, "reduction": reduction, "pool_size": self.pool_size,
                "ema_decay": float(ema_decay), "level": float(level), "task": task, **dict(config or {})}
         attrs = {
             "task": task, "estimator": estimator, "every": self.every, "reduction": reduction,
@@ -165,6 +168,8 @@ class NoiseMonitor:
             raise
         self._pending: _Pending | None = None
         self._before: list[Tensor] | None = None
+        self._delta: list[Tensor] | None = None  # θ − θ₀
+        self._delta_exact = False
         self._handles: list[Any] = []
         for name, p in self.params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(name)))
@@ -375,6 +380,7 @@ class NoiseMonitor:
         pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
         if pend.record:
             self._collect(pend)  # before the update: the fallback parameters' gradients are taken at θ_t
+        if pend.record and self.distances:
             with torch.no_grad():
                 if self._before is None:
                     self._before = [p.detach().clone() for p in self.params.values()]
@@ -383,6 +389,31 @@ class NoiseMonitor:
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._finish(updated=True)
+
+    def _distances(self, updated: bool) -> tuple[Any, Any]:
+        """Per-tensor ‖θ_{t+1} − θ_t‖ (None without an update) and ‖θ − θ₀‖, in preallocated buffers.
+
+        Recording every step, θ − θ₀ is carried forward by the updates (one pass fewer) and recomputed exactly at
+        every append of the store; otherwise it is recomputed at each recorded step."""
+        params = [p.detach() for p in self.params.values()]
+        upd = None
+        if not self.distances:
+            return None, None
+        with torch.no_grad():
+            if updated and self._before is not None:
+                torch._foreach_sub_(self._before, params)  # θ_t − θ_{t+1}
+                upd = torch._foreach_norm(self._before)
+            if self._delta is None:
+                self._delta = [p.clone() for p in params]
+                torch._foreach_sub_(self._delta, self.theta0)
+            elif upd is not None and self._delta_exact and self.every == 1 and len(self._rows) > 0:
+                torch._foreach_sub_(self._delta, self._before)
+            else:
+                torch._foreach_copy_(self._delta, params)
+                torch._foreach_sub_(self._delta, self.theta0)
+            self._delta_exact = True
+            dist = torch._foreach_norm(self._delta)
+        return upd, dist
 
     def _finish(self, updated: bool = False) -> None:
         pend = self._pending
@@ -398,24 +429,18 @@ class NoiseMonitor:
             self.hooks.disarm()
         n_layers = len(self.names)
         vals = {"update": np.full(n_layers, np.nan), "dist": np.full(n_layers, np.nan)}
-        params = [p.detach() for p in self.params.values()]
-        with torch.no_grad():
-            if updated and self._before is not None:
-                torch._foreach_sub_(self._before, params)
-                upd = torch._foreach_norm(self._before)
-            else:
-                upd = None
-            dist = torch._foreach_norm(torch._foreach_sub(params, self.theta0))
+        upd, dist = self._distances(updated)
         s1, q, nonfinite_t, missing, k = self._sums(pend)
         stacked = torch.stack([t.to(torch.float64).cpu() if isinstance(t, Tensor) else torch.tensor(float(t),
-                               dtype=torch.float64) for t in [*s1, *q, *dist, *(upd or []), nonfinite_t,
+                               dtype=torch.float64) for t in [*s1, *q, *(dist or []), *(upd or []), nonfinite_t,
                                                               pend.loss_sum]])
         arr = stacked.numpy()
         nonfinite = int(arr[-2])
         s1v, qv = arr[:n_layers], arr[n_layers:2 * n_layers]
-        vals["dist"] = arr[2 * n_layers:3 * n_layers]
-        if upd is not None:
-            vals["update"] = arr[3 * n_layers:4 * n_layers]
+        if dist is not None:
+            vals["dist"] = arr[2 * n_layers:3 * n_layers]
+            if upd is not None:
+                vals["update"] = arr[3 * n_layers:4 * n_layers]
         loss_value = float(arr[-1]) / max(pend.batch_size, 1)
         excluded = np.array([n in self.excluded for n in self.names])
         s1v = np.where(excluded, np.nan, s1v)

@@ -136,7 +136,14 @@ class PerExampleNorms:
     def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
         roles = self.modules[module]
         res: dict[str, Tensor] = {}
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
+            a, d = calls[0].inp.detach(), calls[0].grad
+            d2 = (d * d).sum(1)
+            if "weight" in roles:
+                res[roles["weight"]] = (a * a).sum(1) * d2
+            if "bias" in roles:
+                res[roles["bias"]] = d2
+        elif isinstance(module, nn.Linear):
             a = torch.cat([_as_btd(c.inp.detach(), module.in_features) for c in calls], 1)
             d = torch.cat([_as_btd(c.grad, module.out_features) for c in calls], 1)
             if "weight" in roles:

@@ -70,14 +70,14 @@ def monitor_variables() -> list[Var]:
         ("gram_trace", "Q = Σ_j ‖s_j‖²/b_j (per example: Σᵢ ‖gᵢ‖²)", SQ),
         ("grad_sq_norm", "unbiased estimate of ‖G‖² from this step's batch", SQ),
         ("trace_cov", "unbiased estimate of tr Σ from this step's batch", SQ),
-        ("b_simple", "B_simple = tr Σ / ‖G‖² of this step's batch", "examples"),
+        ("b_simple", "B_simple of one step", "examples"),
         ("grad_sq_norm_ema", "‖G‖², moving average", SQ),
         ("grad_sq_norm_ema_low", "‖G‖², moving average, interval low", SQ),
         ("grad_sq_norm_ema_high", "‖G‖², moving average, interval high", SQ),
         ("trace_cov_ema", "tr Σ, moving average", SQ),
         ("trace_cov_ema_low", "tr Σ, moving average, interval low", SQ),
         ("trace_cov_ema_high", "tr Σ, moving average, interval high", SQ),
-        ("b_noise", "B_noise = ratio of the moving averages of tr Σ and ‖G‖²", "examples"),
+        ("b_noise", "B_noise = EMA(tr Σ) / EMA(‖G‖²)", "examples"),
         ("b_noise_low", "B_noise, interval low", "examples"),
         ("b_noise_high", "B_noise, interval high", "examples"),
         ("update_norm", "update norm ‖θ_{t+1} − θ_t‖", "parameter unit"),
@@ -155,6 +155,8 @@ class MonitorStore:
                     raise StoreError(f"{self.path} was recorded for parameters {have[:4]}…, not this model's "
                                      f"{list(layers)[:4]}…; choose a new store path")
             self.arrays = {name: self.group[name] for name in [*self.vars, "step"]}
+            self._meta = {name: json.loads((self.path / name / "zarr.json").read_text()) for name in self.arrays}
+            self._codecs = {name: _codec_of(meta) for name, meta in self._meta.items()}
             self.length = consistent_length(self.group)
         except BaseException:
             self.close()
@@ -198,14 +200,16 @@ class MonitorStore:
     # -- reading ------------------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
         """The first ``length`` rows of a step variable (or the step coordinate)."""
-        return np.asarray(self.arrays[name][: self.length])
+        import zarr
+
+        return np.asarray(zarr.open_array(self.path / name, mode="r")[: self.length])
 
     # -- writing ------------------------------------------------------------------------------------------
     def truncate(self, length: int) -> None:
-        """Make every step array ``length`` long (resume: drop steps recorded after the checkpoint)."""
-        for arr in self.arrays.values():
-            if arr.shape[0] != length:
-                arr.resize((length, *arr.shape[1:]))
+        """Make every step array ``length`` long (resume: drop steps recorded after the checkpoint).  Chunk files
+        beyond it stay until overwritten: they are outside every array's shape, so nothing reads them."""
+        for name in self.arrays:
+            self._set_length(name, length)
         self.length = length
 
     def append(self, rows: Mapping[str, np.ndarray]) -> None:
@@ -213,8 +217,6 @@ class MonitorStore:
 
         Chunk data first (beyond the visible length), then each array's length: see the module docstring.
         """
-        import zarr
-
         r = int(np.asarray(rows["step"]).shape[0])
         if r == 0:
             return
@@ -226,14 +228,56 @@ class MonitorStore:
             if name in rows:
                 values = np.asarray(rows[name], dtype=arr.dtype)
             else:
-                values = np.full((r, *arr.shape[1:]), self.vars[name].fill(), dtype=arr.dtype)
-            aa = arr._async_array
-            big = zarr.Array(zarr.AsyncArray(metadata=aa.metadata.update_shape((n1, *arr.shape[1:])),
-                                             store_path=aa.store_path, config=aa.config))
-            big[n0:n1] = values
-        for arr in self.arrays.values():
-            arr.resize((n1, *arr.shape[1:]))
+                values = np.full((r, *arr.shape[1:]), self._fill(name), dtype=arr.dtype)
+            self._write_rows(name, n0, values)
+        for name in self.arrays:
+            self._set_length(name, n1)
         self.length = n1
+
+    def _fill(self, name: str) -> Any:
+        return self.vars[name].fill() if name in self.vars else 0
+
+    def _write_rows(self, name: str, n0: int, values: np.ndarray) -> None:
+        """Write rows n0.. of ``name``: whole chunks, each to a temporary file renamed into place."""
+        arr = self.arrays[name]
+        k = self.chunk_steps
+        n1 = n0 + values.shape[0]
+        c0 = n0 // k
+        if n0 % k:  # the visible partial chunk: its rows are rewritten together with the new ones
+            import zarr
+
+            head = np.asarray(zarr.open_array(self.path / name, mode="r")[c0 * k:n0])
+            values = np.concatenate([head, values])
+        start = c0 * k
+        for c in range(c0, (n1 - 1) // k + 1):
+            rows = values[c * k - start:(c + 1) * k - start]
+            chunk = np.full((k, *arr.shape[1:]), self._fill(name), dtype=arr.dtype)
+            chunk[: rows.shape[0]] = rows
+            self._put_chunk(name, (c, *([0] * (arr.ndim - 1))), chunk)
+
+    def _put_chunk(self, name: str, index: tuple[int, ...], chunk: np.ndarray) -> None:
+        codec = self._codecs[name]
+        if codec is None:  # an unexpected codec pipeline: let zarr encode (slower, same result)
+            import zarr
+
+            arr = self.arrays[name]
+            aa = arr._async_array
+            big_shape = (max(arr.shape[0], (index[0] + 1) * self.chunk_steps), *arr.shape[1:])
+            big = zarr.Array(zarr.AsyncArray(metadata=aa.metadata.update_shape(big_shape),
+                                             store_path=aa.store_path, config=aa.config))
+            k = self.chunk_steps
+            big[index[0] * k:(index[0] + 1) * k] = chunk
+            return
+        data = np.ascontiguousarray(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False)).tobytes()
+        if codec != "raw":
+            data = codec.encode(data)
+        target = self.path / name / "c" / "/".join(str(i) for i in index)
+        _atomic_write(target, bytes(data))
+
+    def _set_length(self, name: str, n: int) -> None:
+        meta = self._meta[name]
+        meta["shape"][0] = int(n)
+        _atomic_write(self.path / name / "zarr.json", json.dumps(meta, indent=2).encode())
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         self.group.attrs.update({k: _attr(v) for k, v in attrs.items()})
@@ -243,6 +287,33 @@ class MonitorStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _codec_of(meta: Mapping[str, Any]) -> Any:
+    """"raw" or a numcodecs Zstd for the pipelines xarray writes ([bytes little-endian] (+ zstd)); None otherwise."""
+    codecs = meta.get("codecs", [])
+    enc = meta.get("chunk_key_encoding", {})
+    if enc.get("name") != "default" or enc.get("configuration", {}).get("separator", "/") != "/":
+        return None
+    if not codecs or codecs[0].get("name") != "bytes" or \
+            codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    if len(codecs) == 1:
+        return "raw"
+    if len(codecs) == 2 and codecs[1].get("name") == "zstd":
+        from numcodecs import Zstd
+
+        cfg = codecs[1].get("configuration", {})
+        return Zstd(level=int(cfg.get("level", 0)), checksum=bool(cfg.get("checksum", False)))
+    return None
 
 
 def _attr(v: Any) -> Any:

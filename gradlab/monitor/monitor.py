@@ -341,7 +341,7 @@ class NoiseMonitor:
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:
             pend = self._pending
-            if pend is not None and pend.record and p.grad is not None:
+            if pend is not None and pend.record and not pend.observed and p.grad is not None:
                 pend.grad_sq[name] = _sqnorm(p.grad.detach())
         return hook
 

@@ -44,12 +44,18 @@ def test_every_layer_family_matches_per_example_autograd(seq_task, tmp_path):
     assert (ds.batch_size.values == [9, 9, 4]).all() and (ds.missing.values == 0).all()
 
 
-def test_long_sequences_use_the_materialised_path_and_still_match(tmp_path):
-    """T(d_in + d_out) > d_in·d_out: per-example gradients are materialised (the cheaper way) -- same numbers."""
+@pytest.mark.parametrize("t,d_in,d_out", [(40, 2, 3), (3, 16, 12)], ids=["materialised", "gram-of-grams"])
+def test_both_sequence_paths_match(tmp_path, t, d_in, d_out):
+    """T(d_in + d_out) > d_in·d_out: per-example gradients are materialised, else the Gram of Grams -- same numbers."""
+    from gradlab.monitor.norms import linear_sq_norms
+
+    a, d = torch.randn(5, t, d_in, dtype=torch.float64), torch.randn(5, t, d_out, dtype=torch.float64)
+    brute = torch.einsum("bto,bti->boi", d, a).pow(2).sum((1, 2))
+    torch.testing.assert_close(linear_sq_norms(a, d), brute, rtol=1e-12, atol=0)
     torch.manual_seed(1)
-    lin = nn.Linear(2, 3).double()
-    model = nn.Sequential(lin, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 40, 2)).double()
-    x = torch.randn(6, 40, 2, dtype=torch.float64)
+    lin = nn.Linear(d_in, d_out).double()
+    model = nn.Sequential(lin, nn.Tanh(), nn.Flatten(), nn.Linear(d_out * t, 2)).double()
+    x = torch.randn(6, t, d_in, dtype=torch.float64)
     y = torch.randint(0, 2, (6,))
     refs, ds = _run_steps(model, [(x, y)], tmp_path / "m.zarr")
     s1, s2 = refs[0]

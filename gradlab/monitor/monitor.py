@@ -169,7 +169,6 @@ class NoiseMonitor:
         self._pending: _Pending | None = None
         self._before: list[Tensor] | None = None
         self._delta: list[Tensor] | None = None  # θ − θ₀
-        self._delta_exact = False
         self._handles: list[Any] = []
         for name, p in self.params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(name)))
@@ -391,10 +390,8 @@ class NoiseMonitor:
         self._finish(updated=True)
 
     def _distances(self, updated: bool) -> tuple[Any, Any]:
-        """Per-tensor ‖θ_{t+1} − θ_t‖ (None without an update) and ‖θ − θ₀‖, in preallocated buffers.
-
-        Recording every step, θ − θ₀ is carried forward by the updates (one pass fewer) and recomputed exactly at
-        every append of the store; otherwise it is recomputed at each recorded step."""
+        """Per-tensor ‖θ_{t+1} − θ_t‖ (None without an update) and ‖θ − θ₀‖, in preallocated buffers (computed
+        afresh at every recorded step, never carried forward: the numbers do not depend on resumes or flushes)."""
         params = [p.detach() for p in self.params.values()]
         upd = None
         if not self.distances:
@@ -405,13 +402,9 @@ class NoiseMonitor:
                 upd = torch._foreach_norm(self._before)
             if self._delta is None:
                 self._delta = [p.clone() for p in params]
-                torch._foreach_sub_(self._delta, self.theta0)
-            elif upd is not None and self._delta_exact and self.every == 1 and len(self._rows) > 0:
-                torch._foreach_sub_(self._delta, self._before)
             else:
                 torch._foreach_copy_(self._delta, params)
-                torch._foreach_sub_(self._delta, self.theta0)
-            self._delta_exact = True
+            torch._foreach_sub_(self._delta, self.theta0)
             dist = torch._foreach_norm(self._delta)
         return upd, dist
 

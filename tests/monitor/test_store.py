@@ -115,3 +115,42 @@ def test_refuses_other_data_and_an_existing_store(tmp_path):
         NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr")
     with pytest.raises(UsageError, match="another monitor config"):
         NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", every=2, resume=True, start_step=0)
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_replays_the_averages(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(12)]
+
+    def train(mon, steps):
+        for t in steps:
+            opt.zero_grad()
+            mon.loss(data[t]).backward()
+            opt.step()
+
+    ref_model = nn.Linear(3, 2).double()
+    ref_model.load_state_dict(model.state_dict())
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=4)
+    train(mon, range(6))
+    mon.flush()
+    state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+    train(mon, range(6, 9))
+    mon.flush()  # steps 6..8 reach the store, then the run dies (no close)
+    mon.store.close()
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=4, resume=True,
+                       start_step=6)
+    train(mon, range(6, 12))
+    mon.close()
+    got = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(got.step.values) == list(range(12))
+
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    model, opt = ref_model, ref_opt
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "ref.zarr", optimizer=opt, chunk_steps=4) as ref_mon:
+        train(ref_mon, range(12))
+    ref = xr.open_zarr(tmp_path / "ref.zarr", consolidated=False)
+    for name in ("grad_sq_norm", "b_noise", "b_noise_high", "dist_init", "examples_seen"):
+        np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=name)

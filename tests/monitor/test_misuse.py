@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,30 @@ def test_step_with_an_optimizer_attached_is_refused(tmp_path):
     with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt) as mon:
         with pytest.raises(UsageError, match="optimizer.step"):
             mon.step()
+
+
+def test_attach_for_train_wires_the_loop_and_resumes(tmp_path):
+    from gradlab.monitor import attach_for_train
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(32)
+    path = tmp_path / "runs" / "monitor.zarr"
+    mon = attach_for_train(model, opt, "cross-entropy", path, every=1, pool_size=32, config={"seed": 0})
+    for t in range(4):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        opt.zero_grad(set_to_none=True)
+        mon.loss((x[idx], y[idx])).backward()
+        opt.step()
+    mon.flush()  # before saving a checkpoint at step 4
+    mon.close()
+    mon = attach_for_train(model, opt, "cross-entropy", path, every=1, pool_size=32, config={"seed": 0},
+                           resume=True, start_step=4)
+    opt.zero_grad()
+    mon.loss((x[:8], y[:8])).backward()
+    opt.step()
+    mon.close()
+    ds = xr.open_zarr(path, consolidated=False)
+    assert list(ds.step.values) == [0, 1, 2, 3, 4] and "32 examples" in ds.attrs["sampling"]
+    assert json.loads(ds.attrs["config"])["seed"] == 0

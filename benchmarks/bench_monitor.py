@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
 import statistics
 import subprocess
 import sys

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from gradlab.errors import UsageError
 from gradlab.monitor.estimators import EmaRatio, noise_estimates
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
-from gradlab.monitor.store import GROUPS, MISSING, MonitorStore
+from gradlab.monitor.store import GROUPS, MonitorStore
 from gradlab.task import Batch, PerExampleLoss, batch_len, loss_name, resolve_loss, source_sha256
 
 log = logging.getLogger(__name__)

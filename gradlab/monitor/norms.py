@@ -198,7 +198,7 @@ def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], ba
 
     Raises whatever torch.func raises for models it cannot map over (the caller excludes those parameters).
     """
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
     from torch.utils._pytree import tree_map
 
     params = dict(model.named_parameters())

@@ -64,6 +64,37 @@ def test_both_sequence_paths_match(tmp_path, t, d_in, d_out):
     np.testing.assert_allclose(ds.gram_sum_layer.isel(step=0).values, [s1[n] for n in layers], rtol=1e-12)
 
 
+def test_the_vmap_fallback_matches_too(seq_task, tmp_path, caplog):
+    """A loss torch.func can map (no data-dependent checks): the fallback tensor goes through vmap(grad)."""
+    import logging
+
+    import torch.nn.functional as F
+
+    model, batch = seq_task
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    s1, s2 = per_example_sums(model, loss, batch)
+    import gradlab.monitor.monitor as monitor_mod
+
+    calls = []
+    orig = monitor_mod.loop_sq_norms
+    norms_loop = lambda *a: calls.append(1) or orig(*a)  # noqa: E731 - counts the slow path
+
+    monitor_mod.loop_sq_norms = norms_loop
+    try:
+        with caplog.at_level(logging.WARNING), NoiseMonitor(model, loss, tmp_path / "v.zarr") as mon:
+            mon.loss(batch).backward()
+            mon.step()
+    finally:
+        monitor_mod.loop_sq_norms = orig
+    assert not calls and not caplog.records
+    ds = xr.open_zarr(tmp_path / "v.zarr", consolidated=False)
+    got = float(ds.gram_trace_layer.sel(layer="scale").values[0])
+    assert got == pytest.approx(s2["scale"], rel=1e-12)
+
+
 def test_observe_equals_the_hooked_backward_and_leaves_grad_alone(seq_task, tmp_path):
     model, batch = seq_task
     s1, s2 = per_example_sums(model, cross_entropy, batch)

@@ -11,7 +11,9 @@ Plain loop (the monitor hooks the backward pass you run; nothing is recomputed):
 
 For loops you cannot change, ``monitor.observe(batch)`` runs its own forward/backward on the batch (with
 ``torch.autograd.grad``: the model's ``.grad`` is not touched) -- one more forward/backward per recorded step.
-Without ``optimizer=`` call ``monitor.step()`` after each step (no learning rate or update norm is recorded then).
+Without ``optimizer=`` call ``monitor.step()`` after each backward, before the parameters change (no learning
+rate or update norm is recorded then).  The user must zero the gradients before each step's first ``loss()``
+(S₁ is read from ``.grad``); examples must not interact (no batch norm in training mode: noted in the store).
 Gradient accumulation: call ``monitor.loss(micro_batch)`` for each micro-batch before the optimizer step; the
 per-example estimator pools the examples of all micro-batches, the two-batch estimator
 (``estimator="two-batch"``, McCandlish et al. 2018, App. A) uses the micro-batch gradients instead of per-example
@@ -28,7 +30,6 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -530,9 +531,9 @@ def attach_for_train(model: nn.Module, optimizer: torch.optim.Optimizer, loss: s
     the loss computation of the loop; ``monitor.flush()`` before each checkpoint; ``monitor.close()`` at the end.
 
     ``pool_size``: the training-set size when every epoch is a shuffled pass (batches drawn without replacement).
+    ``resume`` with ``start_step`` (the optimizer steps of the restored checkpoint) continues the store, or starts one
+    at that step if there is none.
     """
-    if resume and not Path(store_path).exists():
-        resume = False
     return NoiseMonitor(model, loss, store_path, optimizer=optimizer, every=every, resume=resume,
                         start_step=start_step if resume else None, pool_size=pool_size, config=config,
                         reduction=reduction)

@@ -14,7 +14,7 @@ parameter is on the hooked path).  Conditions, interleaved round by round on the
 
 Ratios are medians over rounds of (condition time / plain time) in the same round.  Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` per condition; on CPU each condition runs in a subprocess (``--memory``) and
-reports its peak RSS (``ru_maxrss``).  The monitor's stores use its default chunk of 128 recorded steps.  Cockpit (``cockpit-for-pytorch``) is not installed in this environment and
+reports how far its peak RSS during the steps rose above the RSS after set-up (Linux ``/proc``).  The monitor's stores use its default chunk of 128 recorded steps.  Cockpit (``cockpit-for-pytorch``) is not installed in this environment and
 is not run.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_monitor.py              # both models, timings
@@ -155,10 +155,13 @@ def peak_memory(name: str, cond: str, device: str, steps: int) -> float:
             if mon is not None:
                 mon.close()
             return torch.cuda.max_memory_allocated() / 2**20
-    code = (f"import sys, resource, tempfile, pathlib; sys.argv=['x']; import benchmarks.bench_monitor as b; "
+    # peak RSS while training (VmHWM after resetting it through /proc/self/clear_refs once the model, the data and
+    # the imports are in memory), minus the RSS at that moment: the memory the steps themselves add
+    code = (f"import sys, tempfile, pathlib; sys.argv=['x']; import benchmarks.bench_monitor as b; "
             f"d=tempfile.mkdtemp(); s,m=b.make_step({cond!r},{name!r},'cpu',pathlib.Path(d)); "
-            f"[s() for _ in range({steps})]; m and m.close(); "
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            f"kb=lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1]); "
+            f"open('/proc/self/clear_refs','w').write('5'); base=kb('VmRSS'); "
+            f"[s() for _ in range({steps})]; print(kb('VmHWM') - base); m and m.close()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     return int(out.stdout.split()[-1]) / 1024
@@ -196,7 +199,7 @@ def main() -> None:
             for c in conds:
                 mib = peak_memory(name, c, args.device, 8)
                 res.setdefault("peak_mib", {})[c] = mib
-                print(f"  peak memory {c:13s} {mib:8.1f} MiB")
+                print(f"  peak memory {c:13s} {mib:8.1f} MiB" + (" above set-up" if args.device == "cpu" else ""))
         results[name] = res
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -15,7 +15,7 @@ from torch import nn
 from gradlab.analysis.interval import Estimate
 from gradlab.monitor import NoiseMonitor, open_monitor
 from gradlab.task import cross_entropy
-from tests.monitor.conftest import per_example_sums
+from .conftest import per_example_sums
 
 ROOT = Path(__file__).resolve().parents[2]
 

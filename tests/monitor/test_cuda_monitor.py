@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 
 from gradlab.monitor import NoiseMonitor
-from tests.monitor.conftest import SeqNet
+from .conftest import SeqNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,7 +11,7 @@ from torch import nn
 from gradlab.monitor import NoiseMonitor
 from gradlab.monitor.estimators import noise_estimates
 from gradlab.task import cross_entropy
-from tests.monitor.conftest import per_example_sums
+from .conftest import per_example_sums
 
 
 def _run_steps(model, batches, path, **kw):

@@ -11,7 +11,7 @@ import xarray as xr
 from torch import nn
 
 from gradlab.task import cross_entropy
-from tests.monitor.conftest import per_example_sums
+from .conftest import per_example_sums
 
 
 def _lightning():

@@ -32,7 +32,7 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
-    from tests.monitor.train_script import main
+    from .train_script import main
 
     main([str(ref_dir), "20"])  # the uninterrupted reference, in this process
     ref = xr.open_zarr(ref_dir / "run.zarr", consolidated=False).load()

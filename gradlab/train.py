@@ -73,6 +73,7 @@ class TrainConfig:
     checkpoint_format: str = "pt"
     loss: str | None = None  # per-example loss (gradlab.task): cross-entropy, mse, lm, pkg.module:fn; None: the data's
     dtype: str | None = None  # float32 / float64: model and floating data in this dtype (None: as they come)
+    monitor_every: int = 0  # record the gradient noise monitor every K steps into runs/<run>/monitor.zarr (0: off)
     collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +241,14 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     else:
         opt = torch.optim.Adam(model.parameters(), lr=rule.lr_at(0, 1), weight_decay=cfg.weight_decay)
     recipe = recipe_for(cfg, data)
+    mon = None
+    if cfg.monitor_every:
+        from gradlab.monitor import attach_for_train
+
+        mon = attach_for_train(model, opt, loss_fn, run_dir / "monitor.zarr", every=cfg.monitor_every,
+                               pool_size=len(data.train), reduction=rule.reduction, resume=True, start_step=0,
+                               config={"run": spec.name, "seed": spec.seed, "batch_size": spec.batch_size,
+                                       "lr": spec.lr, "optimizer": spec.optimizer})
     gen = torch.Generator().manual_seed(_torch_seed(spec.seed, 1, spec.batch_size))
     n, m, epochs = len(data.train), spec.batch_size, cfg.epochs
     steps_per_epoch = math.ceil(n / m)
@@ -264,36 +273,43 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
                     "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
                     "momentum": cfg.momentum, "seed": spec.seed, "tag": "init" if epoch == 0 else f"epoch{epoch}",
                     "run": spec.name}
+            if mon is not None:
+                mon.flush()
             save_checkpoint(run_dir / f"epoch{epoch:03d}.{suffix}", model, recipe, meta)
         return math.isfinite(tl)
 
-    record(0)
-    step = 0
-    model.train()
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=gen)
-        finite = True
-        for start in range(0, n, m):
-            idx = perm[start:start + m]
-            lr = rule.lr_at(step, steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss = minibatch_loss(model, data.train[idx], loss_fn, rule.reduction)
-            if not torch.isfinite(loss):
-                finite = False
+    try:
+        record(0)
+        step = 0
+        model.train()
+        for epoch in range(1, epochs + 1):
+            perm = torch.randperm(n, generator=gen)
+            finite = True
+            for start in range(0, n, m):
+                idx = perm[start:start + m]
+                lr = rule.lr_at(step, steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                batch = data.train[idx]
+                loss = mon.loss(batch) if mon is not None else minibatch_loss(model, batch, loss_fn, rule.reduction)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                opt.step()
+                step += 1
+            out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
+            if not finite or not record(epoch):
+                out["diverged_epoch"] = np.array(epoch)
+                log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
                 break
-            loss.backward()
-            opt.step()
-            step += 1
-        out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
-        if not finite or not record(epoch):
-            out["diverged_epoch"] = np.array(epoch)
-            log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
-            break
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
+    finally:
+        if mon is not None:
+            mon.close()
     return out
 
 

@@ -294,3 +294,14 @@ def test_sparse_labels_do_not_silently_make_a_hundred_class_model(tmp_path, monk
     err = capsys.readouterr().err
     assert rc == 2 and "2 distinct values ranging up to 99" in err and "0..1" in err, err
     assert not (tmp_path / "t").exists()
+
+
+def test_train_records_the_noise_monitor_on_request(user, tmp_path):
+    assert main(["train", "--model", "usermod:linear", "--data", "usermod:tabular", "--batch-sizes", "16",
+                 "--epochs", "2", "--monitor-every", "2", "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    (store,) = (tmp_path / "t" / "runs").glob("*/monitor.zarr")
+    from gradlab.monitor import open_monitor
+
+    ds = open_monitor(store)
+    assert ds.sizes["step"] == 6 and list(ds.step.values) == [0, 2, 4, 6, 8, 10]  # 96/16 = 6 steps x 2 epochs
+    assert np.isfinite(ds.grad_sq_norm.sel(group="all").values).all()

@@ -132,6 +132,12 @@ def _checkpoint_args(checkpoints: Any, out: PathLike) -> tuple[list[str], Any]:
     return args, first_module
 
 
+def _task_specs(checkpoints: Any, data: Any, loss: Any, model: Any, out: PathLike) -> tuple[Any, ...]:
+    """(data spec, loss spec, model spec, checkpoint arguments) for live objects or names."""
+    ck_args, module = _checkpoint_args(checkpoints, out)
+    return _data_spec(data), _loss_spec(loss), _model_spec(model if model is not None else module), ck_args
+
+
 def _open(path: PathLike) -> Any:
     import xarray as xr
 
@@ -173,9 +179,7 @@ def probe(
     """
     from gradlab.probe.run import resolve_config, run_probe
 
-    data_spec, loss_spec = _data_spec(data), _loss_spec(loss)
-    ck_args, module = _checkpoint_args(checkpoints, out)
-    model_spec = _model_spec(model if model is not None else module)
+    data_spec, loss_spec, model_spec, ck_args = _task_specs(checkpoints, data, loss, model, out)
     if (workers or scheduler) and any(s and s.startswith("live:") for s in (data_spec, loss_spec, model_spec)):
         raise UsageError("live objects (a model, data or loss given as Python objects) cannot travel to Dask "
                          "workers; pass importable 'pkg.module:factory' names, or run without workers")
@@ -216,9 +220,7 @@ def sharpness(
     from gradlab.datasets import load_data
     from gradlab.probe.run import parse_checkpoint_arg
 
-    data_spec, loss_spec = _data_spec(data), _loss_spec(loss)
-    ck_args, module = _checkpoint_args(checkpoints, out)
-    model_spec = _model_spec(model if model is not None else module)
+    data_spec, loss_spec, model_spec, ck_args = _task_specs(checkpoints, data, loss, model, out)
     n = len(load_data(data_spec, collate=collate).train)
     cfg = SharpnessConfig(checkpoints=tuple(str(parse_checkpoint_arg(a)[1]) for a in ck_args), data=data_spec,
                           samples=None if samples is None or samples >= n else int(samples), model=model_spec,

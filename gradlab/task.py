@@ -220,12 +220,10 @@ def source_sha256(obj: Any) -> str | None:
         return None
 
 
-def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name: str = "loss",
-                   need_grad: bool = True) -> Tensor:
-    """Call ``loss(model, batch)`` and check the contract: a tensor (B,), finite, attached to the parameters."""
-    n = batch_len(batch)
-    with torch.enable_grad():
-        out = loss(model, batch)
+def check_loss_output(out: Any, n: int, *, name: str = "loss", need_grad: bool = True, finite: bool = True,
+                      model: nn.Module | None = None) -> Tensor:
+    """Check what a per-example loss returned for a batch of ``n``: a floating tensor of shape (n,), attached to
+    the parameters (``need_grad``) and finite (``finite``); raise :class:`UsageError` naming the fix."""
     if not isinstance(out, Tensor):
         raise UsageError(f"loss {name!r} returned {type(out).__name__}; it must return a tensor of per-example "
                          f"losses of shape ({n},)")
@@ -237,8 +235,9 @@ def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name
                          f"return one loss per example, shape ({n},)")
     if not out.is_floating_point():
         raise UsageError(f"loss {name!r} returned {out.dtype} values; per-example losses must be floating point")
-    if not bool(torch.isfinite(out).all()):
-        bad_params = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters() if p.is_floating_point())
+    if finite and not bool(torch.isfinite(out).all()):
+        bad_params = 0 if model is None else sum(int((~torch.isfinite(p)).sum()) for p in model.parameters()
+                                                 if p.is_floating_point())
         cause = (f"the model's parameters hold {bad_params} NaN/Inf entries: use a checkpoint from before the "
                  "divergence" if bad_params else "check the data and the checkpoint")
         raise UsageError(f"loss {name!r} is not finite on the first examples ({int((~torch.isfinite(out)).sum())} "
@@ -247,6 +246,14 @@ def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name
         raise UsageError(f"loss {name!r} returned a tensor without grad (computed under no_grad or detached); "
                          "compute it from the model's output so that it depends on the parameters")
     return out
+
+
+def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name: str = "loss",
+                   need_grad: bool = True) -> Tensor:
+    """Call ``loss(model, batch)`` and check the contract: a tensor (B,), finite, attached to the parameters."""
+    with torch.enable_grad():
+        out = loss(model, batch)
+    return check_loss_output(out, batch_len(batch), name=name, need_grad=need_grad, model=model)
 
 
 def sum_loss(loss: PerExampleLoss) -> Callable[[nn.Module, Batch], Tensor]:

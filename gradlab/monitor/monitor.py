@@ -40,7 +40,8 @@ from gradlab.errors import UsageError
 from gradlab.monitor.estimators import EmaRatio, noise_estimates
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
-from gradlab.task import Batch, PerExampleLoss, batch_len, loss_name, resolve_loss, source_sha256
+from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
+                          source_sha256)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class NoiseMonitor:
         task = {"loss": loss_name(loss), "loss_source_sha256": source_sha256(self.loss_fn),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "model_source_sha256": source_sha256(type(model))}
-        cfg = {"every": self.every, "distances": self.distances, "estimator": estimator, "reduction": reduction, "pool_size": self.pool_size,
+        cfg = {"every": self.every, "distances": self.distances, "estimator": estimator, "reduction": reduction,
+               "pool_size": self.pool_size,
                "ema_decay": float(ema_decay), "level": float(level), "task": task, **dict(config or {})}
         attrs = {
             "task": task, "estimator": estimator, "every": self.every, "reduction": reduction,
@@ -323,20 +325,9 @@ class NoiseMonitor:
         return self._pending
 
     def _per_example(self, batch: Batch, n: int, need_grad: bool = True) -> Tensor:
-        out = self.loss_fn(self.model, batch)
-        if not isinstance(out, Tensor):
-            raise UsageError(f"the loss returned {type(out).__name__}; it must return the per-example losses, a "
-                             f"tensor of shape ({n},)")
-        if out.dim() == 0:
-            raise UsageError(f"the loss returned a scalar (an already reduced loss); the monitor needs the "
-                             f"per-example losses of shape ({n},), e.g. F.cross_entropy(..., reduction='none')")
-        if tuple(out.shape) != (n,):
-            raise UsageError(f"the loss returned shape {tuple(out.shape)} for a batch of {n} examples; it must "
-                             f"return one loss per example, shape ({n},)")
-        if need_grad and torch.is_grad_enabled() and not out.requires_grad:
-            raise UsageError("the loss returned a tensor without grad (detached or computed under no_grad); "
-                             "compute it from the model's output")
-        return out
+        """The per-example losses of ``batch`` (non-finite values allowed: such steps are counted and flagged)."""
+        return check_loss_output(self.loss_fn(self.model, batch), n, name=loss_name(self.loss_fn),
+                                 need_grad=need_grad and torch.is_grad_enabled(), finite=False)
 
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab.analysis.noise_model import NoiseModelFit, fit_noise_model
+from gradlab.analysis.noise_model import NoiseModelFit, finite_population_factor, fit_noise_model
 from gradlab.analysis.power_law import PowerLawFit, fit_power_law
 from gradlab.analysis.tails import TailFit
 
@@ -64,7 +64,8 @@ def fit_checkpoint(
     if q is not None:
         laws["minibatch_sum_rms"] = fit_power_law(q * m[:, None] ** 2, m, kind="rms", quantity="minibatch_sum_rms",
                                                   n_boot=n_boot, rng=rng_for(seed, index, SEED_CODES["power_rms"]),
-                                                  level=level)
+                                                  level=level,
+                                                  factor=finite_population_factor(m, pool_size, replacement))
         noise = fit_noise_model(q, m, pool_size=pool_size, replacement=replacement, n_boot=n_boot,
                                 rng=rng_for(seed, index, SEED_CODES["noise_model"]), level=level)
     return CheckpointFits(label, int(grad_norm.shape[1]), laws, noise)

@@ -10,7 +10,9 @@ Store (``gradlab_store = "sharpness"``), dims and variables:
 name                            dims                              meaning
 ==============================  ================================  ==================================================
 sample_index (coord)            example                           training-set indices of the fixed sample
-train_batch_size, train_lr,     checkpoint                        from checkpoint meta (NaN / "unknown" when absent)
+train_batch_size, train_lr,     checkpoint                        from checkpoint meta (NaN / "unknown" when absent);
+                                                                  train_lr is the rate applied at the checkpoint
+                                                                  (``applied_lr``), train_lr_base the run's base lr
 train_optimizer, checkpoint_
 epoch, run_id, checkpoint_path
 train_loss, train_accuracy,     checkpoint                        evaluated in eval mode on the whole split
@@ -36,6 +38,7 @@ Seeds: the sample comes from ``SeedSequence([seed, 1])``; every other random dra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -132,6 +135,37 @@ def _meta_float(meta: dict[str, Any], key: str) -> float:
         return float(meta[key])
     except (KeyError, TypeError, ValueError):
         return float("nan")
+
+
+def applied_lr(meta: dict[str, Any]) -> tuple[float, str]:
+    """The learning rate η applied at a checkpoint, in mean-reduction units, and where it came from.
+
+    ``lr_applied`` (gradlab train records the rate of the last step after the rule's batch-size scaling, warmup,
+    decay and cycle) times m under sum reduction (the update η̃·Σᵢgᵢ is mean reduction with η = η̃·m); else the
+    rule recorded in ``lr_rule`` evaluated at the checkpoint's step; else the meta's ``lr`` when no rule scales it
+    (a hand-written checkpoint); else NaN.  Returns (η, source)."""
+    m = _meta_float(meta, "batch_size")
+    rule = meta.get("lr_rule")
+    if "lr_applied" in meta:
+        eta, reduction, source = _meta_float(meta, "lr_applied"), str(meta.get("reduction", "mean")), "lr_applied"
+    elif isinstance(rule, dict) and "epoch" in meta and "step" in meta:
+        from dataclasses import fields
+
+        from gradlab.lr_rules import LRRule
+
+        keys = {f.name for f in fields(LRRule)}
+        try:
+            r = LRRule(**{k: (tuple(v) if k == "decay_epochs" else v) for k, v in rule.items() if k in keys})
+            step, epoch = int(meta["step"]), float(meta["epoch"])
+            spe = max(int(round(step / epoch)), 1) if epoch > 0 else 1
+            eta, reduction, source = r.lr_at(max(step - 1, 0), spe), r.reduction, "lr_rule at the checkpoint's step"
+        except Exception:  # noqa: BLE001 - a foreign or damaged rule: say so rather than guess
+            return math.nan, "unreadable lr_rule"
+    elif "lr" in meta and not isinstance(rule, dict):
+        eta, reduction, source = _meta_float(meta, "lr"), str(meta.get("reduction", "mean")), "lr (no rule recorded)"
+    else:
+        return math.nan, "unknown"
+    return (eta * m if reduction == "sum" else eta), source
 
 
 def _run_id(meta: dict[str, Any], path: Path) -> str:
@@ -304,8 +338,12 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
                              {"long_name": "epoch of the checkpoint", "units": "epoch"}),
         "train_batch_size": ("checkpoint", np.array([_meta_float(m, "batch_size") for m in prep.metas]),
                              {"long_name": "training batch size m", "units": "examples"}),
-        "train_lr": ("checkpoint", np.array([_meta_float(m, "lr") for m in prep.metas]),
-                     {"long_name": "training learning rate eta", "units": "1"}),
+        "train_lr": ("checkpoint", np.array([applied_lr(m)[0] for m in prep.metas]),
+                     {"long_name": "learning rate eta applied at the checkpoint (mean-reduction units)", "units": "1"}),
+        "train_lr_source": ("checkpoint", np.array([applied_lr(m)[1] for m in prep.metas], dtype=object),
+                            {"long_name": "where train_lr comes from", "units": ""}),
+        "train_lr_base": ("checkpoint", np.array([_meta_float(m, "lr") for m in prep.metas]),
+                          {"long_name": "base learning rate of the run (before scaling and schedule)", "units": "1"}),
         "train_optimizer": ("checkpoint", np.array([str(m.get("optimizer", "unknown")) for m in prep.metas],
                                                    dtype=object), {"long_name": "training optimizer", "units": ""}),
         "run_id": ("checkpoint", np.array([_run_id(m, Path(p)) for m, p in zip(prep.metas, config.checkpoints)],

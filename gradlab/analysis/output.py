@@ -59,8 +59,9 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
     ntail = np.zeros((C, M), dtype=np.int64)
     for ci, c in enumerate(labels):
         for mi, m in enumerate(batch_sizes):
-            t = fits[c].tails[int(m)]
-            hill[ci, mi], alpha[ci, mi], thr[ci, mi], ntail[ci, mi] = t.hill, t.alpha_stable, t.threshold, t.n_tail
+            t = fits[c].tails.get(int(m))
+            if t is not None:  # frozen stores: one tail index, at the reference batch size
+                hill[ci, mi], alpha[ci, mi], thr[ci, mi], ntail[ci, mi] = t.hill, t.alpha_stable, t.threshold, t.n_tail
     cm = ("checkpoint", "batch_size")
     vars_: dict[str, Any] = {}
     vars_ |= _est_vars("tail_index_hill", cm, hill, "binned Hill tail index α of the entries of S", "1")
@@ -103,12 +104,13 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
                                           "examples")):
             ests = np.array([getattr(nm[c], attr) for c in labels] + [None], dtype=object)[:-1]
             vars_ |= _est_vars(name, ("checkpoint",), ests, lname + " (WLS fit of the noise model)", units)
-        vars_["lack_of_fit_chi2"] = (("checkpoint",), np.array([nm[c].chi2 for c in labels]),
-                                     {"long_name": "lack-of-fit χ² of the noise model", "units": "1"})
-        vars_["lack_of_fit_dof"] = (("checkpoint",), np.array([nm[c].dof for c in labels]),
-                                    {"long_name": "degrees of freedom of the lack-of-fit χ²", "units": "1"})
-        vars_["lack_of_fit_p"] = (("checkpoint",), np.array([nm[c].p_value for c in labels]),
-                                  {"long_name": "bootstrap p-value of the lack-of-fit χ²", "units": "1"})
+        if all(nm[c].lack_of_fit_note is None for c in labels):
+            vars_["lack_of_fit_chi2"] = (("checkpoint",), np.array([nm[c].chi2 for c in labels]),
+                                         {"long_name": "lack-of-fit χ² of the noise model", "units": "1"})
+            vars_["lack_of_fit_dof"] = (("checkpoint",), np.array([nm[c].dof for c in labels]),
+                                        {"long_name": "degrees of freedom of the lack-of-fit χ²", "units": "1"})
+            vars_["lack_of_fit_p"] = (("checkpoint",), np.array([nm[c].p_value for c in labels]),
+                                      {"long_name": "bootstrap p-value of the lack-of-fit χ²", "units": "1"})
         vars_["minibatch_sq_norm_mean"] = (cm, np.stack([nm[c].mean_sq_norm for c in labels]),
                                            {"long_name": "mean squared minibatch gradient norm ‖g_B‖²",
                                             "units": sq_units})

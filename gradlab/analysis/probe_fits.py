@@ -20,6 +20,18 @@ SEED_CODES = {"power_grad_norm": 1, "power_rms": 2, "noise_model": 3, "hill": 10
               "compare": 300}
 
 
+_S_FIXED = ("the frozen protocol's S = c_m·Σᵢgᵢ sums the same N examples at the same θ for every m (c_m = 1/m under "
+            "mean reduction, 1 under sum), so ‖S‖ ∝ m^−1 or m^0 by construction")
+NOT_MEASURED_FROZEN = {
+    "power law, crossover and histograms of ‖S‖": _S_FIXED + "; the RMS of ‖s_B‖ carries the batch-size dependence",
+    "normalised std of ‖S‖": _S_FIXED + "; its normalised spread is the same for every m",
+    "lack of fit of the noise model": "at a fixed θ the noise model is an identity of sampling from the pool, so "
+                                      "its lack-of-fit test cannot fail",
+    "tail indices per batch size": "S only rescales with m, so the tail index of its entries is the same for "
+                                   "every m: it is estimated once, at the reference batch size",
+}
+
+
 def rng_for(seed: int, checkpoint: int, code: int) -> np.random.Generator:
     """The generator of one estimator at one checkpoint: ``SeedSequence([seed, checkpoint, code])``."""
     return np.random.default_rng(np.random.SeedSequence([seed, checkpoint, code]))
@@ -55,11 +67,15 @@ def fit_checkpoint(
     seed: int,
     level: float = 0.95,
 ) -> CheckpointFits:
-    """Power law of ‖S‖ (``grad_norm`` (batch_size, trial)); with ``q`` (frozen stores: per-trial mean ‖g_B‖²)
-    the noise model and the power law of the RMS of ‖s_B‖ (q·m² is the per-trial mean of ‖s_B‖²)."""
+    """Power law of ‖S‖ (``grad_norm`` (batch_size, trial)) for step stores; with ``q`` (frozen stores: per-trial
+    mean ‖g_B‖²) instead the noise model (no lack-of-fit test) and the power law of the RMS of ‖s_B‖ (q·m² is the
+    per-trial mean of ‖s_B‖²).  A frozen store's ‖S‖ = c_m‖Σᵢgᵢ‖ has β fixed by the reduction (−1 or 0): it is
+    not fitted (see :data:`NOT_MEASURED_FROZEN`)."""
     m = np.asarray(batch_sizes, dtype=np.float64)
-    laws = {"grad_norm": fit_power_law(grad_norm, m, kind="mean", quantity="grad_norm", n_boot=n_boot,
-                                       rng=rng_for(seed, index, SEED_CODES["power_grad_norm"]), level=level)}
+    laws = {}
+    if q is None:
+        laws["grad_norm"] = fit_power_law(grad_norm, m, kind="mean", quantity="grad_norm", n_boot=n_boot,
+                                          rng=rng_for(seed, index, SEED_CODES["power_grad_norm"]), level=level)
     noise = None
     if q is not None:
         laws["minibatch_sum_rms"] = fit_power_law(q * m[:, None] ** 2, m, kind="rms", quantity="minibatch_sum_rms",
@@ -67,5 +83,5 @@ def fit_checkpoint(
                                                   level=level,
                                                   factor=finite_population_factor(m, pool_size, replacement))
         noise = fit_noise_model(q, m, pool_size=pool_size, replacement=replacement, n_boot=n_boot,
-                                rng=rng_for(seed, index, SEED_CODES["noise_model"]), level=level)
+                                rng=rng_for(seed, index, SEED_CODES["noise_model"]), level=level, lack_of_fit=False)
     return CheckpointFits(label, int(grad_norm.shape[1]), laws, noise)

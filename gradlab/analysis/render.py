@@ -34,25 +34,29 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
         norms.plot_norm_vs_batch_size(ads, ax, norm=str(n))
     files += _save(fig, out, "norm_vs_batch_size")
 
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    norms.plot_normalised_std(ads, fig.subplots())
-    files += _save(fig, out, "normalised_std")
+    frozen = result.get("protocol") == "frozen"
+    if not frozen:  # a frozen store's ‖S‖ is fixed by construction (result["not_measured"] says why)
+        fig = Figure(figsize=(5.5, 4), layout="constrained")
+        norms.plot_normalised_std(ads, fig.subplots())
+        files += _save(fig, out, "normalised_std")
 
-    for normalised, stem in ((True, "norm_ridge_normalised"), (False, "norm_ridge")):
-        fig = Figure(figsize=(4.5 * len(labels), 5), layout="constrained")
-        for ax, c in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels, strict=True):
-            norms.plot_norm_ridge(ads, ax, c, normalised=normalised)
-        files += _save(fig, out, stem)
+        for normalised, stem in ((True, "norm_ridge_normalised"), (False, "norm_ridge")):
+            fig = Figure(figsize=(4.5 * len(labels), 5), layout="constrained")
+            for ax, c in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels, strict=True):
+                norms.plot_norm_ridge(ads, ax, c, normalised=normalised)
+            files += _save(fig, out, stem)
 
     if "entry_hist_pooled" in ads:
+        tail_ads = ads.sel(batch_size=[int(ads.attrs["ref_batch_size"])]) if frozen else ads
         fig = Figure(figsize=(5 * len(labels), 4), layout="constrained")
         for ax, c in zip(fig.subplots(1, len(labels), squeeze=False)[0], labels, strict=True):
-            tails.plot_entry_tails(ads, ax, c)
+            tails.plot_entry_tails(tail_ads, ax, c)
         files += _save(fig, out, "entry_tails")
 
-        fig = Figure(figsize=(5.5, 4), layout="constrained")
-        tails.plot_tail_index(ads, fig.subplots())
-        files += _save(fig, out, "tail_index")
+        if not frozen:
+            fig = Figure(figsize=(5.5, 4), layout="constrained")
+            tails.plot_tail_index(ads, fig.subplots())
+            files += _save(fig, out, "tail_index")
 
     layer_vars = [v for v in ("dist_init_layer", "cos_init_layer") if v in ds]
     if layer_vars:

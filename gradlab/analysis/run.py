@@ -30,7 +30,7 @@ from gradlab.analysis import stats
 from gradlab.analysis.compare import Change, compare_checkpoints, same_draws
 from gradlab.analysis.noise_model import noise_model_statistic, finite_population_factor
 from gradlab.analysis.power_law import power_law_statistic
-from gradlab.analysis.probe_fits import SEED_CODES, CheckpointFits, fit_checkpoint, rng_for
+from gradlab.analysis.probe_fits import NOT_MEASURED_FROZEN, SEED_CODES, CheckpointFits, fit_checkpoint, rng_for
 from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, stable_pair_sums
 from gradlab.analysis.interval import Estimate
 from gradlab.errors import StoreError, UsageError
@@ -176,6 +176,8 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
         cf = fit_checkpoint(label, keep[ci], batch_sizes, x, q, pool_size=pool_size, replacement=replacement,
                             n_boot=n_boot, seed=seed, level=level)
         for mi, m in enumerate(batch_sizes):
+            if frozen and int(m) != ref_batch_size:
+                continue  # S only rescales with m: one tail index per checkpoint
             cf.tails[int(m)] = _fit_tails(ds, ci, mi, d, has_vectors, keep[ci], n_boot=n_boot, seed=seed, level=level)
         fits[label] = cf
         for fit_note in _fit_notes(cf):
@@ -194,6 +196,9 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
     result = summary_dict(path, ds, computed, fits, changes, labels=labels, missing=missing, notes=notes,
                           protocol=protocol, reduction=reduction, replacement=replacement, pool_size=pool_size,
                           ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level, frozen=frozen)
+    not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
+    result["not_measured"] = not_measured
+    result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]
     if write_store:
         try:
             write_analysis_group(path, ads)

@@ -29,8 +29,9 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             lof = nm["lack_of_fit"]
             rows.append(_row(ck, "‖G‖²", nm["grad_sq_norm"]))
             rows.append(_row(ck, "tr Σ", nm["trace_cov"]))
-            rows.append(_row(ck, "B_noise", nm["b_noise"], f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, "
-                                                           f"p={_fmt(lof['p_value'], 2)}"))
+            rows.append(_row(ck, "B_noise", nm["b_noise"],
+                             "" if lof.get("note") else
+                             f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}"))
         for name, pl in c.get("power_law", {}).items():
             rows.append(_row(ck, f"β ({name})", pl["beta"],
                              f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; √m up to m={_fmt(pl['sqrt_law_max_batch_size'])}"))

@@ -21,6 +21,8 @@ sample_loss, grad_norm          checkpoint                        L and ‖∇L�
 lambda_max                      checkpoint                        largest Hessian eigenvalue (Lanczos)
 eigenvalues, eigen_residual     checkpoint, k                     top-k eigenvalues and ‖Hv − λv‖
 lanczos_hvps                    checkpoint                        HVPs Lanczos used (residual checks excluded)
+lanczos_check, lanczos_missed_  checkpoint                        deflated check run's top Ritz value (≤ λ_max) and
+top                                                               whether it exposed a missed larger eigenvalue
 hessian_trace(_stderr)          checkpoint                        Hutchinson estimate and its standard error
 trace_samples                   checkpoint, probe                 vᵀHv per Rademacher probe
 eps_sharpness, eps_loss_max     checkpoint, space, eps            Keskar's φ (%) and the max loss found
@@ -320,6 +322,10 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         VarSpec("eigen_residual", ("checkpoint", "k"), "float64", "eigenpair residual norm ||Hv - lambda v||", H),
         VarSpec("lanczos_hvps", per, "int64", "Hessian-vector products used by Lanczos", "1"),
         VarSpec("lanczos_converged", per, "bool", "Lanczos met its tolerance", "1"),
+        VarSpec("lanczos_check", per, "float64", "top Ritz value of a Lanczos check run deflated against the "
+                "eigenvectors found (a lower bound on lambda_max)", H),
+        VarSpec("lanczos_missed_top", per, "bool", "the check found an eigenvalue above lambda_max + residual "
+                "(lambda_max is then only a lower bound)", "1"),
         VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson or Hutch++, Rademacher probes)", H),
         VarSpec("hessian_trace_stderr", per, "float64", "standard error of the trace estimate", H),
         VarSpec("trace_samples", ("checkpoint", "probe"), "float64",
@@ -487,7 +493,11 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int, say: C
     eig = top_eigenvalues(_np_matvec(obj, tick), obj.n_params, config.top_k, tol=tol,
                           rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_LANCZOS, c])))
     res.update(lambda_max=eig.eigenvalues[0], eigenvalues=eig.eigenvalues, eigen_residual=eig.residuals,
-               lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged)
+               lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged, lanczos_check=eig.check_eigenvalue,
+               lanczos_missed_top=eig.missed_top)
+    if eig.missed_top:
+        say(f"  warning: a deflated Lanczos check found {eig.check_eigenvalue:.6g} > lambda_max: lambda_max is only "
+            "a lower bound here")
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
     trace_rng = np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c]))
     tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params, config.hutchinson_probes,

@@ -50,7 +50,12 @@ X_VARS = {
 
 def power_law(x: np.ndarray, y: np.ndarray, *, n_boot: int, rng: np.random.Generator,
               level: float = 0.95) -> dict[str, Any]:
-    """y = a·x^b by OLS on logs, a percentile-bootstrap interval for b, and Spearman ρ (on the same points)."""
+    """y = a·x^b by OLS on logs, a Student-t interval for b, and Spearman ρ (on the same points).
+
+    The points are independent runs, so the interval is the OLS slope ± t_{n−2}·se (exact for independent
+    Gaussian errors of log y).  It replaced a percentile bootstrap over the points, which covered a true 0.4 in
+    only 75–85% of seeds with six points.  ``n_boot`` = 0 still means "no interval"; ``rng`` is unused (kept for
+    the callers)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
     x, y = x[ok], y[ok]
@@ -67,17 +72,15 @@ def power_law(x: np.ndarray, y: np.ndarray, *, n_boot: int, rng: np.random.Gener
         res = stats.spearmanr(x, y)
         out.update(spearman_rho=float(res.statistic), spearman_p=float(res.pvalue))
     if n_boot > 0:
-        slopes = np.full(n_boot, np.nan)
-        for i in range(n_boot):
-            idx = rng.integers(0, x.size, x.size)
-            if np.unique(lx[idx]).size > 1:
-                slopes[i] = np.polyfit(lx[idx], ly[idx], 1)[0]
-        slopes = slopes[np.isfinite(slopes)]
-        if slopes.size >= 10:
-            q = (1 - level) / 2
-            out.update(exponent_low=float(np.quantile(slopes, q)), exponent_high=float(np.quantile(slopes, 1 - q)))
+        resid = ly - (a + b * lx)
+        sxx = float(((lx - lx.mean()) ** 2).sum())
+        dof = x.size - 2
+        se = math.sqrt(float(resid @ resid) / dof / sxx)
+        half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+        out.update(exponent_low=float(b) - half, exponent_high=float(b) + half)
         if x.size < 8:
-            out["note"] = f"only {x.size} checkpoints: the bootstrap interval is rough"
+            out["note"] = (f"only {x.size} checkpoints: the t interval assumes independent Gaussian errors of "
+                           "log y")
     return out
 
 

@@ -67,6 +67,8 @@ def test_intervals_cover_the_truth_in_95_percent_of_200_seeds():
         hits += [fit.grad_sq_norm.contains(1.0), fit.trace_cov.contains(16.0), fit.b_noise.contains(16.0)]
         lof += fit.p_value < 0.05
     coverage = hits / n_rep
+    # [0.92, 0.98] over 200 seeds: a calibrated 95% interval passes with probability 0.967 each (binomial); true
+    # coverage 0.90 passes with probability 0.21, 0.85 with 0.002: gross miscalibration only.
     assert np.all((coverage >= 0.92) & (coverage <= 0.98)), coverage
     assert 0.02 <= lof / n_rep <= 0.09
 

@@ -64,9 +64,21 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
                 hill[ci, mi], alpha[ci, mi], thr[ci, mi], ntail[ci, mi] = t.hill, t.alpha_stable, t.threshold, t.n_tail
     cm = ("checkpoint", "batch_size")
     vars_: dict[str, Any] = {}
-    vars_ |= _est_vars("tail_index_hill", cm, hill, "binned Hill tail index α of the entries of S", "1")
-    vars_ |= _est_vars("tail_index_alpha_stable", cm, alpha, "α-stable tail index of the entries of S (Mohammadi)",
-                       "1")
+    vars_ |= _est_vars("tail_index_hill", cm, hill,
+                       "binned Hill tail index α of the entries of S, pooled over the selected tensors", "1")
+    vars_ |= _est_vars("tail_index_alpha_stable", cm, alpha,
+                       "α-stable tail index of the entries of S, blocks inside layers (per-layer standardised)", "1")
+    layer_names = sorted({name for c in labels for t in fits[c].tails.values() for name in t.alpha_stable_layers})
+    if layer_names and "layer" in ds.coords:
+        all_layers = [str(v) for v in ds["layer"].values]
+        per = np.empty((C, M, len(all_layers)), dtype=object)
+        for ci, c in enumerate(labels):
+            for mi, m in enumerate(batch_sizes):
+                t = fits[c].tails.get(int(m))
+                for li, name in enumerate(all_layers):
+                    per[ci, mi, li] = t.alpha_stable_layers.get(name) if t is not None else None
+        vars_ |= _est_vars("tail_index_alpha_stable_layer", (*cm, "layer"), per,
+                           "α-stable tail index of the entries of S in one layer", "1")
     vars_["hill_threshold"] = (cm, thr, {"long_name": "magnitude where the Hill tail starts", "units": norm_units})
     vars_["hill_n_tail"] = (cm, ntail, {"long_name": "entries above the Hill threshold", "units": "count"})
     # power laws

@@ -17,7 +17,7 @@ from gradlab.analysis.power_law import PowerLawFit, fit_power_law
 from gradlab.analysis.tails import TailFit
 
 SEED_CODES = {"power_grad_norm": 1, "power_rms": 2, "noise_model": 3, "hill": 100, "alpha_stable": 200,
-              "compare": 300}
+              "compare": 300, "alpha_stable_layer": 10_000}
 
 
 _S_FIXED = ("the frozen protocol's S = c_m·Σᵢgᵢ sums the same N examples at the same θ for every m (c_m = 1/m under "

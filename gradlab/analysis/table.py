@@ -39,10 +39,11 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         tails = c.get("tails", {})
         if tails:
             mmin, mmax = min(tails, key=int), max(tails, key=int)
-            for m in (mmin, mmax):
-                rows.append(_row(ck, f"Hill α (m={m})", tails[m]["hill"]))
+            for m in dict.fromkeys((mmin, mmax)):
+                rows.append(_row(ck, f"Hill α (m={m})", tails[m]["hill"], "pooled over the selected tensors"))
                 if tails[m]["alpha_stable"]["value"] is not None:
-                    rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"]))
+                    rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"],
+                                     "blocks inside layers, per-layer standardised"))
     for ch in result.get("comparison", []):
         sym = "×" if ch["kind"] == "ratio" else "Δ"
         rows.append(_row("late/early", f"{sym} {ch['quantity']}", ch["change"], ch["text"]))

@@ -24,7 +24,8 @@ lanczos_hvps                    checkpoint                        HVPs Lanczos u
 lanczos_check, lanczos_missed_  checkpoint                        deflated check run's top Ritz value (≤ λ_max) and
 top                                                               whether it exposed a missed larger eigenvalue
 hessian_trace(_stderr)          checkpoint                        Hutchinson estimate and its standard error
-trace_samples                   checkpoint, probe                 vᵀHv per Rademacher probe
+trace_samples                   checkpoint, probe                 vᵀHv per Rademacher probe (NaN past the probes used:
+                                                                  by default probes run until the SE ≤ 2% of |tr H|)
 eps_sharpness, eps_loss_max     checkpoint, space, eps            Keskar's φ (%) and the max loss found
 minibatch_lambda_max            checkpoint, batch_size, trial     λ_max of mini-batch Hessians (with sizes given)
 minibatch_lambda_full(_stderr)  checkpoint                        extrapolation λ_full + c·x_m, and c
@@ -54,7 +55,8 @@ import torch
 from gradlab.checkpoint import build_model_from, load_checkpoint
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
-from gradlab.curvature.hutchinson import TRACE_ESTIMATORS, trace_sample_count
+from gradlab.curvature.hutchinson import (TRACE_ESTIMATORS, TRACE_MIN_PROBES, hutchinson_to_precision,
+                                         trace_sample_count)
 from gradlab.curvature.hvp import BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm
 from gradlab.curvature.interpolation import BN_BUFFERS, check_compatible, parametric_curve
 from gradlab.curvature.lanczos import top_eigenvalues
@@ -81,7 +83,7 @@ class SharpnessConfig:
     data_root: str | None = None
     samples: int | None = 1024  # None: the whole training set
     top_k: int = 5
-    hutchinson_probes: int = 50  # the trace's HVP budget
+    hutchinson_probes: int | None = None  # the trace's HVP budget; None: Hutchinson until its SE ≤ 2% of |tr H|
     trace_estimator: str = "hutchinson"  # or "hutch++"
     eps: tuple[float, ...] = (1e-3, 5e-4)
     subspace_dim: int | None = None
@@ -191,7 +193,7 @@ def validate(config: SharpnessConfig) -> None:
         raise UsageError(f"--samples must be at least 2, got {config.samples}")
     if config.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {config.top_k}")
-    if config.hutchinson_probes < 2:
+    if config.hutchinson_probes is not None and config.hutchinson_probes < 2:
         raise UsageError(f"--hutchinson-probes must be >= 2 (a standard error needs two), got "
                          f"{config.hutchinson_probes}")
     if config.cache_graph not in CACHE_GRAPH:
@@ -199,7 +201,7 @@ def validate(config: SharpnessConfig) -> None:
     if config.trace_estimator not in TRACE_ESTIMATORS:
         raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, "
                          f"got {config.trace_estimator!r}")
-    if config.trace_estimator == "hutch++" and config.hutchinson_probes < 4:
+    if config.trace_estimator == "hutch++" and (config.hutchinson_probes or 50) < 4:
         raise UsageError(f"--trace-estimator hutch++ needs --hutchinson-probes >= 4 (a sketch and two remainder "
                          f"probes), got {config.hutchinson_probes}")
     if not config.eps:
@@ -500,9 +502,15 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int, say: C
             "a lower bound here")
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
     trace_rng = np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c]))
-    tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params, config.hutchinson_probes,
-                                                  rng=trace_rng)
-    res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=tr.samples)
+    if config.hutchinson_probes is None and config.trace_estimator == "hutchinson":
+        tr = hutchinson_to_precision(_np_matvec(obj, tick), obj.n_params, rng=trace_rng)
+    else:
+        tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params,
+                                                      config.hutchinson_probes or TRACE_MIN_PROBES, rng=trace_rng)
+    n_slots = trace_sample_count(config.trace_estimator, config.hutchinson_probes)
+    samples = np.full(n_slots, np.nan)
+    samples[: tr.samples.size] = tr.samples
+    res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=samples)
     say(f"  trace = {tr.trace:.6g} ± {tr.stderr:.2g}")
     theta = obj.theta0.double().cpu().numpy()
     spaces = _spaces(config)

@@ -64,7 +64,7 @@ for label, c in step["checkpoints"].items():
 fig, ax = plt.subplots(figsize=(6, 4))
 norms.plot_norm_vs_batch_size(frozen_a, ax, norm="minibatch_sum_rms")
 for label, c in frozen["checkpoints"].items():
-    nm, pl = c["noise_model"], c["power_law"]["minibatch_sum_rms"]
+    nm, pl = c["estimates"], c["power_law"]["minibatch_sum_rms"]  # headline: U-statistics (summary["headline"])
     print(f"{label}: ‖G‖² = {fmt(nm['grad_sq_norm'])}, tr Σ = {fmt(nm['trace_cov'])}, "
           f"B_noise = {fmt(nm['b_noise'])}; β = {fmt(pl['beta'])}; √m law (local slope consistent with ½) "
           f"{'up to m = ' + str(pl['sqrt_law_max_batch_size']) if pl['sqrt_law_max_batch_size'] else 'nowhere at this precision'}; "

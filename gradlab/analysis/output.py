@@ -108,7 +108,7 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
     vars_["power_law_mean"] = (cnm, mu, {"long_name": "mean norm entering the power-law fit", "units": norm_units})
     if frozen:
         nm = {c: fits[c].noise_model for c in labels}
-        for name, attr, lname, units in (("grad_sq_norm_fit", "grad_sq_norm", "squared norm of the full gradient ‖G‖²",
+        for name, attr, lname, units in (("grad_sq_norm_fit", "grad_sq_norm", "estimate of the pool's ‖G‖²",
                                           sq_units),
                                          ("trace_cov_fit", "trace_cov", "trace of per-example gradient covariance tr Σ",
                                           sq_units),

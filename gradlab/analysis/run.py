@@ -30,7 +30,8 @@ from gradlab.analysis import stats
 from gradlab.analysis.compare import Change, compare_checkpoints, same_draws
 from gradlab.analysis.noise_model import noise_model_statistic, finite_population_factor
 from gradlab.analysis.power_law import power_law_statistic
-from gradlab.analysis.probe_fits import NOT_MEASURED_FROZEN, SEED_CODES, CheckpointFits, fit_checkpoint, rng_for
+from gradlab.analysis.probe_fits import (NOT_MEASURED_FROZEN, SEED_CODES, CheckpointFits, fit_checkpoint,
+                                        float_resolution, rng_for)
 from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, pooled_block_length, stable_pair_sums
 from gradlab.analysis.interval import Estimate
 from gradlab.errors import StoreError, UsageError
@@ -174,7 +175,9 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
              if frozen else None)
         per_trial[label] = {"grad_norm": x, **({"q": q} if q is not None else {})}
         cf = fit_checkpoint(label, keep[ci], batch_sizes, x, q, pool_size=pool_size, replacement=replacement,
-                            n_boot=n_boot, seed=seed, level=level)
+                            n_boot=n_boot, seed=seed, level=level,
+                            resolution=float_resolution(str(ds.attrs.get("dtype", "float64")),
+                                                        int(ds.attrs.get("budget", batch_sizes.max()))))
         for mi, m in enumerate(batch_sizes):
             if frozen and int(m) != ref_batch_size:
                 continue  # S only rescales with m: one tail index per checkpoint
@@ -196,6 +199,18 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
     result = summary_dict(path, ds, computed, fits, changes, labels=labels, missing=missing, notes=notes,
                           protocol=protocol, reduction=reduction, replacement=replacement, pool_size=pool_size,
                           ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level, frozen=frozen)
+    if frozen and "gram_trace" in ds and "gram_sum" in ds:
+        from gradlab.analysis.moments import HEADLINE, moment_estimates
+
+        result["headline"] = HEADLINE
+        budget = int(ds.attrs.get("budget", batch_sizes.max()))
+        for ci, label in enumerate(labels):
+            d = done.isel(checkpoint=ci).values
+            t1 = np.asarray(ds["gram_trace"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+            t2 = np.asarray(ds["gram_sum"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+            ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
+                                    rng=rng_for(seed, keep[ci], SEED_CODES["moments"]))
+            result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}
     not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
     result["not_measured"] = not_measured
     result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]

@@ -24,12 +24,16 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """Rows: per checkpoint β per norm (with p(β=½), the √m range, the crossover), the noise model, changes."""
     rows = []
     for ck, c in result.get("checkpoints", {}).items():
+        est = c.get("estimates")
+        if est:
+            for key, name in (("grad_sq_norm", "‖G‖²"), ("trace_cov", "tr Σ"), ("b_noise", "B_noise")):
+                rows.append(_row(ck, name, est[key], "U-statistics of all example pairs (headline)"))
         nm = c.get("noise_model")
         if nm:
             lof = nm["lack_of_fit"]
-            rows.append(_row(ck, "‖G‖²", nm["grad_sq_norm"]))
-            rows.append(_row(ck, "tr Σ", nm["trace_cov"]))
-            rows.append(_row(ck, "B_noise", nm["b_noise"],
+            rows.append(_row(ck, "‖G‖² (noise-law fit)", nm["grad_sq_norm"]))
+            rows.append(_row(ck, "tr Σ (noise-law fit)", nm["trace_cov"]))
+            rows.append(_row(ck, "B_noise (noise-law fit)", nm["b_noise"],
                              "" if lof.get("note") else
                              f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}"))
         for name, pl in c.get("power_law", {}).items():

@@ -165,3 +165,11 @@ def test_frozen_store_shows_only_what_it_measures(frozen_store, tmp_path):
     html = (out / "report.html").read_text()
     assert "β (grad_norm)" not in html and "not shown: lack of fit of the noise model" in html
     assert "lack of fit χ²" not in html
+    # issue 15 item 7: one headline estimate of ‖G‖², tr Σ and B_noise (the U-statistics), the fit labelled a check
+    assert "U-statistic" in res["headline"] and "(headline)" in html and "B_noise (noise-law fit)" in html
+    ds = xr.open_zarr(path, consolidated=False)
+    for i, c in enumerate(("early", "late")):
+        est = res["checkpoints"][c]["estimates"]
+        for key in ("grad_sq_norm", "trace_cov", "b_noise"):
+            assert est[key]["value"] == pytest.approx(float(ds[key].values[i]), rel=1e-10), (c, key)
+            assert est[key]["low"] <= est[key]["value"] <= est[key]["high"]

@@ -35,6 +35,8 @@ def stores(tmp_path_factory):
 def test_common_draws_are_the_default_and_recorded(stores):
     common, indep, _ = stores
     assert common.attrs["draws"] == "common" and common.attrs["seed_derivation"] == seed_derivation("common")
+    # issue 15 item 7: the stored ‖G‖² is an estimate of the pool's, not the drawn sample's own ‖Ḡ‖²
+    assert "unbiased estimate of the pool's ‖G‖²" in common["grad_sq_norm"].attrs["long_name"]
     idx = common["example_index"].values
     assert np.array_equal(idx[0], idx[1])
     assert indep.attrs["draws"] == "independent" and "[seed, c, t]" in indep.attrs["seed_derivation"]

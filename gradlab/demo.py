@@ -127,7 +127,9 @@ def run_demo(out: str | Path, *, cfg: DemoConfig | None = None, resume: bool = F
     figures = []
     for name, summary in summaries.items():
         files = summary.get("figures") or summary.get("sharpness", {}).get("figures") or []
-        figures += [f"{name}/{Path(f).name}" for f in files if str(f).endswith(".png")]
+        captions = summary.get("figure_captions") or summary.get("sharpness", {}).get("figure_captions") or {}
+        figures += [(f"{name}/{Path(f).name}", captions.get(Path(f).name, "")) for f in files
+                    if str(f).endswith(".png")]
     rows = [[name, str(stores[name]), f"{name}/summary.json"] for name in stores]
     notes = [f"{name}: {note}" for name, s in summaries.items() for note in s.get("notes", [])]
     (report / "index.html").write_text(html_report("gradlab demo", ["store", "path", "summary"], rows, figures,

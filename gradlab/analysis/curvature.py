@@ -322,11 +322,28 @@ def analyze_store(path: str | os.PathLike, *, group: str | None = None, out_dir:
         ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
         summary["analysis_store"] = str(target)
         if figures:
-            summary["figures"] = _figures(ds, ads, out)
+            checks: dict[str, list[str]] = {}
+            summary["figures"] = _figures(ds, ads, out, checks)
+            summary["figure_captions"] = {Path(p).name: _caption(Path(p).stem) for p in summary["figures"]}
+            summary["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
     return summary
 
 
-def _figures(ds: Any, ads: Any, out: Path) -> list[str]:
+def _caption(stem: str) -> str:
+    if stem == "sharpness_vs_batch_size":
+        return ("λ_max (Lanczos) of each checkpoint against the batch size it was trained with (log–log), labelled "
+                "by checkpoint, with the power-law fit a·m^b of the final checkpoints and its 95% interval.")
+    if stem.startswith("minibatch_lambda_"):
+        return ("λ_max of mini-batch Hessians against the mini-batch size m for one checkpoint: dots are trials, "
+                "bars mean ± sd; the orange curve extrapolates to the full sample, the dashed line is the "
+                "sample's own λ_max. Small batches see sharper curvature than the full sample.")
+    if stem == "interpolation":
+        return ("Keskar's parametric plot: loss (left axis) and accuracy (right axis) along θ(α) = (1 − α)·θ_small "
+                "+ α·θ_large; α = 0 and α = 1 (dotted) are the two solutions.")
+    return stem
+
+
+def _figures(ds: Any, ads: Any, out: Path, checks: dict[str, list[str]] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,9 +359,12 @@ def _figures(ds: Any, ads: Any, out: Path) -> list[str]:
     if "interp_train_loss" in ds.variables:
         jobs.append(("interpolation", lambda ax: fig.plot_interpolation(ds, ax)))
     for name, draw in jobs:
-        f, ax = plt.subplots(figsize=(5, 3.6))
+        f, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
         draw(ax)
-        f.tight_layout()
+        if checks is not None:
+            from gradlab.figures.layout import overlapping_text
+
+            checks[name] = overlapping_text(f)
         p = out / f"{name}.png"
         f.savefig(p, dpi=120)
         plt.close(f)

@@ -105,7 +105,7 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
     vars_["sqrt_law_max_batch_size"] = (cn, sqrt_max, {"long_name": "largest batch size of the √m range",
                                                        "units": "examples"})
     vars_["power_law_amplitude"] = (cn, amp, {"long_name": "amplitude c of norm = c·m^β", "units": norm_units})
-    vars_["power_law_mean"] = (cnm, mu, {"long_name": "mean norm entering the power-law fit", "units": norm_units})
+    vars_["power_law_mean"] = (cnm, mu, {"long_name": "mean over trials of the norm", "units": norm_units})
     if frozen:
         nm = {c: fits[c].noise_model for c in labels}
         for name, attr, lname, units in (("grad_sq_norm_fit", "grad_sq_norm", "estimate of the pool's ‖G‖²",

@@ -16,8 +16,20 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def _row(ck: str, name: str, est: dict[str, Any], remark: str = "") -> tuple[str, str, str, str, str]:
-    ci = f"[{_fmt(est['low'])}, {_fmt(est['high'])}]" if est["low"] is not None else "no interval"
+    if est["value"] == "inf":  # e.g. a crossover whose m² term is not positive: none within reach
+        return ck, name, "none within reach", "—", "; ".join(r for r in (remark, est.get("note") or "") if r)
+    if est["low"] is None:
+        ci = "no interval"
+        remark = "; ".join(r for r in (remark, est.get("note") or "") if r)
+    elif est["high"] == "inf":
+        ci = f"≥ {_fmt(est['low'])} (no upper bound)"
+    else:
+        ci = f"[{_fmt(est['low'])}, {_fmt(est['high'])}]"
     return ck, name, _fmt(est["value"]), ci, remark
+
+
+def _sqrt_range(x: Any) -> str:
+    return "√m range: none at this precision" if x is None else f"√m holds up to m = {_fmt(x)}"
 
 
 def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -38,7 +50,7 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                              f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}"))
         for name, pl in c.get("power_law", {}).items():
             rows.append(_row(ck, f"β ({name})", pl["beta"],
-                             f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; √m up to m={_fmt(pl['sqrt_law_max_batch_size'])}"))
+                             f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; {_sqrt_range(pl['sqrt_law_max_batch_size'])}"))
             rows.append(_row(ck, f"crossover ({name})", pl["crossover"]))
         tails = c.get("tails", {})
         if tails:

@@ -11,6 +11,15 @@ from gradlab.cli import main
 from gradlab.store import open_store
 
 
+# `gradlab demo --quick` recorded on this branch (issue 15): headline U-statistics and β of ‖s_B‖ per checkpoint
+RECORDED_QUICK = {
+    "early": {"grad_sq_norm": 0.011626809197518856, "trace_cov": 2.0820007775966847, "b_noise": 179.06897259834457,
+              "beta": 0.532797791708067},
+    "late": {"grad_sq_norm": 0.011689827576898876, "trace_cov": 2.089321293026693, "b_noise": 178.72986400206227,
+             "beta": 0.5339951969373599},
+}
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"

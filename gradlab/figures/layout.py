@@ -27,6 +27,8 @@ def _texts(fig: Any) -> list[Any]:
     for axis in fig.findobj(Axis):
         for tick in axis.get_major_ticks() + axis.get_minor_ticks():
             tick_labels.update({id(tick.label1), id(tick.label2)})
+        if not axis.get_visible() or not axis.axes.axison:
+            continue
         for tick in axis._update_ticks():  # the ticks the next draw will show
             drawn += [lab for lab in (tick.label1, tick.label2) if lab.get_visible()]
     out = [t for t in fig.findobj(Text) if id(t) not in tick_labels] + drawn

@@ -164,7 +164,8 @@ def results_table(summaries: dict[str, Any], cfg: DemoConfig) -> str:
     if lam:
         cells = [" / ".join(f"{lam.get((float(b), float(e)), float('nan')):.3g}" for b in (small, large))
                  for e in (early, late)]
-        lines.append(f"| λ_max of the training loss (batch {small} run / batch {large} run) | {cells[0]} | {cells[1]} |")
+        lines.append(f"| λ_max of the training loss (batch {small} run / batch {large} run) | {cells[0]} | "
+                     f"{cells[1]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -229,7 +229,8 @@ def analyze(ds: Any, *, n_boot: int = 999, seed: int = 0, level: float = 0.95,
                                                                                     "units": "examples"})
     ads = xr.Dataset(data_vars, coords=coords)
     ads.attrs.update({"gradlab_analysis": "curvature", "n_boot": int(n_boot), "seed": int(seed), "level": level,
-                      "powerlaw_model": "sharpness = a * x^b, OLS on logs; Student-t interval of the slope (runs independent)"})
+                      "powerlaw_model": "sharpness = a * x^b, OLS on logs; Student-t interval of the slope "
+                                        "(runs independent)"})
     summary = {
         "checkpoints": [{"checkpoint": labels[c], "run_id": str(run_id[c]), "optimizer": optimizer[c],
                          "train_batch_size": json_float(m[c]), "train_lr": json_float(lr[c]),

@@ -15,7 +15,8 @@ local slope is ¾, and for the RMS of ‖s_B‖ drawn with replacement m_× = B_
 replacement from a pool of n (the probe's default), E‖s_B‖² = m²‖G‖² + m·c_m·tr Σ with c_m = (n − m)/(n − 1), so
 the intercept form would estimate tr Σ·n/(n − 1) / (‖G‖² − tr Σ/(n − 1)), biased upward; given ``factor`` = c_m
 the fit is the finite-population form μ_m²/m = a·c_m + b·m (WLS, no intercept), whose a/b is again B_noise.  Its
-interval is the reciprocal of the interval of b/a (b ≤ 0: no crossover within reach, upper end ``inf``).  The test of β = ½ uses
+interval is the reciprocal of the interval of b/a (b ≤ 0: no crossover within reach, upper end ``inf``).
+The test of β = ½ uses
 the bootstrap standard error: z = (β̂ − ½)/se, p = 2(1 − Φ(|z|)).
 
 Example (exact √m data)::

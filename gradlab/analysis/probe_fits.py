@@ -88,8 +88,8 @@ def fit_checkpoint(
         noise = fit_noise_model(q, m, pool_size=pool_size, replacement=replacement, n_boot=n_boot,
                                 rng=rng_for(seed, index, SEED_CODES["noise_model"]), level=level, lack_of_fit=False)
     if resolution > 0:  # no interval narrower than the numbers' own precision
-        laws = {k: replace(v, beta=floor_interval(v.beta, resolution), crossover=floor_interval(v.crossover, resolution))
-                for k, v in laws.items()}
+        laws = {k: replace(v, beta=floor_interval(v.beta, resolution),
+                           crossover=floor_interval(v.crossover, resolution)) for k, v in laws.items()}
         if noise is not None:
             noise = replace(noise, grad_sq_norm=floor_interval(noise.grad_sq_norm, resolution),
                             trace_cov=floor_interval(noise.trace_cov, resolution),

@@ -95,7 +95,8 @@ def test_report_in_headless_chromium(reports, name, tmp_path):
     page = out / "report-check.html"
     page.write_text((out / "report.html").read_text().replace("</body>", CHECK_JS + "</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}",
              "--window-size=1280,2000", "--virtual-time-budget=10000", "--allow-file-access-from-files"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout

@@ -13,8 +13,8 @@ Trial ``t`` draws its ``N`` example indices with
 (common random numbers) trial t uses the same examples at every checkpoint, so an early-vs-late comparison is
 paired and its interval resamples trials jointly (the draw noise cancels in the difference); ``independent``
 (the derivation of earlier gradlab stores) gives every checkpoint its own draws.  Without replacement (the
-default) the N examples are a simple random sample of the pool of ``n = pool_size`` training examples; ``replacement=True`` draws
-them i.i.d. uniformly.  The same N examples serve every batch size of the trial (a paired design): minibatch
+default) the N examples are a simple random sample of the pool of ``n = pool_size`` training examples;
+``replacement=True`` draws them i.i.d. uniformly.  The same N examples serve every batch size of the trial (a paired design): minibatch
 ``k`` of size ``m`` is positions ``[k·m, (k+1)·m)`` of the draw, for ``k < N/m``.
 """
 

@@ -124,15 +124,49 @@ def run_demo(out: str | Path, *, cfg: DemoConfig | None = None, resume: bool = F
     index = {"train_store": str(train_dir / "train.zarr"), "stores": {k: str(v) for k, v in stores.items()},
              "summaries": summaries}
     (report / "summary.json").write_text(json.dumps(index, indent=2, allow_nan=False, default=str))
+    (report / "results_table.md").write_text(results_table(summaries, cfg))
     figures = []
     for name, summary in summaries.items():
         files = summary.get("figures") or summary.get("sharpness", {}).get("figures") or []
-        figures += [f"{name}/{Path(f).name}" for f in files if str(f).endswith(".png")]
+        captions = summary.get("figure_captions") or summary.get("sharpness", {}).get("figure_captions") or {}
+        figures += [(f"{name}/{Path(f).name}", captions.get(Path(f).name, "")) for f in files
+                    if str(f).endswith(".png")]
     rows = [[name, str(stores[name]), f"{name}/summary.json"] for name in stores]
     notes = [f"{name}: {note}" for name, s in summaries.items() for note in s.get("notes", [])]
     (report / "index.html").write_text(html_report("gradlab demo", ["store", "path", "summary"], rows, figures,
                                                    notes=notes))
     return index
+
+
+def results_table(summaries: dict[str, Any], cfg: DemoConfig) -> str:
+    """The README's results table (Markdown), generated from the demo's summaries so that it cannot drift:
+    headline ‖G‖², tr Σ, B_noise (U-statistics), β and crossover of ‖s_B‖ (frozen store), λ_max per run."""
+    from gradlab.analysis.interval import Estimate
+
+    ck = summaries["frozen"]["checkpoints"]
+
+    def est(d: dict[str, Any]) -> str:
+        return Estimate.from_dict(d).format(3)
+
+    early, late = cfg.early_epoch, cfg.epochs
+    m_max = max(cfg.probe_batch_sizes)
+    lines = [f"| | early (epoch {early}) | late (epoch {late}) |", "|---|---|---|"]
+    for key, name in (("grad_sq_norm", "‖G‖² (unbiased estimate, U-statistics)"),
+                      ("trace_cov", "tr Σ (per-example gradient noise)"), ("b_noise", "B_noise = tr Σ/‖G‖²")):
+        lines.append(f"| {name} | {est(ck['early']['estimates'][key])} | {est(ck['late']['estimates'][key])} |")
+    pl = {c: ck[c]["power_law"]["minibatch_sum_rms"] for c in ("early", "late")}
+    lines.append(f"| β of ‖s_B‖ ∝ m^β over m = 1…{m_max} | {est(pl['early']['beta'])} | {est(pl['late']['beta'])} |")
+    lines.append(f"| crossover m_× of ‖s_B‖² = a·c_m·m + b·m² | {est(pl['early']['crossover'])} | "
+                 f"{est(pl['late']['crossover'])} |")
+    sharp = summaries.get("sharpness", {}).get("sharpness", {}).get("checkpoints", [])
+    small, large = cfg.train_batch_sizes
+    lam = {(c["train_batch_size"], c["epoch"]): c["lambda_max"] for c in sharp}
+    if lam:
+        cells = [" / ".join(f"{lam.get((float(b), float(e)), float('nan')):.3g}" for b in (small, large))
+                 for e in (early, late)]
+        lines.append(f"| λ_max of the training loss (batch {small} run / batch {large} run) | {cells[0]} | "
+                     f"{cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def _say(progress: bool, message: str) -> None:

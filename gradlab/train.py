@@ -271,6 +271,9 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
         if epoch == 0 or epoch in checkpoint_epochs(cfg):
             meta = {"dataset": data.name, "epoch": epoch, "step": epoch * steps_per_epoch, "batch_size": m,
                     "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
+                    # the rate of the last step taken (of step 0 at init), as the optimiser applied it
+                    "lr_applied": rule.lr_at(max(epoch * steps_per_epoch - 1, 0), steps_per_epoch),
+                    "reduction": rule.reduction,
                     "momentum": cfg.momentum, "seed": spec.seed, "tag": "init" if epoch == 0 else f"epoch{epoch}",
                     "run": spec.name}
             if mon is not None:
@@ -322,7 +325,8 @@ def _store_variables(loss: str = "cross-entropy") -> list[VarSpec]:
         VarSpec("train_acc", re_, "float64", "training accuracy (NaN unless classification)", "1"),
         VarSpec("test_loss", re_, "float64", f"test loss (mean {what})", units),
         VarSpec("test_acc", re_, "float64", "test accuracy (NaN unless classification)", "1"),
-        VarSpec("lr_used", re_, "float64", "learning rate at the end of the epoch", "1"),
+        VarSpec("lr_used", re_, "float64", "learning rate applied at the epoch's last step (η̃ under sum reduction)",
+                "1"),
         VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
         VarSpec("cos_init_layer", (*re_, "layer"), "float64", "cosine to init cos(θ, θ₀)", "1"),
         VarSpec("dist_init", (*re_, "group"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),

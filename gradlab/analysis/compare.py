@@ -38,9 +38,10 @@ class Change:
         if self.kind == "ratio":
             verb = "grew" if e.value > 1 else "shrank"
             body = f"×{e.format(2)}"
-        else:
+        else:  # "fell by 0.096 [0.05, 0.14]", never "fell by −0.096"
             verb = "rose" if e.value > 0 else "fell"
-            body = f"by {e.format(2)}"
+            mag = e if e.value > 0 else Estimate(-e.value, -e.high, -e.low, e.level, e.note)
+            body = f"by {mag.format(2)}"
         return f"{self.quantity} {verb} {body} ({self.early_label} → {self.late_label})"
 
     def to_dict(self) -> dict[str, Any]:

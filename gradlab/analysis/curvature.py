@@ -50,7 +50,12 @@ X_VARS = {
 
 def power_law(x: np.ndarray, y: np.ndarray, *, n_boot: int, rng: np.random.Generator,
               level: float = 0.95) -> dict[str, Any]:
-    """y = a·x^b by OLS on logs, a percentile-bootstrap interval for b, and Spearman ρ (on the same points)."""
+    """y = a·x^b by OLS on logs, a Student-t interval for b, and Spearman ρ (on the same points).
+
+    The points are independent runs, so the interval is the OLS slope ± t_{n−2}·se (exact for independent
+    Gaussian errors of log y).  It replaced a percentile bootstrap over the points, which covered a true 0.4 in
+    only 75–85% of seeds with six points.  ``n_boot`` = 0 still means "no interval"; ``rng`` is unused (kept for
+    the callers)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
     x, y = x[ok], y[ok]
@@ -67,17 +72,15 @@ def power_law(x: np.ndarray, y: np.ndarray, *, n_boot: int, rng: np.random.Gener
         res = stats.spearmanr(x, y)
         out.update(spearman_rho=float(res.statistic), spearman_p=float(res.pvalue))
     if n_boot > 0:
-        slopes = np.full(n_boot, np.nan)
-        for i in range(n_boot):
-            idx = rng.integers(0, x.size, x.size)
-            if np.unique(lx[idx]).size > 1:
-                slopes[i] = np.polyfit(lx[idx], ly[idx], 1)[0]
-        slopes = slopes[np.isfinite(slopes)]
-        if slopes.size >= 10:
-            q = (1 - level) / 2
-            out.update(exponent_low=float(np.quantile(slopes, q)), exponent_high=float(np.quantile(slopes, 1 - q)))
+        resid = ly - (a + b * lx)
+        sxx = float(((lx - lx.mean()) ** 2).sum())
+        dof = x.size - 2
+        se = math.sqrt(float(resid @ resid) / dof / sxx)
+        half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+        out.update(exponent_low=float(b) - half, exponent_high=float(b) + half)
         if x.size < 8:
-            out["note"] = f"only {x.size} checkpoints: the bootstrap interval is rough"
+            out["note"] = (f"only {x.size} checkpoints: the t interval assumes independent Gaussian errors of "
+                           "log y")
     return out
 
 
@@ -226,7 +229,8 @@ def analyze(ds: Any, *, n_boot: int = 999, seed: int = 0, level: float = 0.95,
                                                                                     "units": "examples"})
     ads = xr.Dataset(data_vars, coords=coords)
     ads.attrs.update({"gradlab_analysis": "curvature", "n_boot": int(n_boot), "seed": int(seed), "level": level,
-                      "powerlaw_model": "sharpness = a * x^b, OLS on logs; percentile bootstrap over checkpoints"})
+                      "powerlaw_model": "sharpness = a * x^b, OLS on logs; Student-t interval of the slope "
+                                        "(runs independent)"})
     summary = {
         "checkpoints": [{"checkpoint": labels[c], "run_id": str(run_id[c]), "optimizer": optimizer[c],
                          "train_batch_size": json_float(m[c]), "train_lr": json_float(lr[c]),
@@ -319,11 +323,28 @@ def analyze_store(path: str | os.PathLike, *, group: str | None = None, out_dir:
         ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
         summary["analysis_store"] = str(target)
         if figures:
-            summary["figures"] = _figures(ds, ads, out)
+            checks: dict[str, list[str]] = {}
+            summary["figures"] = _figures(ds, ads, out, checks)
+            summary["figure_captions"] = {Path(p).name: _caption(Path(p).stem) for p in summary["figures"]}
+            summary["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
     return summary
 
 
-def _figures(ds: Any, ads: Any, out: Path) -> list[str]:
+def _caption(stem: str) -> str:
+    if stem == "sharpness_vs_batch_size":
+        return ("λ_max (Lanczos) of each checkpoint against the batch size it was trained with (log–log), labelled "
+                "by checkpoint, with the power-law fit a·m^b of the final checkpoints and its 95% interval.")
+    if stem.startswith("minibatch_lambda_"):
+        return ("λ_max of mini-batch Hessians against the mini-batch size m for one checkpoint: dots are trials, "
+                "bars mean ± sd; the orange curve extrapolates to the full sample, the dashed line is the "
+                "sample's own λ_max. Small batches see sharper curvature than the full sample.")
+    if stem == "interpolation":
+        return ("Keskar's parametric plot: loss (left axis) and accuracy (right axis) along θ(α) = (1 − α)·θ_small "
+                "+ α·θ_large; α = 0 and α = 1 (dotted) are the two solutions.")
+    return stem
+
+
+def _figures(ds: Any, ads: Any, out: Path, checks: dict[str, list[str]] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,9 +360,12 @@ def _figures(ds: Any, ads: Any, out: Path) -> list[str]:
     if "interp_train_loss" in ds.variables:
         jobs.append(("interpolation", lambda ax: fig.plot_interpolation(ds, ax)))
     for name, draw in jobs:
-        f, ax = plt.subplots(figsize=(5, 3.6))
+        f, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
         draw(ax)
-        f.tight_layout()
+        if checks is not None:
+            from gradlab.figures.layout import overlapping_text
+
+            checks[name] = overlapping_text(f)
         p = out / f"{name}.png"
         f.savefig(p, dpi=120)
         plt.close(f)

@@ -85,3 +85,17 @@ def reciprocal(inv: Estimate, note_if_unbounded: str) -> Estimate:
     if inv.low <= 0:
         note = "; ".join(n for n in (note, note_if_unbounded) if n)
     return Estimate(value, low, high, inv.level, note)
+
+
+def floor_interval(e: Estimate, rel: float, what: str = "the store's floating-point resolution") -> Estimate:
+    """``e`` with its interval widened to at least value·(1 ± rel): no interval is narrower than the precision
+    the numbers were computed with (a zero-variance point, e.g. m = N with the whole pool drawn, would otherwise
+    give a zero-width interval that excludes the float64 truth)."""
+    if rel <= 0 or not e.has_interval or not math.isfinite(e.value):
+        return e
+    half = rel * abs(e.value)
+    low, high = min(e.low, e.value - half), max(e.high, e.value + half)
+    if low == e.low and high == e.high:
+        return e
+    note = "; ".join(n for n in (e.note, f"interval widened to {what} (±{rel:.1g} relative)") if n)
+    return Estimate(e.value, low, high, e.level, note)

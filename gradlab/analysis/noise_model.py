@@ -32,6 +32,10 @@ from gradlab.analysis.bootstrap import bootstrap_trials
 from gradlab.analysis.interval import Estimate, json_float, reciprocal
 
 
+LACK_OF_FIT_TAUTOLOGY = ("not tested: at a fixed θ the noise model is an identity of sampling from the pool (exact "
+                         "with or without replacement), so a lack-of-fit test cannot fail")
+
+
 def finite_population_factor(batch_sizes: np.ndarray, pool_size: int | None, replacement: bool) -> np.ndarray:
     """c_m = (n − m)/(n − 1) for draws without replacement from a pool of n, else 1 (McCandlish et al. 2018)."""
     m = np.asarray(batch_sizes, dtype=np.float64)
@@ -84,6 +88,7 @@ class NoiseModelFit:
     mean_sq_norm: np.ndarray  # q̄_m
     mean_sq_norm_se: np.ndarray  # standard error of q̄_m
     n_trials: int
+    lack_of_fit_note: str | None = None  # why no lack-of-fit test was made (then chi2 and p_value are NaN)
 
     def predict(self, batch_sizes: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
         """E‖g_B‖² = ‖G‖² + c_m tr Σ / m at ``batch_sizes`` (c_m = 1 unless ``factor`` is given)."""
@@ -92,10 +97,11 @@ class NoiseModelFit:
         return self.grad_sq_norm.value + c * self.trace_cov.value / m
 
     def to_dict(self) -> dict[str, Any]:
+        lof = ({"chi2": json_float(self.chi2), "dof": self.dof, "p_value": json_float(self.p_value)}
+               if self.lack_of_fit_note is None else
+               {"chi2": None, "dof": self.dof, "p_value": None, "note": self.lack_of_fit_note})
         return {"grad_sq_norm": self.grad_sq_norm.to_dict(), "trace_cov": self.trace_cov.to_dict(),
-                "b_noise": self.b_noise.to_dict(), "lack_of_fit": {"chi2": json_float(self.chi2), "dof": self.dof,
-                                                                    "p_value": json_float(self.p_value)},
-                "n_trials": self.n_trials}
+                "b_noise": self.b_noise.to_dict(), "lack_of_fit": lof, "n_trials": self.n_trials}
 
 
 def fit_noise_model(
@@ -107,12 +113,15 @@ def fit_noise_model(
     n_boot: int = 999,
     rng: np.random.Generator,
     level: float = 0.95,
+    lack_of_fit: bool = True,
 ) -> NoiseModelFit:
     """Fit E‖g_B‖² = ‖G‖² + c_m tr Σ / m to ``q`` (batch_size, trial) by WLS, with bootstrap-over-trials intervals.
 
     ``q[i, t]`` is the mean of ‖g_B‖² over the minibatches of trial ``t`` at batch size ``batch_sizes[i]``.
     B_noise's interval is the reciprocal of the interval of ‖G‖²/tr Σ, so that a gradient indistinguishable
     from zero gives an unbounded upper end rather than a meaningless ratio.  ``n_boot = 0`` gives the fit alone.
+    ``lack_of_fit=False`` skips the lack-of-fit test: at a fixed θ (the frozen protocol) the model is an identity of
+    sampling from the pool, so the test could not fail and measures nothing.
     """
     q = np.asarray(q, dtype=np.float64)
     m = np.asarray(batch_sizes, dtype=np.float64)
@@ -136,10 +145,15 @@ def fit_noise_model(
         g2, tr, inv = Estimate(float(val[0])), Estimate(float(val[1])), Estimate(float(val[2]))
         chi2 = float(val[3])
     dof = m.size - 2
-    p = lack_of_fit_p_value(q, x, chi2, n_boot=n_boot, rng=rng) if dof > 0 else float("nan")
+    note = None
+    if not lack_of_fit:
+        chi2, p = float("nan"), float("nan")
+        note = LACK_OF_FIT_TAUTOLOGY
+    else:
+        p = lack_of_fit_p_value(q, x, chi2, n_boot=n_boot, rng=rng) if dof > 0 else float("nan")
     b_noise = reciprocal(inv, "the interval of ‖G‖² reaches zero: B_noise has no finite upper bound")
     mean, w = sampling_weights(q)
-    return NoiseModelFit(g2, tr, b_noise, chi2, dof, p, m, c, mean, 1.0 / np.sqrt(w), n_trials)
+    return NoiseModelFit(g2, tr, b_noise, chi2, dof, p, m, c, mean, 1.0 / np.sqrt(w), n_trials, note)
 
 
 def lack_of_fit_p_value(q: np.ndarray, x: np.ndarray, chi2: float, *, n_boot: int,

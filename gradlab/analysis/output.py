@@ -59,13 +59,26 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
     ntail = np.zeros((C, M), dtype=np.int64)
     for ci, c in enumerate(labels):
         for mi, m in enumerate(batch_sizes):
-            t = fits[c].tails[int(m)]
-            hill[ci, mi], alpha[ci, mi], thr[ci, mi], ntail[ci, mi] = t.hill, t.alpha_stable, t.threshold, t.n_tail
+            t = fits[c].tails.get(int(m))
+            if t is not None:  # frozen stores: one tail index, at the reference batch size
+                hill[ci, mi], alpha[ci, mi], thr[ci, mi], ntail[ci, mi] = t.hill, t.alpha_stable, t.threshold, t.n_tail
     cm = ("checkpoint", "batch_size")
     vars_: dict[str, Any] = {}
-    vars_ |= _est_vars("tail_index_hill", cm, hill, "binned Hill tail index α of the entries of S", "1")
-    vars_ |= _est_vars("tail_index_alpha_stable", cm, alpha, "α-stable tail index of the entries of S (Mohammadi)",
-                       "1")
+    vars_ |= _est_vars("tail_index_hill", cm, hill,
+                       "binned Hill tail index α of the entries of S, pooled over the selected tensors", "1")
+    vars_ |= _est_vars("tail_index_alpha_stable", cm, alpha,
+                       "α-stable tail index of the entries of S, blocks inside layers (per-layer standardised)", "1")
+    layer_names = sorted({name for c in labels for t in fits[c].tails.values() for name in t.alpha_stable_layers})
+    if layer_names and "layer" in ds.coords:
+        all_layers = [str(v) for v in ds["layer"].values]
+        per = np.empty((C, M, len(all_layers)), dtype=object)
+        for ci, c in enumerate(labels):
+            for mi, m in enumerate(batch_sizes):
+                t = fits[c].tails.get(int(m))
+                for li, name in enumerate(all_layers):
+                    per[ci, mi, li] = t.alpha_stable_layers.get(name) if t is not None else None
+        vars_ |= _est_vars("tail_index_alpha_stable_layer", (*cm, "layer"), per,
+                           "α-stable tail index of the entries of S in one layer", "1")
     vars_["hill_threshold"] = (cm, thr, {"long_name": "magnitude where the Hill tail starts", "units": norm_units})
     vars_["hill_n_tail"] = (cm, ntail, {"long_name": "entries above the Hill threshold", "units": "count"})
     # power laws
@@ -92,10 +105,10 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
     vars_["sqrt_law_max_batch_size"] = (cn, sqrt_max, {"long_name": "largest batch size of the √m range",
                                                        "units": "examples"})
     vars_["power_law_amplitude"] = (cn, amp, {"long_name": "amplitude c of norm = c·m^β", "units": norm_units})
-    vars_["power_law_mean"] = (cnm, mu, {"long_name": "mean norm entering the power-law fit", "units": norm_units})
+    vars_["power_law_mean"] = (cnm, mu, {"long_name": "mean over trials of the norm", "units": norm_units})
     if frozen:
         nm = {c: fits[c].noise_model for c in labels}
-        for name, attr, lname, units in (("grad_sq_norm_fit", "grad_sq_norm", "squared norm of the full gradient ‖G‖²",
+        for name, attr, lname, units in (("grad_sq_norm_fit", "grad_sq_norm", "estimate of the pool's ‖G‖²",
                                           sq_units),
                                          ("trace_cov_fit", "trace_cov", "trace of per-example gradient covariance tr Σ",
                                           sq_units),
@@ -103,12 +116,13 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
                                           "examples")):
             ests = np.array([getattr(nm[c], attr) for c in labels] + [None], dtype=object)[:-1]
             vars_ |= _est_vars(name, ("checkpoint",), ests, lname + " (WLS fit of the noise model)", units)
-        vars_["lack_of_fit_chi2"] = (("checkpoint",), np.array([nm[c].chi2 for c in labels]),
-                                     {"long_name": "lack-of-fit χ² of the noise model", "units": "1"})
-        vars_["lack_of_fit_dof"] = (("checkpoint",), np.array([nm[c].dof for c in labels]),
-                                    {"long_name": "degrees of freedom of the lack-of-fit χ²", "units": "1"})
-        vars_["lack_of_fit_p"] = (("checkpoint",), np.array([nm[c].p_value for c in labels]),
-                                  {"long_name": "bootstrap p-value of the lack-of-fit χ²", "units": "1"})
+        if all(nm[c].lack_of_fit_note is None for c in labels):
+            vars_["lack_of_fit_chi2"] = (("checkpoint",), np.array([nm[c].chi2 for c in labels]),
+                                         {"long_name": "lack-of-fit χ² of the noise model", "units": "1"})
+            vars_["lack_of_fit_dof"] = (("checkpoint",), np.array([nm[c].dof for c in labels]),
+                                        {"long_name": "degrees of freedom of the lack-of-fit χ²", "units": "1"})
+            vars_["lack_of_fit_p"] = (("checkpoint",), np.array([nm[c].p_value for c in labels]),
+                                      {"long_name": "bootstrap p-value of the lack-of-fit χ²", "units": "1"})
         vars_["minibatch_sq_norm_mean"] = (cm, np.stack([nm[c].mean_sq_norm for c in labels]),
                                            {"long_name": "mean squared minibatch gradient norm ‖g_B‖²",
                                             "units": sq_units})

@@ -11,8 +11,12 @@ side).  Given per-trial norms ``x[m, t]``:
 Local slopes between neighbouring batch sizes and slopes of every prefix m_1..m_k are computed too; the √m
 range is the longest prefix whose slopes' intervals all contain ½.  The crossover is m_× = a/b from the
 two-regime law μ_m² = a·m + b·m² (fitted by WLS as μ_m²/m = a + b·m): where the m² term equals the m term, the
-local slope is ¾, and for the RMS of ‖s_B‖ drawn with replacement m_× = B_noise exactly.  Its interval is the
-reciprocal of the interval of b/a (b ≤ 0: no crossover within reach, upper end ``inf``).  The test of β = ½ uses
+local slope is ¾, and for the RMS of ‖s_B‖ drawn with replacement m_× = B_noise exactly.  Drawn without
+replacement from a pool of n (the probe's default), E‖s_B‖² = m²‖G‖² + m·c_m·tr Σ with c_m = (n − m)/(n − 1), so
+the intercept form would estimate tr Σ·n/(n − 1) / (‖G‖² − tr Σ/(n − 1)), biased upward; given ``factor`` = c_m
+the fit is the finite-population form μ_m²/m = a·c_m + b·m (WLS, no intercept), whose a/b is again B_noise.  Its
+interval is the reciprocal of the interval of b/a (b ≤ 0: no crossover within reach, upper end ``inf``).
+The test of β = ½ uses
 the bootstrap standard error: z = (β̂ − ½)/se, p = 2(1 − Φ(|z|)).
 
 Example (exact √m data)::
@@ -53,8 +57,19 @@ def _floor(var: np.ndarray) -> np.ndarray:
     return np.maximum(var, 1e-12 * np.max(var, axis=-1, keepdims=True) + 1e-300)
 
 
-def power_law_statistic(x: np.ndarray, batch_sizes: np.ndarray, kind: str) -> np.ndarray:
-    """Stacked outputs [β, prefix slopes k=2..M, local slopes, b/a] from x (..., M, trial)."""
+def wls_two(x1: np.ndarray, x2: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares y ≈ a·x1 + b·x2 (no intercept) over the last axis, vectorised: (a, b)."""
+    s11, s22, s12 = (w * x1 * x1).sum(-1), (w * x2 * x2).sum(-1), (w * x1 * x2).sum(-1)
+    s1y, s2y = (w * x1 * y).sum(-1), (w * x2 * y).sum(-1)
+    det = s11 * s22 - s12 * s12
+    return (s22 * s1y - s12 * s2y) / det, (s11 * s2y - s12 * s1y) / det
+
+
+def power_law_statistic(x: np.ndarray, batch_sizes: np.ndarray, kind: str,
+                        factor: np.ndarray | None = None) -> np.ndarray:
+    """Stacked outputs [β, prefix slopes k=2..M, local slopes, b/a] from x (..., M, trial).
+
+    ``factor``: the finite-population factors c_m of the crossover fit μ²/m = a·c_m + b·m (None: c_m = 1)."""
     logm = np.log(np.asarray(batch_sizes, dtype=np.float64))
     logmu, var_log, mu2, var_mu2 = _log_mean_and_var(x, kind)
     w = 1.0 / _floor(var_log)
@@ -62,7 +77,11 @@ def power_law_statistic(x: np.ndarray, batch_sizes: np.ndarray, kind: str) -> np
     prefix = [wls_line(logm[:k], logmu[..., :k], w[..., :k])[1] for k in range(2, M + 1)]
     local = np.diff(logmu, axis=-1) / np.diff(logm)
     m = np.exp(logm)
-    a, b = wls_line(m, mu2 / m, 1.0 / _floor(var_mu2 / m**2))
+    wc = 1.0 / _floor(var_mu2 / m**2)
+    if factor is None:
+        a, b = wls_line(m, mu2 / m, wc)
+    else:
+        a, b = wls_two(np.asarray(factor, dtype=np.float64), m, mu2 / m, wc)
     return np.concatenate([prefix[-1][None], np.stack(prefix), np.moveaxis(local, -1, 0), (b / a)[None]])
 
 
@@ -102,8 +121,12 @@ def fit_power_law(
     n_boot: int = 999,
     rng: np.random.Generator,
     level: float = 0.95,
+    factor: np.ndarray | None = None,
 ) -> PowerLawFit:
-    """Fit ‖·‖ ∝ m^β to ``x`` (batch_size, trial) with bootstrap-over-trials intervals (see the module doc)."""
+    """Fit ‖·‖ ∝ m^β to ``x`` (batch_size, trial) with bootstrap-over-trials intervals (see the module doc).
+
+    ``factor``: c_m = (n − m)/(n − 1) when the examples were drawn without replacement from a pool of n (the
+    crossover is then fitted in the finite-population form); None for draws with replacement."""
     x = np.asarray(x, dtype=np.float64)
     m = np.asarray(batch_sizes, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] != m.size or m.size < 2:
@@ -111,7 +134,7 @@ def fit_power_law(
     M = m.size
 
     def stat(xx: np.ndarray) -> np.ndarray:
-        return power_law_statistic(xx, m, kind)
+        return power_law_statistic(xx, m, kind, factor)
 
     if n_boot > 0:
         res = bootstrap_trials([x], stat, n_boot=n_boot, rng=rng, level=level)

@@ -30,8 +30,9 @@ from gradlab.analysis import stats
 from gradlab.analysis.compare import Change, compare_checkpoints, same_draws
 from gradlab.analysis.noise_model import noise_model_statistic, finite_population_factor
 from gradlab.analysis.power_law import power_law_statistic
-from gradlab.analysis.probe_fits import SEED_CODES, CheckpointFits, fit_checkpoint, rng_for
-from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, stable_pair_sums
+from gradlab.analysis.probe_fits import (NOT_MEASURED_FROZEN, SEED_CODES, CheckpointFits, fit_checkpoint,
+                                        float_resolution, rng_for)
+from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, pooled_block_length, stable_pair_sums
 from gradlab.analysis.interval import Estimate
 from gradlab.errors import StoreError, UsageError
 
@@ -180,8 +181,12 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
              if frozen else None)
         per_trial[label] = {"grad_norm": x, **({"q": q} if q is not None else {})}
         cf = fit_checkpoint(label, keep[ci], batch_sizes, x, q, pool_size=pool_size, replacement=replacement,
-                            n_boot=n_boot, seed=seed, level=level)
+                            n_boot=n_boot, seed=seed, level=level,
+                            resolution=float_resolution(str(ds.attrs.get("dtype", "float64")),
+                                                        int(ds.attrs.get("budget", batch_sizes.max()))))
         for mi, m in enumerate(batch_sizes):
+            if frozen and int(m) != ref_batch_size:
+                continue  # S only rescales with m: one tail index per checkpoint
             cf.tails[int(m)] = _fit_tails(ds, ci, mi, d, has_vectors, keep[ci], n_boot=n_boot, seed=seed, level=level)
         fits[label] = cf
         for fit_note in _fit_notes(cf):
@@ -200,6 +205,21 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
     result = summary_dict(path, ds, computed, fits, changes, labels=labels, missing=missing, notes=notes,
                           protocol=protocol, reduction=reduction, replacement=replacement, pool_size=pool_size,
                           ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level, frozen=frozen)
+    if frozen and "gram_trace" in ds and "gram_sum" in ds:
+        from gradlab.analysis.moments import HEADLINE, moment_estimates
+
+        result["headline"] = HEADLINE
+        budget = int(ds.attrs.get("budget", batch_sizes.max()))
+        for ci, label in enumerate(labels):
+            d = done.isel(checkpoint=ci).values
+            t1 = np.asarray(ds["gram_trace"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+            t2 = np.asarray(ds["gram_sum"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+            ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
+                                    rng=rng_for(seed, keep[ci], SEED_CODES["moments"]))
+            result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}
+    not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
+    result["not_measured"] = not_measured
+    result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]
     if write_store:
         try:
             write_analysis_group(path, ads)
@@ -235,16 +255,42 @@ def _fit_tails(ds: Any, ci: int, mi: int, d: np.ndarray, has_vectors: bool, ck: 
         hill, thr, n_tail, ks = fit_hill(hist, n_boot=n_boot, rng=rng_for(seed, ck, SEED_CODES["hill"] + mi),
                                          level=level)
     alpha = Estimate(math.nan, note="needs the vectors S (gradlab probe --keep vectors)")
+    per_layer: dict[str, Estimate] = {}
     if has_vectors:
         v = ds["grad_sum"].isel(checkpoint=ci, batch_size=mi).transpose("trial", "vector_element")
         vec = np.asarray(v.values, dtype=np.float64)[d]
-        if vec.shape[1] >= 4 and vec.shape[0] >= 2:
-            sums = stable_pair_sums(vec)
-            alpha = fit_alpha_stable(sums, vec.shape[1], n_boot=n_boot,
+        segments = vector_segments(ds)
+        spans = [(a, b) for _, a, b in segments]
+        if vec.shape[0] >= 2 and any(b - a >= 4 for a, b in spans):
+            k1 = pooled_block_length(spans)
+            alpha = fit_alpha_stable(stable_pair_sums(vec, spans, k1), k1=k1, n_boot=n_boot,
                                      rng=rng_for(seed, ck, SEED_CODES["alpha_stable"] + mi), level=level)
+            if len(segments) > 1:
+                for li, (name, a, b) in enumerate(segments):
+                    if b - a >= 4:
+                        per_layer[name] = fit_alpha_stable(
+                            stable_pair_sums(vec[:, a:b]), b - a, n_boot=n_boot, level=level,
+                            rng=rng_for(seed, ck, SEED_CODES["alpha_stable_layer"] + 1000 * li + mi))
         else:
-            alpha = Estimate(math.nan, note="needs ≥ 2 trials and vectors of ≥ 4 entries")
-    return TailFit(hill, thr, n_tail, ks, alpha)
+            alpha = Estimate(math.nan, note="needs ≥ 2 trials and a layer of ≥ 4 entries in the vectors")
+    return TailFit(hill, thr, n_tail, ks, alpha, per_layer)
+
+
+def vector_segments(ds: Any) -> list[tuple[str, int, int]]:
+    """(layer, start, end) of each selected tensor inside ``grad_sum``'s ``vector_element`` (the probe flattens the
+    selected tensors in layer order); one segment ``"all"`` when the store does not record the layout."""
+    n = int(ds.sizes.get("vector_element", 0))
+    try:
+        cfg = json.loads(ds.attrs.get("config", "{}"))
+        sizes = dict(zip(cfg["layers"], cfg["layer_sizes"], strict=True))
+        order = [name for name in cfg["layers"] if name in set(cfg["selected"])]
+    except (KeyError, TypeError, ValueError):
+        return [("all", 0, n)]
+    out, start = [], 0
+    for name in order:
+        out.append((name, start, start + int(sizes[name])))
+        start += int(sizes[name])
+    return out if start == n else [("all", 0, n)]
 
 
 def _compare(ds: Any, done: Any, labels: list[str], per_trial: dict[str, dict[str, np.ndarray]],

@@ -16,32 +16,50 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def _row(ck: str, name: str, est: dict[str, Any], remark: str = "") -> tuple[str, str, str, str, str]:
-    ci = f"[{_fmt(est['low'])}, {_fmt(est['high'])}]" if est["low"] is not None else "no interval"
+    if est["value"] == "inf":  # e.g. a crossover whose m² term is not positive: none within reach
+        return ck, name, "none within reach", "—", "; ".join(r for r in (remark, est.get("note") or "") if r)
+    if est["low"] is None:
+        ci = "no interval"
+        remark = "; ".join(r for r in (remark, est.get("note") or "") if r)
+    elif est["high"] == "inf":
+        ci = f"≥ {_fmt(est['low'])} (no upper bound)"
+    else:
+        ci = f"[{_fmt(est['low'])}, {_fmt(est['high'])}]"
     return ck, name, _fmt(est["value"]), ci, remark
+
+
+def _sqrt_range(x: Any) -> str:
+    return "√m range: none at this precision" if x is None else f"√m holds up to m = {_fmt(x)}"
 
 
 def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """Rows: per checkpoint β per norm (with p(β=½), the √m range, the crossover), the noise model, changes."""
     rows = []
     for ck, c in result.get("checkpoints", {}).items():
+        est = c.get("estimates")
+        if est:
+            for key, name in (("grad_sq_norm", "‖G‖²"), ("trace_cov", "tr Σ"), ("b_noise", "B_noise")):
+                rows.append(_row(ck, name, est[key], "U-statistics of all example pairs (headline)"))
         nm = c.get("noise_model")
         if nm:
             lof = nm["lack_of_fit"]
-            rows.append(_row(ck, "‖G‖²", nm["grad_sq_norm"]))
-            rows.append(_row(ck, "tr Σ", nm["trace_cov"]))
-            rows.append(_row(ck, "B_noise", nm["b_noise"], f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, "
-                                                           f"p={_fmt(lof['p_value'], 2)}"))
+            rows.append(_row(ck, "‖G‖² (noise-law fit)", nm["grad_sq_norm"]))
+            rows.append(_row(ck, "tr Σ (noise-law fit)", nm["trace_cov"]))
+            rows.append(_row(ck, "B_noise (noise-law fit)", nm["b_noise"],
+                             "" if lof.get("note") else
+                             f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}"))
         for name, pl in c.get("power_law", {}).items():
             rows.append(_row(ck, f"β ({name})", pl["beta"],
-                             f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; √m up to m={_fmt(pl['sqrt_law_max_batch_size'])}"))
+                             f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; {_sqrt_range(pl['sqrt_law_max_batch_size'])}"))
             rows.append(_row(ck, f"crossover ({name})", pl["crossover"]))
         tails = c.get("tails", {})
         if tails:
             mmin, mmax = min(tails, key=int), max(tails, key=int)
-            for m in (mmin, mmax):
-                rows.append(_row(ck, f"Hill α (m={m})", tails[m]["hill"]))
+            for m in dict.fromkeys((mmin, mmax)):
+                rows.append(_row(ck, f"Hill α (m={m})", tails[m]["hill"], "pooled over the selected tensors"))
                 if tails[m]["alpha_stable"]["value"] is not None:
-                    rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"]))
+                    rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"],
+                                     "blocks inside layers, per-layer standardised"))
     for ch in result.get("comparison", []):
         sym = "×" if ch["kind"] == "ratio" else "Δ"
         rows.append(_row("late/early", f"{sym} {ch['quantity']}", ch["change"], ch["text"]))

@@ -8,7 +8,11 @@ q^j (1 − q), q = r^(−α): a geometric law.  Its maximum-likelihood fit, with
 right-censored at J, is q̂ = S/(S + k) with S = Σ_j j c_j + J c_over and k = Σ_j c_j, so α̂ = −ln q̂ / ln r
 (this is Hill's estimator for data rounded down to the bin edges).  The threshold is the edge minimising the
 Kolmogorov–Smirnov distance between the binned tail and its fit, among edges with at least ``min_tail``
-entries above (Clauset, Shalizi & Newman 2009, §3.3).  The bootstrap over trials keeps that threshold.
+entries above (Clauset, Shalizi & Newman 2009, §3.3).  The bootstrap over trials selects the threshold again in
+every resample, so the interval includes the uncertainty of that choice.  A store's entry histograms pool every
+selected parameter tensor: entries of different layers have different scales, and a scale mixture looks
+heavier-tailed than each part, so the pooled Hill index is labelled as such (probe one layer with ``--params``
+for a per-layer Hill index).
 
 α-stable (Mohammadi, Mohammadpour & Ogata 2015, "On estimating the tail index and the spectral measure of
 multivariate α-stable distributions", Metrika 78:549; used by Şimşekli, Sagun & Gürbüzbalaban 2019, "A
@@ -18,7 +22,10 @@ tail-index analysis of stochastic gradient noise in deep neural networks", ICML)
 difference of two independent trials: the location (the mean gradient) cancels exactly and a difference of two
 i.i.d. α-stable variables is symmetric α-stable with the same α (centring by a sample mean would not converge for
 α near 1).  Blocks lie inside a pair (K1 = ⌊√d⌋ entries of the d-vector); the per-pair sums of ln|X| and ln|Y|
-are additive, so pairs of trials are resampled.
+are additive, so pairs of trials are resampled.  Blocks never cross a layer boundary (``segments``): per layer,
+K1 = ⌊√d_l⌋ of the layer's d_l entries; pooled over layers, one K1 = ⌊√min d_l⌋ for every layer, so each layer
+contributes ln|X| and ln|Y| in proportion to its size and its scale cancels in mean ln|Y| − mean ln|X| (the
+pooled estimate is that of per-layer standardised entries).
 
 Example (exact Pareto counts, α = 1.5)::
 
@@ -32,7 +39,7 @@ Example (exact Pareto counts, α = 1.5)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,12 +107,31 @@ def select_threshold(counts: np.ndarray, overflow: float, min_tail: int = 100) -
 
     Raises ValueError when no bin has ``min_tail`` entries above it.
     """
-    tail = np.cumsum(np.asarray(counts, dtype=np.float64)[::-1])[::-1] + overflow
-    candidates = np.flatnonzero((tail >= min_tail) & (np.asarray(counts) > 0))
+    c = np.asarray(counts, dtype=np.float64)
+    tail = np.cumsum(c[::-1])[::-1] + overflow
+    candidates = np.flatnonzero((tail >= min_tail) & (c > 0))
     if candidates.size == 0:
         raise ValueError(f"fewer than {min_tail} nonzero magnitudes: no tail to fit")
-    d = [ks_distance(counts, overflow, int(s), float(binned_hill(counts, overflow, int(s)))) for s in candidates]
-    return int(candidates[int(np.argmin(d))])
+    return int(candidates[int(np.argmin(_ks_profile(c, float(overflow), candidates)))])
+
+
+def _ks_profile(c: np.ndarray, overflow: float, starts: np.ndarray, ratio: float = BIN_RATIO) -> np.ndarray:
+    """:func:`ks_distance` at the Hill fit of every start in ``starts`` at once (cumulative sums, one matrix)."""
+    n = c.size
+    j = np.arange(n, dtype=np.float64)
+    a = np.cumsum(c[::-1])[::-1]  # Σ_{i≥s} c_i
+    b = np.cumsum((j * c)[::-1])[::-1]  # Σ_{i≥s} i c_i
+    s = starts.astype(np.float64)
+    big_s = b[starts] - s * a[starts] + (n - s) * overflow
+    k = a[starts]
+    q = big_s / (big_s + k)  # the fitted geometric ratio r^(−α̂) of each start
+    total = k + overflow
+    cum = np.concatenate([[0.0], np.cumsum(c)])
+    emp = (cum[None, 1:] - cum[starts][:, None]) / total[:, None]  # (start, j): share of the tail in bins s..j
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fit = 1.0 - q[:, None] ** (j[None, :] - s[:, None] + 1)
+    gap = np.where(j[None, :] >= s[:, None], np.abs(emp - fit), 0.0)
+    return np.where(starts < n, gap.max(1), np.inf)
 
 
 @dataclass(frozen=True)
@@ -116,11 +142,14 @@ class TailFit:
     threshold: float  # magnitude where the fitted tail starts
     n_tail: int
     ks: float
-    alpha_stable: Estimate
+    alpha_stable: Estimate  # pooled over layers, blocks inside layers (per-layer standardised)
+    alpha_stable_layers: dict[str, Estimate] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"hill": self.hill.to_dict(), "hill_threshold": json_float(self.threshold), "hill_n_tail": self.n_tail,
-                "hill_ks": json_float(self.ks), "alpha_stable": self.alpha_stable.to_dict()}
+                "hill_ks": json_float(self.ks), "hill_pools": "every selected parameter tensor",
+                "alpha_stable": self.alpha_stable.to_dict(),
+                "alpha_stable_per_layer": {k: v.to_dict() for k, v in self.alpha_stable_layers.items()}}
 
 
 def fit_hill(entry_hist: np.ndarray, *, n_boot: int, rng: np.random.Generator, min_tail: int = 100,
@@ -141,8 +170,16 @@ def fit_hill(entry_hist: np.ndarray, *, n_boot: int, rng: np.random.Generator, m
     sample = np.concatenate([counts, over[None]], axis=0)
 
     def stat(h: np.ndarray) -> np.ndarray:
-        tot = np.moveaxis(h.sum(-1), -1, 0)  # (bins + 1, *batch)
-        return binned_hill(tot[:-1], tot[-1], start)[None]
+        tot = h.sum(-1)  # (*batch, bins + 1)
+        flat = tot.reshape(-1, tot.shape[-1])
+        out = np.full(flat.shape[0], np.nan)
+        for i, row in enumerate(flat):  # the threshold is chosen again in every resample
+            try:
+                s0 = select_threshold(row[:-1], float(row[-1]), min_tail)
+            except ValueError:
+                continue
+            out[i] = float(binned_hill(row[:-1], row[-1], s0))
+        return out.reshape(tot.shape[:-1])[None]
 
     est = (bootstrap_trials([sample], stat, n_boot=n_boot, rng=rng, level=level).estimate(0) if n_boot > 0
            else Estimate(alpha))
@@ -150,25 +187,42 @@ def fit_hill(entry_hist: np.ndarray, *, n_boot: int, rng: np.random.Generator, m
     return est, float(edges[start]), n_tail, ks
 
 
-def stable_pair_sums(vectors: np.ndarray) -> np.ndarray:
+def stable_pair_sums(vectors: np.ndarray, segments: list[tuple[int, int]] | None = None,
+                     k1: int | None = None) -> np.ndarray:
     """Per-pair additive terms of the Mohammadi et al. estimator: (Σ ln|X|, #X, Σ ln|Y|, #Y) × pair.
 
-    ``vectors`` is (trial, d): S of each trial; pair p is X = S_{2p} − S_{2p+1} (an odd last trial is left out);
-    blocks of K1 = ⌊√d⌋ consecutive entries.  Exact zeros (ln 0) are left out of the sums and counts.
+    ``vectors`` is (trial, d): S of each trial; pair p is X = S_{2p} − S_{2p+1} (an odd last trial is left out).
+    ``segments`` are the [start, end) entry ranges of the layers (default: one segment); blocks of ``k1``
+    consecutive entries lie inside a segment (default K1 = ⌊√(shortest segment)⌋, see :func:`pooled_block_length`).
+    Exact zeros (ln 0) are left out of the sums and counts.
     """
     v = np.asarray(vectors, dtype=np.float64)
     n_pairs = v.shape[0] // 2
-    x = v[0 : 2 * n_pairs : 2] - v[1 : 2 * n_pairs : 2]
-    d = x.shape[-1]
-    k1 = block_length(d)
-    k2 = d // k1
-    x = x[:, : k1 * k2]
-    y = x.reshape(x.shape[0], k2, k1).sum(-1)
-    with np.errstate(divide="ignore"):
-        lx, ly = np.log(np.abs(x)), np.log(np.abs(y))
-    fx, fy = np.isfinite(lx), np.isfinite(ly)
-    return np.stack([np.where(fx, lx, 0).sum(1), fx.sum(1), np.where(fy, ly, 0).sum(1), fy.sum(1)]).astype(
-        np.float64)
+    xall = v[0 : 2 * n_pairs : 2] - v[1 : 2 * n_pairs : 2]
+    segs = [(0, xall.shape[-1])] if segments is None else [(int(a), int(b)) for a, b in segments]
+    if k1 is None:
+        k1 = pooled_block_length(segs)
+    out = np.zeros((4, n_pairs))
+    for a, b in segs:
+        k2 = (b - a) // k1
+        if k2 < 1:
+            continue
+        x = xall[:, a : a + k1 * k2]
+        y = x.reshape(x.shape[0], k2, k1).sum(-1)
+        with np.errstate(divide="ignore"):
+            lx, ly = np.log(np.abs(x)), np.log(np.abs(y))
+        fx, fy = np.isfinite(lx), np.isfinite(ly)
+        out += np.stack([np.where(fx, lx, 0).sum(1), fx.sum(1), np.where(fy, ly, 0).sum(1), fy.sum(1)])
+    return out
+
+
+def pooled_block_length(segments: list[tuple[int, int]]) -> int:
+    """K1 shared by every layer: ⌊√d⌋ of the shortest segment with ≥ 4 entries."""
+    sizes = [b - a for a, b in segments if b - a >= 4]
+    if not sizes:
+        raise ValueError(f"the α-stable estimator needs a layer of at least 4 entries; got sizes "
+                         f"{[b - a for a, b in segments]}")
+    return block_length(min(sizes))
 
 
 def block_length(d: int) -> int:
@@ -185,13 +239,17 @@ def alpha_stable_statistic(sums: np.ndarray, k1: int) -> np.ndarray:
         return (math.log(k1) / (t[..., 2] / t[..., 3] - t[..., 0] / t[..., 1]))[None]
 
 
-def fit_alpha_stable(sums: np.ndarray, d: int, *, n_boot: int, rng: np.random.Generator,
-                     level: float = 0.95) -> Estimate:
+def fit_alpha_stable(sums: np.ndarray, d: int | None = None, *, n_boot: int, rng: np.random.Generator,
+                     level: float = 0.95, k1: int | None = None) -> Estimate:
     """α of Mohammadi et al. (2015) from :func:`stable_pair_sums` output, with a bootstrap over pairs of trials.
 
-    α-stable laws have α ∈ (0, 2]; an estimate above 2 is reported as is (it means "light-tailed").
+    The block length is ``k1`` (as passed to :func:`stable_pair_sums`), else ⌊√d⌋.  α-stable laws have
+    α ∈ (0, 2]; an estimate above 2 is reported as is (it means "light-tailed").
     """
-    k1 = block_length(d)
+    if k1 is None:
+        if d is None:
+            raise ValueError("give the vector length d or the block length k1")
+        k1 = block_length(d)
 
     def stat(s: np.ndarray) -> np.ndarray:
         return alpha_stable_statistic(s, k1)

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="norms; + entry histograms of S; + S itself for the selected parameters")
     parser.add_argument("--out", required=True, help="the zarr store to write")
     parser.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
+    parser.add_argument("--draws", choices=("common", "independent"), default="common",
+                        help="common (default): trial t uses the same examples at every checkpoint, so early vs late "
+                             "is a paired comparison; independent: each checkpoint draws its own")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--replacement", action="store_true", help="draw each trial's examples with replacement")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=_batch_sizes(args.batch_sizes), budget=args.budget, trials=args.trials, protocol=args.protocol,
         reduction=args.reduction, lr=args.lr, params=args.params, keep=args.keep, seed=args.seed, device=args.device,
         dtype=args.dtype, replacement=args.replacement, trials_per_unit=args.trials_per_unit, loss=args.loss,
-        collate=args.collate)
+        collate=args.collate, draws=args.draws)
     if args.dry_run:
         plan = plan_probe(config, args.out, resume=args.resume, workers=args.workers or 1)
         print(f"probe plan for {args.out} ({config.protocol} protocol, {len(config.checkpoints)} checkpoint(s), "

@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fixed random sample of N training examples (default 1024; indices recorded)")
     size.add_argument("--full", action="store_true", help="use the whole training set")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="top eigenvalues by Lanczos (default 5)")
-    parser.add_argument("--hutchinson-probes", type=int, default=50, metavar="P",
-                        help="HVP budget for the trace (default 50)")
+    parser.add_argument("--hutchinson-probes", type=int, default=None, metavar="P",
+                        help="HVP budget for the trace (default: Hutchinson probes until the standard error is at "
+                             "most 2%% of |trace|, 50 to 2000 HVPs)")
     parser.add_argument("--trace-estimator", choices=("hutchinson", "hutch++"), default="hutchinson",
                         help="trace estimator: Hutchinson, or Hutch++ (lower variance when a few eigenvalues "
                              "dominate; default hutchinson)")

@@ -67,6 +67,31 @@ def hutchinson_trace(matvec: Matvec, n: int, n_probes: int, *, rng: np.random.Ge
     return TraceEstimate(float(samples.mean()), stderr, samples)
 
 
+TRACE_REL_SE = 0.02  # the default target: standard error ≤ 2% of |tr H|
+TRACE_MIN_PROBES, TRACE_MAX_PROBES = 50, 2000
+
+
+def hutchinson_to_precision(matvec: Matvec, n: int, *, rng: np.random.Generator, rel_se: float = TRACE_REL_SE,
+                            min_probes: int = TRACE_MIN_PROBES, max_probes: int = TRACE_MAX_PROBES) -> TraceEstimate:
+    """Hutchinson with probes drawn until the standard error is ≤ ``rel_se``·|trace| (checked after
+    ``min_probes`` and then every probe), at most ``max_probes`` HVPs.
+
+    Fifty probes gave a 5–9% standard error on a trained digits MLP (issue 15); the number needed scales as
+    (CV/rel_se)² with CV the per-probe coefficient of variation.  ``samples`` holds every probe used; stopping on an
+    estimated standard error makes the interval slightly optimistic, which the ≥ 50-probe minimum keeps small.
+    """
+    samples: list[float] = []
+    while len(samples) < max_probes:
+        v = rademacher(rng, n)
+        samples.append(float(v @ np.asarray(matvec(v), dtype=np.float64).reshape(-1)))
+        if len(samples) >= max(min_probes, 2):
+            a = np.asarray(samples)
+            if a.std(ddof=1) / np.sqrt(a.size) <= rel_se * abs(a.mean()):
+                break
+    a = np.asarray(samples)
+    return TraceEstimate(float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)), a)
+
+
 def hutchpp_split(n_probes: int) -> tuple[int, int]:
     """Hutch++'s split of a budget of P HVPs: (sketch size k, remainder probes P − 2k), with k = ⌊P/3⌋ and at
     least two remainder probes (for a standard error)."""
@@ -103,6 +128,9 @@ def hutchpp_trace(matvec: Matvec, n: int, n_probes: int, *, rng: np.random.Gener
 TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace}
 
 
-def trace_sample_count(estimator: str, n_probes: int) -> int:
-    """How many per-probe samples an estimator returns for a budget of ``n_probes`` HVPs."""
+def trace_sample_count(estimator: str, n_probes: int | None) -> int:
+    """How many per-probe samples an estimator returns for a budget of ``n_probes`` HVPs (None: Hutchinson to a 2%
+    standard error, at most ``TRACE_MAX_PROBES``)."""
+    if n_probes is None:
+        return TRACE_MAX_PROBES
     return hutchpp_split(n_probes)[1] if estimator == "hutch++" else n_probes

@@ -10,7 +10,9 @@ Store (``gradlab_store = "sharpness"``), dims and variables:
 name                            dims                              meaning
 ==============================  ================================  ==================================================
 sample_index (coord)            example                           training-set indices of the fixed sample
-train_batch_size, train_lr,     checkpoint                        from checkpoint meta (NaN / "unknown" when absent)
+train_batch_size, train_lr,     checkpoint                        from checkpoint meta (NaN / "unknown" when absent);
+                                                                  train_lr is the rate applied at the checkpoint
+                                                                  (``applied_lr``), train_lr_base the run's base lr
 train_optimizer, checkpoint_
 epoch, run_id, checkpoint_path
 train_loss, train_accuracy,     checkpoint                        evaluated in eval mode on the whole split
@@ -19,8 +21,11 @@ sample_loss, grad_norm          checkpoint                        L and ‖∇L�
 lambda_max                      checkpoint                        largest Hessian eigenvalue (Lanczos)
 eigenvalues, eigen_residual     checkpoint, k                     top-k eigenvalues and ‖Hv − λv‖
 lanczos_hvps                    checkpoint                        HVPs Lanczos used (residual checks excluded)
+lanczos_check, lanczos_missed_  checkpoint                        deflated check run's top Ritz value (≤ λ_max) and
+top                                                               whether it exposed a missed larger eigenvalue
 hessian_trace(_stderr)          checkpoint                        Hutchinson estimate and its standard error
-trace_samples                   checkpoint, probe                 vᵀHv per Rademacher probe
+trace_samples                   checkpoint, probe                 vᵀHv per Rademacher probe (NaN past the probes used:
+                                                                  by default probes run until the SE ≤ 2% of |tr H|)
 eps_sharpness, eps_loss_max     checkpoint, space, eps            Keskar's φ (%) and the max loss found
 minibatch_lambda_max            checkpoint, batch_size, trial     λ_max of mini-batch Hessians (with sizes given)
 minibatch_lambda_full(_stderr)  checkpoint                        extrapolation λ_full + c·x_m, and c
@@ -36,6 +41,7 @@ Seeds: the sample comes from ``SeedSequence([seed, 1])``; every other random dra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -49,7 +55,8 @@ import torch
 from gradlab.checkpoint import build_model_from, load_checkpoint
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
-from gradlab.curvature.hutchinson import TRACE_ESTIMATORS, trace_sample_count
+from gradlab.curvature.hutchinson import (TRACE_ESTIMATORS, TRACE_MIN_PROBES, hutchinson_to_precision,
+                                         trace_sample_count)
 from gradlab.curvature.hvp import (BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm,
                                    objective_loss)
 from gradlab.curvature.interpolation import BN_BUFFERS, check_compatible, parametric_curve
@@ -78,7 +85,7 @@ class SharpnessConfig:
     data_root: str | None = None
     samples: int | None = 1024  # None: the whole training set
     top_k: int = 5
-    hutchinson_probes: int = 50  # the trace's HVP budget
+    hutchinson_probes: int | None = None  # the trace's HVP budget; None: Hutchinson until its SE ≤ 2% of |tr H|
     trace_estimator: str = "hutchinson"  # or "hutch++"
     eps: tuple[float, ...] = (1e-3, 5e-4)
     subspace_dim: int | None = None
@@ -138,6 +145,37 @@ def _meta_float(meta: dict[str, Any], key: str) -> float:
         return float("nan")
 
 
+def applied_lr(meta: dict[str, Any]) -> tuple[float, str]:
+    """The learning rate η applied at a checkpoint, in mean-reduction units, and where it came from.
+
+    ``lr_applied`` (gradlab train records the rate of the last step after the rule's batch-size scaling, warmup,
+    decay and cycle) times m under sum reduction (the update η̃·Σᵢgᵢ is mean reduction with η = η̃·m); else the
+    rule recorded in ``lr_rule`` evaluated at the checkpoint's step; else the meta's ``lr`` when no rule scales it
+    (a hand-written checkpoint); else NaN.  Returns (η, source)."""
+    m = _meta_float(meta, "batch_size")
+    rule = meta.get("lr_rule")
+    if "lr_applied" in meta:
+        eta, reduction, source = _meta_float(meta, "lr_applied"), str(meta.get("reduction", "mean")), "lr_applied"
+    elif isinstance(rule, dict) and "epoch" in meta and "step" in meta:
+        from dataclasses import fields
+
+        from gradlab.lr_rules import LRRule
+
+        keys = {f.name for f in fields(LRRule)}
+        try:
+            r = LRRule(**{k: (tuple(v) if k == "decay_epochs" else v) for k, v in rule.items() if k in keys})
+            step, epoch = int(meta["step"]), float(meta["epoch"])
+            spe = max(int(round(step / epoch)), 1) if epoch > 0 else 1
+            eta, reduction, source = r.lr_at(max(step - 1, 0), spe), r.reduction, "lr_rule at the checkpoint's step"
+        except Exception:  # noqa: BLE001 - a foreign or damaged rule: say so rather than guess
+            return math.nan, "unreadable lr_rule"
+    elif "lr" in meta and not isinstance(rule, dict):
+        eta, reduction, source = _meta_float(meta, "lr"), str(meta.get("reduction", "mean")), "lr (no rule recorded)"
+    else:
+        return math.nan, "unknown"
+    return (eta * m if reduction == "sum" else eta), source
+
+
 def _run_id(meta: dict[str, Any], path: Path) -> str:
     keys = ("dataset", "batch_size", "lr", "lr_rule", "optimizer", "seed")
     if not any(k in meta for k in keys):
@@ -159,7 +197,7 @@ def validate(config: SharpnessConfig) -> None:
         raise UsageError(f"--samples must be at least 2, got {config.samples}")
     if config.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {config.top_k}")
-    if config.hutchinson_probes < 2:
+    if config.hutchinson_probes is not None and config.hutchinson_probes < 2:
         raise UsageError(f"--hutchinson-probes must be >= 2 (a standard error needs two), got "
                          f"{config.hutchinson_probes}")
     if config.cache_graph not in CACHE_GRAPH:
@@ -167,7 +205,7 @@ def validate(config: SharpnessConfig) -> None:
     if config.trace_estimator not in TRACE_ESTIMATORS:
         raise UsageError(f"--trace-estimator must be one of {sorted(TRACE_ESTIMATORS)}, "
                          f"got {config.trace_estimator!r}")
-    if config.trace_estimator == "hutch++" and config.hutchinson_probes < 4:
+    if config.trace_estimator == "hutch++" and (config.hutchinson_probes or 50) < 4:
         raise UsageError(f"--trace-estimator hutch++ needs --hutchinson-probes >= 4 (a sketch and two remainder "
                          f"probes), got {config.hutchinson_probes}")
     if not config.eps:
@@ -297,6 +335,10 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         VarSpec("eigen_residual", ("checkpoint", "k"), "float64", "eigenpair residual norm ||Hv - lambda v||", H),
         VarSpec("lanczos_hvps", per, "int64", "Hessian-vector products used by Lanczos", "1"),
         VarSpec("lanczos_converged", per, "bool", "Lanczos met its tolerance", "1"),
+        VarSpec("lanczos_check", per, "float64", "top Ritz value of a Lanczos check run deflated against the "
+                "eigenvectors found (a lower bound on lambda_max)", H),
+        VarSpec("lanczos_missed_top", per, "bool", "the check found an eigenvalue above lambda_max + residual "
+                "(lambda_max is then only a lower bound)", "1"),
         VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson or Hutch++, Rademacher probes)", H),
         VarSpec("hessian_trace_stderr", per, "float64", "standard error of the trace estimate", H),
         VarSpec("trace_samples", ("checkpoint", "probe"), "float64",
@@ -315,8 +357,12 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
                              {"long_name": "epoch of the checkpoint", "units": "epoch"}),
         "train_batch_size": ("checkpoint", np.array([_meta_float(m, "batch_size") for m in prep.metas]),
                              {"long_name": "training batch size m", "units": "examples"}),
-        "train_lr": ("checkpoint", np.array([_meta_float(m, "lr") for m in prep.metas]),
-                     {"long_name": "training learning rate eta", "units": "1"}),
+        "train_lr": ("checkpoint", np.array([applied_lr(m)[0] for m in prep.metas]),
+                     {"long_name": "learning rate eta applied at the checkpoint (mean-reduction units)", "units": "1"}),
+        "train_lr_source": ("checkpoint", np.array([applied_lr(m)[1] for m in prep.metas], dtype=object),
+                            {"long_name": "where train_lr comes from", "units": ""}),
+        "train_lr_base": ("checkpoint", np.array([_meta_float(m, "lr") for m in prep.metas]),
+                          {"long_name": "base learning rate of the run (before scaling and schedule)", "units": "1"}),
         "train_optimizer": ("checkpoint", np.array([str(m.get("optimizer", "unknown")) for m in prep.metas],
                                                    dtype=object), {"long_name": "training optimizer", "units": ""}),
         "run_id": ("checkpoint", np.array([_run_id(m, Path(p)) for m, p in zip(prep.metas, config.checkpoints)],
@@ -466,12 +512,22 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int, say: C
     eig = top_eigenvalues(_np_matvec(obj, tick), obj.n_params, config.top_k, tol=tol,
                           rng=np.random.default_rng(np.random.SeedSequence([config.seed, TAG_LANCZOS, c])))
     res.update(lambda_max=eig.eigenvalues[0], eigenvalues=eig.eigenvalues, eigen_residual=eig.residuals,
-               lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged)
+               lanczos_hvps=eig.n_hvp, lanczos_converged=eig.converged, lanczos_check=eig.check_eigenvalue,
+               lanczos_missed_top=eig.missed_top)
+    if eig.missed_top:
+        say(f"  warning: a deflated Lanczos check found {eig.check_eigenvalue:.6g} > lambda_max: lambda_max is only "
+            "a lower bound here")
     say(f"  lambda_max = {eig.eigenvalues[0]:.6g} ({eig.n_hvp} HVPs)")
     trace_rng = np.random.default_rng(np.random.SeedSequence([config.seed, TAG_HUTCHINSON, c]))
-    tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params, config.hutchinson_probes,
-                                                  rng=trace_rng)
-    res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=tr.samples)
+    if config.hutchinson_probes is None and config.trace_estimator == "hutchinson":
+        tr = hutchinson_to_precision(_np_matvec(obj, tick), obj.n_params, rng=trace_rng)
+    else:
+        tr = TRACE_ESTIMATORS[config.trace_estimator](_np_matvec(obj, tick), obj.n_params,
+                                                      config.hutchinson_probes or TRACE_MIN_PROBES, rng=trace_rng)
+    n_slots = trace_sample_count(config.trace_estimator, config.hutchinson_probes)
+    samples = np.full(n_slots, np.nan)
+    samples[: tr.samples.size] = tr.samples
+    res.update(hessian_trace=tr.trace, hessian_trace_stderr=tr.stderr, trace_samples=samples)
     say(f"  trace = {tr.trace:.6g} ± {tr.stderr:.2g}")
     theta = obj.theta0.double().cpu().numpy()
     spaces = _spaces(config)

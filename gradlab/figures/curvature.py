@@ -22,10 +22,11 @@ def plot_sharpness_vs_batch_size(ds: Any, ax: Any, *, measure: str = "lambda_max
     y = np.asarray(ds[measure].values, dtype=np.float64)
     m = np.asarray(ds["train_batch_size"].values, dtype=np.float64)
     labels = [str(c) for c in ds["checkpoint"].values]
-    ax.scatter(m, y, color="C0", zorder=3)
-    for xi, yi, lab in zip(m, y, labels):
+    markers = "osD^v<>phX*"
+    for i, (xi, yi, lab) in enumerate(zip(m, y, labels)):  # a legend entry per checkpoint, never overlapping text
         if np.isfinite(xi) and np.isfinite(yi):
-            ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.scatter([xi], [yi], color=f"C{i % 10}", marker=markers[(i // 10) % len(markers)], zorder=3,
+                       label=lab if len(labels) <= 12 else None)
     if analysis is not None and measure in [str(v) for v in analysis["measure"].values]:
         sel = dict(measure=measure, x_variable="train_batch_size", subset=subset)
         b = float(analysis["powerlaw_exponent"].sel(sel))
@@ -34,8 +35,9 @@ def plot_sharpness_vs_batch_size(ds: Any, ax: Any, *, measure: str = "lambda_max
         ok = np.isfinite(m) & (m > 0)
         if np.isfinite(a) and np.isfinite(b) and ok.any():
             grid = np.geomspace(m[ok].min(), m[ok].max(), 50)
-            ax.plot(grid, a * grid**b, color="C1", label=f"fit b = {b:.2f} [{lo:.2f}, {hi:.2f}]")
-            ax.legend(fontsize=8)
+            ax.plot(grid, a * grid**b, color="k", lw=1, label=f"fit b = {b:.2f} [{lo:.2f}, {hi:.2f}]")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     ax.set_xscale("log")
     if np.all(y[np.isfinite(y)] > 0):
         ax.set_yscale("log")

@@ -44,7 +44,7 @@ def plot_norm_vs_batch_size(ads: Any, ax: Any, norm: str = "grad_norm") -> Any:
                     label=f"{c}: noise model")
             b = float(ads["b_noise_fit"].sel(checkpoint=c))
             if np.isfinite(b) and m.min() <= b <= m.max():
-                ax.axvline(b, color=color, ls=":", lw=1)
+                ax.axvline(b, color=color, ls=":", lw=1, label=f"{c}: B_noise = {b:.3g}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(label_from_attrs(ads["batch_size"]))
@@ -80,6 +80,8 @@ def plot_norm_ridge(ads: Any, ax: Any, checkpoint: str, normalised: bool = True,
         c = counts.sel(batch_size=mm).values.astype(float)
         h = c / c.max() * overlap if c.max() > 0 else c
         ax.fill_between(centres, i, i + h, step="mid", color=colors[i], alpha=0.8, lw=0.5, edgecolor="k")
+    ax.set_ylim(-0.2, len(m) - 1 + overlap + 0.2)  # the top rows' bars stay inside the axes
+    ax.set_xlim(lower.min(), upper.max())
     ax.set_yticks(np.arange(len(m)))
     ax.set_yticklabels([str(v) for v in m], fontsize=7)
     ax.set_ylabel(label_from_attrs(ads["batch_size"]))

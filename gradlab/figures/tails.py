@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.figures.labels import label_from_attrs
+from gradlab.figures.layout import note_if_empty
 
 
 def plot_entry_tails(ads: Any, ax: Any, checkpoint: str) -> Any:
@@ -32,7 +33,8 @@ def plot_entry_tails(ads: Any, ax: Any, checkpoint: str) -> Any:
     ax.set_xlabel("|" + label_from_attrs(ads["bin_lower"]) + "|" if "bin_lower" in ads.coords else "|entry|")
     ax.set_ylabel(label_from_attrs(hist))
     ax.set_title(str(checkpoint), fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    if not note_if_empty(ax, "no entries of S above the underflow bin"):
+        ax.legend(fontsize=6, ncol=2)
     return ax
 
 
@@ -51,9 +53,11 @@ def plot_tail_index(ads: Any, ax: Any) -> Any:
             err = np.abs(np.stack([v - lo, hi - v]))
             err = np.where(np.isfinite(err), err, 0)
             ax.errorbar(m, v, yerr=err, fmt=marker + "-", color=color, ms=4, capsize=2, lw=1,
-                        label=f"{c}: {ads[name].attrs['long_name'].split(' tail')[0]}")
+                        label=f"{c}: {'Hill (pooled)' if name == 'tail_index_hill' else 'α-stable'}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(label_from_attrs(ads["batch_size"]))
-    ax.set_ylabel(label_from_attrs(ads["tail_index_hill"]))
-    ax.legend(fontsize=7)
+    ax.set_ylabel("tail index α (smaller: heavier tail)")
+    if not note_if_empty(ax, "no tail index: the store has neither entry histograms with enough entries nor "
+                             "vectors"):
+        ax.legend(fontsize=7)
     return ax

@@ -6,8 +6,9 @@ checkpoint, all batch sizes; each unit's variables are written into their region
 :func:`finalize` (per-checkpoint variables: moment estimates and distances, rewritten from the stored trials on
 every run, so resume and uninterrupted runs agree).
 
-A unit's results depend only on (config, checkpoint index, trials): trial t of checkpoint c draws its examples from
-``SeedSequence([seed, c, t])`` (:mod:`gradlab.probe.sampling`), so ``--resume`` (after ``kill -9`` too),
+A unit's results depend only on (config, checkpoint index, trials): trial t draws its examples from
+``SeedSequence([seed, t])`` -- the same at every checkpoint, ``draws="common"`` -- or ``SeedSequence([seed, c, t])``
+(``draws="independent"``) (:mod:`gradlab.probe.sampling`), so ``--resume`` (after ``kill -9`` too),
 ``--workers`` and ``--scheduler`` write the same values as one uninterrupted local run.
 
 Protocols (SCIENCE.md "The two probe protocols"): ``step`` calls :func:`gradlab.probe.step.step_trials` once per
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import UsageError
+from gradlab.probe.sampling import DRAWS, seed_derivation
 from gradlab.schema import GROUPS, entry_bin_edges, probe_variables
 from gradlab.store import VarSpec
 
@@ -59,9 +61,7 @@ DTYPES = ("float32", "float64")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # divisors of the default budget
 UNIT_TARGET_TRIALS = 8
 GRAD_SUM_CHUNK_BYTES = 256 * 2**20
-SEED_DERIVATION = ("trial t of checkpoint c (0-based position in the checkpoint dim) draws its examples with "
-                   "numpy.random.default_rng(numpy.random.SeedSequence([seed, c, t])).choice(pool_size, budget, "
-                   "replace=replacement)")
+SEED_DERIVATION = seed_derivation("common")  # the default; a store records its own (attrs["seed_derivation"])
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class ProbeConfig:
     loss: str = "cross-entropy"  # a built-in name or pkg.module:fn (gradlab.task)
     collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch (default_collate if None)
     loss_sha256: str = ""  # SHA-256 of a user loss's source ("" for built-ins)
+    draws: str = "common"  # gradlab.probe.sampling.DRAWS: same examples at every checkpoint, or independent
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,6 +177,7 @@ def resolve_config(
     trials_per_unit: int | None = None,
     loss: str | None = None,
     collate: str | None = None,
+    draws: str = "common",
 ) -> ProbeConfig:
     """Check every input and resolve the full config; raise :class:`UsageError` (naming the fix) on bad input.
 
@@ -194,6 +196,7 @@ def resolve_config(
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("keep", keep, KEEPS)
     _check_choice("dtype", dtype, DTYPES)
+    _check_choice("draws", draws, DRAWS)
     _check_choice("device", device, ("cpu", "cuda"))
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or a CUDA build of torch")
@@ -288,7 +291,7 @@ def resolve_config(
         replacement=bool(replacement), trials_per_unit=int(trials_per_unit), pool_size=pool_size,
         input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), layers=names,
         layer_sizes=layer_sizes, selected=selected, loss=loss, collate=collate,
-        loss_sha256=(source_sha256(loss_fn) or "") if loss not in LOSSES else "")
+        loss_sha256=(source_sha256(loss_fn) or "") if loss not in LOSSES else "", draws=draws)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
         "model_mode": config.model_mode, "loss": config.loss,
         "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
-        "seed_derivation": SEED_DERIVATION,
+        "seed_derivation": seed_derivation(config.draws), "draws": config.draws,
         "versions": json.dumps(package_versions()),
     }
     create_store(path, kind="probe", sizes=sizes, coords=coords, variables=store_variables(config),
@@ -487,7 +490,8 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
 
     pool = _pool(config.data, config.device, config.collate)
     pool_device = tensor_leaves(pool)[0].device
-    idx = draw_trials(config.seed, c, range(t0, t1), config.budget, config.pool_size, config.replacement)
+    idx = draw_trials(config.seed, c, range(t0, t1), config.budget, config.pool_size, config.replacement,
+                      config.draws)
     out = _empty_outputs(config, t1 - t0)
     out["example_index"][...] = idx
     order = [n for n in config.layers if n in config.selected]

@@ -132,7 +132,7 @@ def test_too_few_trials_give_nan_interval_and_a_note(tmp_path):
     path = tmp_path / "few.zarr"
     write_synthetic_store(path, trials=3, batch_sizes=(1, 2, 4), budget=4, pool_size=32)
     res = analyze_store(path, out_dir=tmp_path / "o", n_boot=99, figures=False)
-    beta = res["checkpoints"]["early"]["power_law"]["grad_norm"]["beta"]
+    beta = res["checkpoints"]["early"]["power_law"]["minibatch_sum_rms"]["beta"]  # a frozen store: ‖S‖ is not fitted
     assert beta["low"] is None and beta["high"] is None and "only 3 trial" in beta["note"]
     assert any("only 3 trial" in n for n in res["notes"])
 
@@ -143,3 +143,33 @@ def test_cli_subprocess_json(step_store, tmp_path):
                            "--n-boot", "0", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                           env=_env(), check=True)
     assert json.loads(proc.stdout)["gradlab_store"] == "probe"
+
+
+def test_frozen_store_shows_only_what_it_measures(frozen_store, tmp_path):
+    """Issue 15 item 3: a frozen store's ‖S‖ = c_m‖Σᵢgᵢ‖ is fixed by construction (β = −1 under mean reduction), the
+    noise model is an identity at fixed θ (its lack of fit cannot fail), and S only rescales with m (one tail
+    index): none of these is reported as a measurement, and the summary and report say why."""
+    path, _ = frozen_store
+    out = tmp_path / "f"
+    res = analyze_store(path, out_dir=out, n_boot=99, seed=1, write_store=False)
+    for c in res["checkpoints"].values():
+        assert set(c["power_law"]) == {"minibatch_sum_rms"}
+        lof = c["noise_model"]["lack_of_fit"]
+        assert lof["p_value"] is None and "identity" in lof["note"]
+        assert list(c["tails"]) == ["64"]  # the reference (largest) batch size only
+    assert {"power law, crossover and histograms of ‖S‖", "lack of fit of the noise model",
+            "tail indices per batch size", "normalised std of ‖S‖"} <= set(res["not_measured"])
+    files = set(res["figures"])
+    assert "norm_ridge.png" not in files and "norm_ridge_normalised.png" not in files
+    assert "normalised_std.png" not in files and "tail_index.png" not in files
+    html = (out / "report.html").read_text()
+    assert "β (grad_norm)" not in html and "not shown: lack of fit of the noise model" in html
+    assert "lack of fit χ²" not in html
+    # issue 15 item 7: one headline estimate of ‖G‖², tr Σ and B_noise (the U-statistics), the fit labelled a check
+    assert "U-statistic" in res["headline"] and "(headline)" in html and "B_noise (noise-law fit)" in html
+    ds = xr.open_zarr(path, consolidated=False)
+    for i, c in enumerate(("early", "late")):
+        est = res["checkpoints"][c]["estimates"]
+        for key in ("grad_sq_norm", "trace_cov", "b_noise"):
+            assert est[key]["value"] == pytest.approx(float(ds[key].values[i]), rel=1e-10), (c, key)
+            assert est[key]["low"] <= est[key]["value"] <= est[key]["high"]

@@ -7,8 +7,9 @@ import pytest
 from scipy import optimize, stats
 
 from gradlab import schema
+from gradlab.analysis.bootstrap import bootstrap_trials
 from gradlab.analysis.tails import (BIN_RATIO, binned_hill, fit_alpha_stable, fit_hill, magnitude_counts,
-                                    stable_pair_sums)
+                                    pooled_block_length, select_threshold, stable_pair_sums)
 
 
 def test_binned_hill_exact_pareto_with_overflow_censoring():
@@ -47,6 +48,25 @@ def test_hill_recovers_cauchy_tail_index():
     hist, _ = _stable_hist(1.0, 40, 500, 1)
     est, thr, n_tail, _ = fit_hill(hist, n_boot=999, rng=np.random.default_rng(2))
     assert est.contains(1.0) and est.contains(est.value) and n_tail >= 100 and thr > 0
+    assert est.high - est.low < 0.3  # 1668 tail entries: ±0.05 by the Hill standard error α/√k, ×3 for binning
+
+
+def test_hill_interval_includes_the_threshold_choice():
+    """Issue 15 item 4: the bootstrap held the threshold fixed, so its interval left out the threshold selection.
+    Re-selecting it in every resample widens the interval here (the fixed-threshold one is rebuilt below)."""
+    hist, _ = _stable_hist(1.0, 40, 500, 1)
+    est = fit_hill(hist, n_boot=499, rng=np.random.default_rng(2))[0]
+    counts, over = magnitude_counts(hist)
+    start = select_threshold(counts.sum(1), float(over.sum()))
+    sample = np.concatenate([counts, over[None]], axis=0)
+
+    def fixed(h):
+        tot = np.moveaxis(h.sum(-1), -1, 0)
+        return binned_hill(tot[:-1], tot[-1], start)[None]
+
+    held = bootstrap_trials([sample], fixed, n_boot=499, rng=np.random.default_rng(2)).estimate(0)
+    assert est.value == pytest.approx(held.value, rel=1e-12)
+    assert est.high - est.low > 1.2 * (held.high - held.low), (est, held)
 
 
 @pytest.mark.parametrize("alpha", [1.2, 1.7])
@@ -54,12 +74,13 @@ def test_alpha_stable_estimator_recovers_alpha(alpha):
     _, x = _stable_hist(alpha, 60, 400, int(alpha * 10))
     est = fit_alpha_stable(stable_pair_sums(x), 400, n_boot=999, rng=np.random.default_rng(3))
     assert est.contains(alpha) and est.contains(est.value)
+    assert est.high - est.low < 0.35
 
 
 def test_alpha_stable_gaussian_entries_give_two():
     x = np.random.default_rng(4).standard_normal((60, 400))
     est = fit_alpha_stable(stable_pair_sums(x), 400, n_boot=999, rng=np.random.default_rng(5))
-    assert est.contains(2.0)
+    assert est.contains(2.0) and est.high - est.low < 0.35
 
 
 def test_heavier_tail_at_larger_batch_is_detected():
@@ -68,3 +89,33 @@ def test_heavier_tail_at_larger_batch_is_detected():
     e_light = fit_hill(light, n_boot=499, rng=np.random.default_rng(8))[0]
     e_heavy = fit_hill(heavy, n_boot=499, rng=np.random.default_rng(9))[0]
     assert e_heavy.high < e_light.low
+
+
+def test_alpha_stable_blocks_stay_inside_layers_and_per_layer_indices_differ():
+    """Issue 15 item 4: block sums crossed layer boundaries and one index pooled layers of different scales and
+    tails.  A Cauchy layer (α = 1, 300 entries) beside a Gaussian layer at 100× the scale (α = 2, 100 entries):
+    the per-layer indices recover 1 and 2, and the pooled sums are exactly the per-layer sums at a shared K1."""
+    rng = np.random.default_rng(0)
+    cauchy = stats.levy_stable.rvs(1.0, 0.0, size=(60, 300), random_state=rng)
+    x = np.concatenate([cauchy, 100 * rng.standard_normal((60, 100))], 1)
+    spans = [(0, 300), (300, 400)]
+    k1 = pooled_block_length(spans)
+    assert k1 == 10
+    pooled = stable_pair_sums(x, spans, k1)
+    np.testing.assert_allclose(pooled, sum(stable_pair_sums(x[:, a:b], k1=k1) for a, b in spans), rtol=1e-12)
+    one = fit_alpha_stable(stable_pair_sums(x[:, :300]), 300, n_boot=499, rng=np.random.default_rng(1))
+    two = fit_alpha_stable(stable_pair_sums(x[:, 300:]), 100, n_boot=499, rng=np.random.default_rng(1))
+    assert one.contains(1.0) and two.contains(2.0) and one.high < two.low
+
+
+def test_vector_segments_follow_the_selected_layers():
+    import json
+
+    import xarray as xr
+
+    from gradlab.analysis.run import vector_segments
+
+    cfg = {"layers": ["a.weight", "a.bias", "b.weight"], "layer_sizes": [6, 2, 4], "selected": ["a.weight", "b.weight"]}
+    ds = xr.Dataset({"grad_sum": (("vector_element",), np.zeros(10))}, attrs={"config": json.dumps(cfg)})
+    assert vector_segments(ds) == [("a.weight", 0, 6), ("b.weight", 6, 10)]
+    assert vector_segments(ds.assign_attrs(config="{}")) == [("all", 0, 10)]

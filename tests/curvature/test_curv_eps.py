@@ -37,6 +37,35 @@ def test_full_space_quadratic_reaches_the_closed_form_corner(eps):
     assert res.z_norm == pytest.approx(np.linalg.norm(z), rel=1e-10)
 
 
+@pytest.mark.parametrize("maxiter, reaches", [(10, True), (0, False)])
+def test_full_space_mixed_curvature_needs_the_optimiser_to_reach_the_closed_form(maxiter, reaches):
+    """Issue 15 item 9: the convex separable quadratic's answer is the optimiser's own start (the first-order
+    corner), so that test passes with ``maxiter=0``.  Here half the coordinates are concave with their peak
+    inside the box: the closed-form max is the far corner on the convex coordinates and the peak cᵢ on the
+    concave ones, away from the start.  10 iterations reach it; 0 iterations (the start) fall short."""
+    rng = np.random.default_rng(4)
+    n = 12
+    d = rng.uniform(0.5, 5.0, n)
+    convex = np.arange(n) % 2 == 0
+    theta = rng.choice([-1, 1], n) * rng.uniform(0.1, 2.0, n)
+    eps = 0.05
+    half = eps * (np.abs(theta) + 1)
+    c = theta + rng.uniform(-0.5, 0.5, n) * half  # concave peaks inside the box
+
+    def f(t):
+        return (float(np.where(convex, 0.5 * d * t**2, -0.5 * d * (t - c) ** 2).sum()),
+                np.where(convex, d * t, -d * (t - c)))
+
+    z = np.where(convex, np.sign(theta) * half, c - theta)
+    loss0, loss_max = f(theta)[0], f(theta + z)[0]
+    res = eps_sharpness(f, theta, eps, rng=np.random.default_rng(1), maxiter=maxiter)
+    if reaches:
+        assert res.phi == pytest.approx(_phi(loss0, loss_max), rel=1e-10)
+        assert res.z_norm == pytest.approx(np.linalg.norm(z), rel=1e-8)
+    else:
+        assert res.loss_max < loss_max - 1e-3
+
+
 def test_subspace_of_dimension_one_reaches_the_better_endpoint_with_pseudo_inverse_bounds():
     rng = np.random.default_rng(2)
     d = rng.uniform(0.5, 5.0, 20)
@@ -67,7 +96,7 @@ def test_lbfgsb_from_zero_ended_below_first_order_corner_on_mlp(digits):
     """Regression: 10 L-BFGS-B iterations started at z = 0 ended below the gradient-sign corner of the box."""
     model = tiny_mlp(widths=(6,), seed=2)
     x, y = digits.train.x[:64], digits.train.y[:64]
-    obj = SampleObjective(model, x, y)
+    obj = SampleObjective(model, x, y, dtype=torch.float64)
     theta = obj.theta0.numpy()
 
     def vg(t):
@@ -84,6 +113,10 @@ def test_lbfgsb_from_zero_ended_below_first_order_corner_on_mlp(digits):
     with torch.no_grad():
         corner_loss = float(nn.functional.cross_entropy(net(x.double()), y))
     assert res.loss_max >= corner_loss - 1e-12
+    # ... and must improve on its own start (maxiter=0 ends there, and passed the line above: issue 15 item 9)
+    start = eps_sharpness(vg, theta, eps, rng=np.random.default_rng(0), maxiter=0)
+    assert start.loss_max >= corner_loss - 1e-12
+    assert res.loss_max > start.loss_max + 1e-6
     assert res.phi == pytest.approx(_phi(res.loss, res.loss_max), rel=1e-12)
     assert res.phi > 0 and res.z_norm <= np.linalg.norm(eps * (np.abs(theta) + 1)) * (1 + 1e-12)
 

@@ -62,9 +62,11 @@ def test_extrapolation_stderr_is_calibrated_on_simulated_trials():
     rng = np.random.default_rng(0)
     sizes = [8, 16, 32, 64]
     x = noise_factor(sizes, None)
-    hits, n_rep = 0, 200
+    # issue 15 item 9: 200 seeds and [0.89, 0.99] passed an interval covering 90% with probability 0.73.  2000
+    # seeds and [0.935, 0.965]: a calibrated 95% interval passes with probability 0.997, a 92% one with 0.006.
+    hits, n_rep = 0, 2000
     for _ in range(n_rep):
         vals = (2.0 + 5.0 * x)[:, None] + rng.standard_normal((4, 20)) * (0.3 * np.sqrt(x))[:, None]
         ext = extrapolate_full_batch(sizes, vals, None)
         hits += abs(ext.lambda_full - 2.0) <= 1.96 * ext.lambda_full_stderr
-    assert 0.89 <= hits / n_rep <= 0.99
+    assert 0.935 <= hits / n_rep <= 0.965, hits / n_rep

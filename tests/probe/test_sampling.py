@@ -9,12 +9,22 @@ from gradlab.probe.sampling import draw_trial, draw_trials, minibatch_positions
 
 
 def test_draw_depends_only_on_seed_checkpoint_trial():
-    a = draw_trial(3, 1, 7, 50, 100)
+    a = draw_trial(3, 1, 7, 50, 100, draws="independent")
     expected = np.random.default_rng(np.random.SeedSequence([3, 1, 7])).choice(100, size=50, replace=False)
     assert np.array_equal(a, expected)
-    assert np.array_equal(draw_trials(3, 1, [5, 6, 7], 50, 100)[2], a)  # order/chunking does not matter
-    assert not np.array_equal(a, draw_trial(3, 0, 7, 50, 100))
-    assert not np.array_equal(a, draw_trial(4, 1, 7, 50, 100))
+    assert np.array_equal(draw_trials(3, 1, [5, 6, 7], 50, 100, draws="independent")[2], a)  # order does not matter
+    assert not np.array_equal(a, draw_trial(3, 0, 7, 50, 100, draws="independent"))
+    assert not np.array_equal(a, draw_trial(4, 1, 7, 50, 100, draws="independent"))
+
+
+def test_common_draws_are_the_same_at_every_checkpoint():
+    """Default: common random numbers across checkpoints, SeedSequence([seed, t])."""
+    a = draw_trial(3, 1, 7, 50, 100)
+    expected = np.random.default_rng(np.random.SeedSequence([3, 7])).choice(100, size=50, replace=False)
+    assert np.array_equal(a, expected) and np.array_equal(a, draw_trial(3, 0, 7, 50, 100))
+    assert not np.array_equal(a, draw_trial(3, 1, 6, 50, 100))
+    with pytest.raises(ValueError, match="draws"):
+        draw_trial(3, 1, 7, 50, 100, draws="paired")
 
 
 def test_without_replacement_is_a_subset_and_with_replacement_repeats():

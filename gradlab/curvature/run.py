@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradlab.checkpoint import build_model_from, load_checkpoint
+from gradlab.checkpoint import build_model_from, load_checkpoint, require_finite
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
 from gradlab.curvature.hutchinson import TRACE_ESTIMATORS, trace_sample_count
@@ -207,6 +207,7 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     models, labels, metas, n_params, seen = [], [], [], [], set()
     for path in config.checkpoints:
         ckpt = load_checkpoint(path)
+        require_finite(ckpt.state_dict, str(path))
         net = build_model_from(ckpt, model=config.model, input_shape=data.input_shape, n_classes=data.n_classes)
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
         if config.top_k > n:
@@ -221,6 +222,8 @@ def prepare(config: SharpnessConfig) -> _Prepared:
                      any(has_batch_norm(m) for m in models), None, None)
     if config.interpolate is not None:
         small, large = (load_checkpoint(p) for p in config.interpolate)
+        for ck in (small, large):
+            require_finite(ck.state_dict, str(ck.path))
         check_compatible(small.state_dict, large.state_dict)
         prep.interp_template = build_model_from(small, model=config.model, input_shape=data.input_shape,
                                                 n_classes=data.n_classes)

@@ -32,6 +32,7 @@ import os
 import pickle
 import secrets
 import shutil
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from torch import nn
 from gradlab.errors import EnvironmentProblem, UsageError
 from gradlab.factory import is_factory_spec
 from gradlab.provenance import git_revision, package_versions
+from gradlab.store import crash_point
 
 FORMAT = "gradlab-checkpoint"
 VERSION = 1
@@ -89,6 +91,7 @@ def _atomic_write(path: Path, write: Any) -> None:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask
             break
         except FileExistsError:
             continue
@@ -102,6 +105,8 @@ def _atomic_write(path: Path, write: Any) -> None:
                     f"could not write checkpoint {path} ({free} bytes free on its disk; torch: "
                     f"{str(exc).splitlines()[0].strip()}); free some space or choose --out on another disk") from None
             raise
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file 0600
+        crash_point("checkpoint.write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -67,6 +67,27 @@ class VarSpec:
         return np.nan if kind in "fc" else (False if kind == "b" else 0)
 
 
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook of the crash campaign (tests/reliability): with ``GRADLAB_CRASH_AT=NAME`` or ``NAME:K`` in the
+    environment, the process SIGKILLs itself the K-th time (default the first) it passes the point ``NAME``
+    (``store.create``, ``store.done``, ``store.finish``, ``probe.finalize``, ``analysis.write``,
+    ``checkpoint.write``).  Without the variable it does nothing."""
+    spec = os.environ.get("GRADLAB_CRASH_AT")
+    if not spec:
+        return
+    target, _, k = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == int(k or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _outer_store(path: Path) -> Path | None:
     """The outermost zarr store strictly containing ``path`` (a group inside a store), or None."""
     outer = None
@@ -238,6 +259,7 @@ def create_store(
     try:
         target = tmp / "store.zarr"
         ds.to_zarr(target, compute=False, zarr_format=3, mode="w-", consolidated=False)
+        crash_point("store.create")
         os.rename(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,6 +352,7 @@ class StoreWriter:
     def mark_done(self, region: Mapping[str, int | slice]) -> None:
         """Mark a unit finished; call only after every variable of the unit is written."""
         self.write("done", region, True)
+        crash_point("store.done")
 
 
 @contextmanager
@@ -368,4 +391,5 @@ def writer_for(
             if created and not writer.done().any():
                 shutil.rmtree(path, ignore_errors=True)
             raise
+        crash_point("store.finish")
         consolidate(path)

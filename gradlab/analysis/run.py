@@ -69,6 +69,8 @@ def analyze_store(
         raise UsageError(f"--n-boot must be ≥ 0 (0: no intervals); got {n_boot}")
     path = Path(path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    if path.is_dir() and any(path.glob(".analysis.tmp-*")):
+        _remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
     ds = open_store(path)
     claim_out_dir(out)
     kind = ds.attrs.get("gradlab_store")
@@ -89,6 +91,19 @@ def analyze_store(
         result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed)
     _write_summary(out, result)
     return result
+
+
+def _remove_old_staging(path: Path) -> None:
+    from gradlab.store import acquire_lock, release_lock, remove_stale_staging
+
+    try:
+        fd = acquire_lock(path)
+    except StoreError:
+        return  # a writer is at work: leave everything as it is
+    try:
+        remove_stale_staging(path)
+    finally:
+        release_lock(fd)
 
 
 OUT_MARKER = ".gradlab-analysis"
@@ -307,7 +322,7 @@ def write_analysis_group(path: Path, ads: Any) -> None:
 
     Holds the store's writer lock, so it refuses (``StoreError``) while gradlab probe is still writing.
     """
-    from gradlab.store import StoreWriter, consolidate, remove_stale_staging, staging_for
+    from gradlab.store import StoreWriter, consolidate, crash_point, remove_stale_staging, staging_for
 
     with StoreWriter(path):
         remove_stale_staging(path)  # left by a killed analyze
@@ -316,9 +331,11 @@ def write_analysis_group(path: Path, ads: Any) -> None:
         try:
             target = tmp / ANALYSIS_GROUP
             ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
+            crash_point("analysis.write")
             if final.exists():
                 old = tmp / "old"
                 os.rename(final, old)
+                crash_point("analysis.write")  # between the two renames: no analysis group for an instant
             os.rename(target, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

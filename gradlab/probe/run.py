@@ -571,6 +571,7 @@ def finalize(writer: Any, config: ProbeConfig) -> None:
 
     from gradlab.checkpoint import build_model_from, load_checkpoint
     from gradlab.probe.distance import distances
+    from gradlab.store import crash_point
 
     def state(path: str) -> dict[str, Any]:
         net = build_model_from(load_checkpoint(path), model=config.model, model_kwargs=config.model_kwargs,
@@ -591,6 +592,7 @@ def finalize(writer: Any, config: ProbeConfig) -> None:
                                        config.replacement)
             for name in ("grad_sq_norm", "grad_sq_norm_se", "trace_cov", "trace_cov_se", "b_noise"):
                 writer.write(name, {"checkpoint": c}, getattr(est, name))
+        crash_point("probe.finalize")
 
 
 # ---------------------------------------------------------------------------------------------------------------

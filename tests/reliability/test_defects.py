@@ -423,9 +423,9 @@ def test_defect_11_local_and_dask_worker_processes_write_identical_stores(tmp_pa
 
     from gradlab.probe.run import resolve_config, run_probe
 
-    paths = tiny_run(tmp_path / "run", widths=[256, 256])
-    config = resolve_config([str(paths["late"])], data="digits", batch_sizes=[1, 8, 64, 512], budget=1024,
-                            trials=4, trials_per_unit=2, protocol="frozen")
+    paths = tiny_run(tmp_path / "run", widths=[128, 128])
+    config = resolve_config([str(paths["late"])], data="digits", batch_sizes=[1, 16, 512], budget=512,
+                            trials=2, trials_per_unit=1, protocol="frozen")
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -74,7 +74,7 @@ def crash_point(name: str) -> None:
     """Test hook of the crash campaign (tests/reliability): with ``GRADLAB_CRASH_AT=NAME`` or ``NAME:K`` in the
     environment, the process SIGKILLs itself the K-th time (default the first) it passes the point ``NAME``
     (``store.create``, ``store.done``, ``store.finish``, ``probe.finalize``, ``analysis.write``,
-    ``checkpoint.write``).  Without the variable it does nothing."""
+    ``analysis.finish``, ``checkpoint.write``).  Without the variable it does nothing."""
     spec = os.environ.get("GRADLAB_CRASH_AT")
     if not spec:
         return

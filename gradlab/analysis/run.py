@@ -339,6 +339,7 @@ def write_analysis_group(path: Path, ads: Any) -> None:
             os.rename(target, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        crash_point("analysis.finish")
         consolidate(path)
 
 

@@ -230,7 +230,7 @@ def scenarios(inputs: Path, ref_probe: Path | None = None) -> dict[str, Scenario
             "analyze",
             lambda root: ["analyze", str(root / "p.zarr"), "--out", str(root / "report"), "--n-boot", "19",
                           "--no-figures"],
-            [], ["analysis.write:1", "analysis.write:2", "store.finish"], analyze_cmp, analyze_prepare),
+            [], ["analysis.write:1", "analysis.write:2", "analysis.finish"], analyze_cmp, analyze_prepare),
     }
 
 
@@ -284,8 +284,6 @@ def hostile_inputs(inputs: Path, rng: np.random.Generator, n_random: int) -> lis
         ["probe", "--checkpoint", ck, "--data", "digits", "--lr", "inf", "--out", out],
         ["probe", "--checkpoint", ck, "--data", "digits", "--model-kwargs", '{"widths": [3]}', "--out", out],
         ["probe", "--checkpoint", ck, "--data", "digits", "--workers", "0", "--out", out],
-        ["probe", "--checkpoint", ck, "--data", "digits", "--scheduler", "tcp://127.0.0.1:1", "--budget", "4",
-         "--batch-sizes", "1", "--trials", "1", "--out", out],
         ["probe", "--checkpoint", ck, "--data", "digits", "--out", str(textfile), "--resume"],
         ["probe", "--checkpoint", ck, "--data", "digits", "--out", str(inputs / "run"), "--resume"],
         ["sharpness", "--checkpoint", ck, "--samples", "0", "--out", out],
@@ -440,6 +438,8 @@ def campaign(kills: int, *, seed: int = 0, workdir: Path | None = None, hostile:
         for argv in cases:
             res = runner.run(argv, timeout=120)
             hostile_tracebacks += res.traceback
+            if verbose and res.seconds > 3:
+                print(f"  hostile input took {res.seconds:.1f} s: {argv}", file=sys.stderr, flush=True)
             if not one_line_error(res):
                 bad_inputs.append(f"{argv}: exit {res.rc}: {res.stderr[-400:]}")
         totals = {

@@ -85,7 +85,8 @@ def crash_point(name: str) -> None:
     if _CRASH_COUNTS[name] == int(k or 1):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        # GRADLAB_CRASH_SIGNAL=SIGSTOP pauses instead (the concurrency tests: a writer stopped mid-store)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("GRADLAB_CRASH_SIGNAL", "SIGKILL")))
 
 
 def _outer_store(path: Path) -> Path | None:

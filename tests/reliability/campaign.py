@@ -93,21 +93,33 @@ class Runner:
         self.ctx.set_forkserver_preload(PRELOAD)
         self.n = 0
 
-    def run(self, argv: list[str], *, crash: str | None = None, kill_after: float | None = None,
-            timeout: float = 600) -> Result:
+    def start(self, argv: list[str], *, crash: str | None = None, signal: str = "SIGKILL"
+              ) -> tuple[object, str, float]:
+        """Start ``gradlab ARGV`` (not waiting); ``finish`` it later."""
         self.n += 1
         log = str(self.workdir / f".run{self.n}.err")
-        env = {"GRADLAB_CRASH_AT": crash or ""}
-        start = time.perf_counter()
+        env = {"GRADLAB_CRASH_AT": crash or "", "GRADLAB_CRASH_SIGNAL": signal}
         p = self.ctx.Process(target=_child, args=(list(argv), env, log))
+        start = time.perf_counter()
         p.start()
-        p.join(kill_after if kill_after is not None else timeout)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        return p, log, start
+
+    def finish(self, handle: tuple[object, str, float], *, kill_after: float | None = None,
+               timeout: float = 600) -> Result:
+        """Wait for a started command (SIGKILL it after ``kill_after`` seconds from its start, if given)."""
+        p, log, start = handle
+        wait = (kill_after if kill_after is not None else timeout) - (time.perf_counter() - start)
+        p.join(max(wait, 0.0))  # type: ignore[attr-defined]
+        if p.is_alive():  # type: ignore[attr-defined]
+            p.kill()  # type: ignore[attr-defined]
+            p.join()  # type: ignore[attr-defined]
         seconds = time.perf_counter() - start
         err = Path(log).read_text(errors="replace") if Path(log).exists() else ""
-        return Result(p.exitcode, err, seconds)
+        return Result(p.exitcode, err, seconds)  # type: ignore[attr-defined]
+
+    def run(self, argv: list[str], *, crash: str | None = None, kill_after: float | None = None,
+            timeout: float = 600) -> Result:
+        return self.finish(self.start(argv, crash=crash), kill_after=kill_after, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------- comparing outputs
@@ -160,7 +172,9 @@ def same_checkpoints(a: Path, b: Path) -> str:
         for k in x["state_dict"]:
             if not torch.equal(x["state_dict"][k], y["state_dict"][k]):
                 return f"{rel}: tensor {k} differs"
-        if x["recipe"] != y["recipe"] or x["meta"] != y["meta"]:
+        # git_revision is left out: a commit between the reference and the resumed run changes it legitimately
+        ma, mb = ({k: v for k, v in m["meta"].items() if k != "git_revision"} for m in (x, y))
+        if x["recipe"] != y["recipe"] or ma != mb:
             return f"{rel}: recipe or meta differ"
     return ""
 

@@ -12,16 +12,15 @@ import contextlib
 import io
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import store_jobs
 from gradlab.cli import main
 from reliability_cases import tiny_run
 
@@ -147,73 +146,18 @@ def test_any_probe_flags_give_exit_0_or_one_line_exit_2(probe_run):
 
 # ---- the store layer: any sequence of write / kill / resume events -------------------------------------------------
 
-UNITS = 6
-
-
-def _store_job(path: str, kill_at: int) -> None:
-    """One writer process on a toy store: (re)create it, write each undone unit's two variables, mark it done,
-    SIGKILL itself at operation ``kill_at`` (0: during the template's creation)."""
-    import signal
-
-    from gradlab.store import VarSpec, create_store, writer_for
-
-    ops = [0]
-
-    def tick() -> None:
-        ops[0] += 1
-        if ops[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def create() -> None:
-        if kill_at == 0:
-            os.environ["GRADLAB_CRASH_AT"] = "store.create"
-        create_store(path, kind="toy", sizes={"unit": UNITS, "x": 5},
-                     coords={"unit": ("unit", np.arange(UNITS), {})},
-                     variables=[VarSpec("a", ("unit", "x"), "float64", "a", "1"),
-                                VarSpec("b", ("unit",), "int64", "b", "1")],
-                     unit_dims=("unit",), chunks={"unit": 1}, config={"toy": 1})
-
-    with writer_for(path, resume=True, config={"toy": 1}, create=create) as w:
-        done = w.done()
-        for u in range(UNITS):
-            if done[u]:
-                continue
-            w.write("a", {"unit": u}, np.sin(np.arange(5) + u) / 3)
-            tick()
-            w.write("b", {"unit": u}, u * u)
-            tick()
-            w.mark_done({"unit": u})
-            tick()
-
-
-def _job_child(path: str, kill_at: int, log: str) -> None:
-    import sys
-    import traceback
-
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 2)
-    try:
-        _store_job(path, kill_at)
-        code = 0
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc(file=sys.stderr)
-        code = 1
-    sys.stderr.flush()
-    os._exit(code)
-
-
 @pytest.fixture(scope="module")
 def forkserver():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["gradlab.store", "xarray", "zarr", "dask.array"])
+    ctx.set_forkserver_preload(["store_jobs", "gradlab.store", "xarray", "zarr", "dask.array"])
     return ctx
 
 
 def _run_job(ctx, path: Path, kill_at: int) -> int:
     log = str(path.parent / f".job-{kill_at}.err")
-    p = ctx.Process(target=_job_child, args=(str(path), kill_at, log))
+    p = ctx.Process(target=store_jobs.job_child, args=(str(path), kill_at, log))
     p.start()
     p.join(120)
     assert p.exitcode in (0, -9), Path(log).read_text()
@@ -227,7 +171,7 @@ def test_any_write_kill_resume_sequence_ends_in_the_uninterrupted_store(forkserv
     assert _run_job(forkserver, ref, -1) == 0
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-    @given(st.lists(st.integers(0, 3 * UNITS + 1), max_size=4))
+    @given(st.lists(st.integers(0, 3 * store_jobs.UNITS + 1), max_size=4))
     def check(kills):
         root = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
         path = root / "s.zarr"

@@ -7,8 +7,10 @@ checkpoint, all batch sizes; each unit's variables are written into their region
 every run, so resume and uninterrupted runs agree).
 
 A unit's results depend only on (config, checkpoint index, trials): trial t of checkpoint c draws its examples from
-``SeedSequence([seed, c, t])`` (:mod:`gradlab.probe.sampling`), so ``--resume`` (after ``kill -9`` too),
-``--workers`` and ``--scheduler`` write the same values as one uninterrupted local run.
+``SeedSequence([seed, c, t])`` (:mod:`gradlab.probe.sampling`), and every unit runs with the torch thread count
+recorded in the store at its creation (attr ``torch_threads``; :func:`torch_threads`), so ``--resume`` (after
+``kill -9`` too), ``--workers`` and ``--scheduler`` write the same bits as one uninterrupted local run (on machines
+with the same CPU kind and torch build).
 
 Protocols (SCIENCE.md "The two probe protocols"): ``step`` calls :func:`gradlab.probe.step.step_trials` once per
 batch size for the unit's trials (train mode); ``frozen`` builds per-example Gram matrices

@@ -446,7 +446,7 @@ def campaign(kills: int, *, seed: int = 0, workdir: Path | None = None, hostile:
             shutil.rmtree(root, ignore_errors=True)
 
         n_random = hostile if hostile is not None else max(10, kills)
-        cases = hostile_inputs(inputs, rng, n_random)
+        cases = hostile_inputs(inputs, rng, n_random) if n_random >= 0 else []
         bad_inputs: list[str] = []
         hostile_tracebacks = 0
         for argv in cases:
@@ -493,7 +493,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.reliability.campaign", description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=200, help="kill sequences to run (default 200)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hostile", type=int, default=None, help="random hostile inputs (default: --kills)")
+    parser.add_argument("--hostile", type=int, default=None,
+                        help="random hostile inputs besides the fixed list (default: --kills; -1: no hostile inputs)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -400,6 +400,20 @@ def campaign(kills: int, *, seed: int = 0, workdir: Path | None = None, hostile:
         assert r.rc == 0, r.stderr
         refs["analyze"] = (root, r.seconds)
 
+        n_random = hostile if hostile is not None else max(10, kills)
+        cases = hostile_inputs(inputs, rng, n_random) if n_random >= 0 else []
+        bad_inputs: list[str] = []
+        hostile_tracebacks = 0
+        for argv in cases:
+            res = runner.run(argv, timeout=120)
+            hostile_tracebacks += res.traceback
+            if verbose and res.seconds > 3:
+                print(f"  hostile input took {res.seconds:.1f} s: {argv}", file=sys.stderr, flush=True)
+            if not one_line_error(res):
+                bad_inputs.append(f"{argv}: exit {res.rc}: {res.stderr[-400:]}")
+        if verbose:
+            print(f"  hostile inputs: {len(cases)} tried, {len(bad_inputs)} not clean, {hostile_tracebacks} "
+                  "tracebacks", file=sys.stderr, flush=True)
         table = {name: Row() for name in scen}
         names = list(scen)
         for i in range(kills):
@@ -445,17 +459,6 @@ def campaign(kills: int, *, seed: int = 0, workdir: Path | None = None, hostile:
                       f"-> {'identical' if not diff else diff}", file=sys.stderr, flush=True)
             shutil.rmtree(root, ignore_errors=True)
 
-        n_random = hostile if hostile is not None else max(10, kills)
-        cases = hostile_inputs(inputs, rng, n_random) if n_random >= 0 else []
-        bad_inputs: list[str] = []
-        hostile_tracebacks = 0
-        for argv in cases:
-            res = runner.run(argv, timeout=120)
-            hostile_tracebacks += res.traceback
-            if verbose and res.seconds > 3:
-                print(f"  hostile input took {res.seconds:.1f} s: {argv}", file=sys.stderr, flush=True)
-            if not one_line_error(res):
-                bad_inputs.append(f"{argv}: exit {res.rc}: {res.stderr[-400:]}")
         totals = {
             "kills": sum(r.kills for r in table.values()),
             "resumes": sum(r.resumes for r in table.values()),

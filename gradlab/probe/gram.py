@@ -31,6 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
+
+from gradlab.task import Batch, PerExampleLoss, batch_len, index_batch, to_run
+from gradlab.task import cross_entropy as task_ce
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +42,23 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def cross_entropy_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Σᵢ ℓᵢ with ℓᵢ the cross-entropy of example i (a sum, so that ∂/∂zᵢ is example i's own gradient)."""
     return F.cross_entropy(output, target, reduction="sum")
+
+
+def _join(module: str, attr: str) -> str:
+    """The parameter name of ``attr`` in module ``module`` ("" is the model itself: a bare nn.Linear)."""
+    return f"{module}.{attr}" if module else attr
+
+
+class _SummedLoss(nn.Module):
+    """Σᵢ ℓᵢ of a per-example loss as a module, so ``torch.func.functional_call`` can swap ``model``'s tensors."""
+
+    def __init__(self, model: nn.Module, loss: PerExampleLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss(self.model, batch).sum()
 
 
 SYM_BLOCK = 256  # below this many rows a Gram matrix is one GEMM
@@ -84,8 +105,8 @@ class GramEngine:
         res = engine(x, y)       # res.gram["layers.0.weight"][i, j] == g_i · g_j
     """
 
-    def __init__(self, model: nn.Module, selected: Sequence[str], *, loss_fn: LossFn = cross_entropy_sum,
-                 chunk_size: int = 256, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: nn.Module, selected: Sequence[str], *, loss_fn: LossFn | None = None,
+                 loss: PerExampleLoss | None = None, chunk_size: int = 256, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", grad_sum: bool = True,
                  max_fallback_bytes: int = 2 * 2**30) -> None:
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
@@ -96,7 +117,12 @@ class GramEngine:
         unknown = [n for n in self.selected if n not in names]
         if unknown:
             raise ValueError(f"parameters {unknown} are not in the model (it has {sorted(names)})")
-        self.loss_fn = loss_fn
+        if loss is not None and loss_fn is not None:
+            raise ValueError("pass either loss (per-example, fn(model, batch)) or loss_fn (summed, fn(output, y))")
+        if loss is None:  # the legacy summed loss of (output, target) as a per-example contract
+            fn = loss_fn or cross_entropy_sum
+            loss = (lambda model, batch: fn(model(batch[0]), batch[1])) if loss_fn is not None else task_ce
+        self.loss = loss
         self.chunk_size = int(chunk_size)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -106,14 +132,14 @@ class GramEngine:
         self._fallback: tuple[str, ...] = ()
 
     # -- which tensors take the linear-layer identity -------------------------------------------------------------
-    def _classify(self, x1: torch.Tensor) -> None:
+    def _classify(self, batch1: Batch) -> None:
         linears = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
         calls: dict[str, list[int]] = {name: [] for name in linears}
         hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: calls[name].append(inp[0].dim()))
                  for name, m in linears.items()]
         try:
             with torch.no_grad():
-                self.model(x1)
+                self.loss(self.model, batch1)
         finally:
             for h in hooks:
                 h.remove()
@@ -124,29 +150,29 @@ class GramEngine:
                     owners[id(p)] = owners.get(id(p), 0) + 1
         eligible = {name: m for name, m in linears.items() if calls[name] == [2]
                     and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))}
-        owned = {f"{name}.{attr}" for name, m in eligible.items() for attr in ("weight", "bias")
+        owned = {_join(name, attr) for name, m in eligible.items() for attr in ("weight", "bias")
                  if getattr(m, attr, None) is not None}
         self._linear = {name: m for name, m in eligible.items()
-                        if any(f"{name}.{a}" in self.selected for a in ("weight", "bias"))}
+                        if any(_join(name, a) in self.selected for a in ("weight", "bias"))}
         self._fallback = tuple(n for n in self.selected if n not in owned)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> GramResult:
-        """Gram matrices and summed gradients of the N examples ``x``, ``y`` (any device/dtype; moved here)."""
-        x = x.to(device=self.device, dtype=self.dtype)
-        y = y.to(device=self.device)
+    def __call__(self, batch: Batch, y: torch.Tensor | None = None) -> GramResult:
+        """Gram matrices and summed gradients of the N examples of ``batch`` (a batch pytree, or inputs ``x`` with
+        targets ``y``); floating tensors are moved to the engine's dtype, every tensor to its device."""
+        batch = to_run(batch if y is None else (batch, y), device=self.device, dtype=self.dtype)
         if self._linear is None:
-            self._classify(x[:1])
+            self._classify(index_batch(batch, slice(0, 1)))
         gram: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         if self._linear:
-            self._linear_grams(x, y, gram, grad_sum)
+            self._linear_grams(batch, gram, grad_sum)
         if self._fallback:
-            self._fallback_grams(x, y, gram, grad_sum)
+            self._fallback_grams(batch, gram, grad_sum)
         return GramResult({n: gram[n] for n in self.selected},
                           {n: grad_sum[n] for n in self.selected} if self.want_grad_sum else {}, self._fallback)
 
     # -- linear-layer identity ------------------------------------------------------------------------------------
-    def _linear_grams(self, x: torch.Tensor, y: torch.Tensor, gram: dict[str, torch.Tensor],
+    def _linear_grams(self, batch: Batch, gram: dict[str, torch.Tensor],
                       grad_sum: dict[str, torch.Tensor]) -> None:
         linears = self._linear or {}
         acts: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
@@ -159,12 +185,16 @@ class GramEngine:
 
         hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: hook(mod, inp, out, name))
                  for name, m in linears.items()]
+        # the layers' outputs must be part of a graph even when the inputs are integer ids or data
+        weights = [m.weight for m in linears.values()]
+        for w in weights:
+            w.requires_grad_(True)
         try:
-            for start in range(0, x.shape[0], self.chunk_size):
-                xc = x[start:start + self.chunk_size].detach().requires_grad_(True)
+            for start in range(0, batch_len(batch), self.chunk_size):
+                chunk = index_batch(batch, slice(start, start + self.chunk_size))
                 outs.clear()
                 with torch.enable_grad():
-                    loss = self.loss_fn(self.model(xc), y[start:start + self.chunk_size])
+                    loss = self.loss(self.model, chunk).sum()
                     names = list(outs)
                     grads = torch.autograd.grad(loss, [outs[n] for n in names])
                 for n, g in zip(names, grads):
@@ -172,11 +202,13 @@ class GramEngine:
         finally:
             for h in hooks:
                 h.remove()
+            for w in weights:
+                w.requires_grad_(False)
         for name, mod in linears.items():
             a = torch.cat(acts[name])
             d = torch.cat(deltas[name])
             dd = sym_gram(d)  # in the compute dtype; the Hadamard product's rounding is that of the Grams' own
-            wname, bname = f"{name}.weight", f"{name}.bias"
+            wname, bname = _join(name, "weight"), _join(name, "bias")
             if wname in self.selected:
                 gram[wname] = (sym_gram(a) * dd).double()
                 if self.want_grad_sum:
@@ -186,22 +218,22 @@ class GramEngine:
                 grad_sum[bname] = d.sum(0)
 
     # -- generic fallback: torch.func per-example gradients -------------------------------------------------------
-    def _fallback_grams(self, x: torch.Tensor, y: torch.Tensor, gram: dict[str, torch.Tensor],
+    def _fallback_grams(self, batch: Batch, gram: dict[str, torch.Tensor],
                         grad_sum: dict[str, torch.Tensor]) -> None:
         from torch.func import functional_call, grad, vmap
 
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
         fixed = {n: p for n, p in params.items() if n not in self._fallback}
-        model, loss_fn = self.model, self.loss_fn
+        objective = _SummedLoss(self.model, self.loss)
 
-        def loss_one(free: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, ({**fixed, **free}, buffers), (xi[None],))
-            return loss_fn(out, yi[None])
+        def loss_one(free: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+            state = {f"model.{n}": t for n, t in {**fixed, **free, **buffers}.items()}
+            return functional_call(objective, state, (tree_map(lambda t: t[None], example),))
 
-        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+        per_example = vmap(grad(loss_one), in_dims=(None, 0))
         free = {n: params[n] for n in self._fallback}
-        n_ex = x.shape[0]
+        n_ex = batch_len(batch)
 
         def block_rows(i0: int, i1: int) -> dict[str, torch.Tensor]:
             """Per-example gradients Γ[i0:i1] of every fallback tensor, (i1 − i0, numel) each."""
@@ -209,7 +241,7 @@ class GramEngine:
                     for n in self._fallback}
             for start in range(i0, i1, self.chunk_size):
                 stop = min(start + self.chunk_size, i1)
-                g = per_example(free, x[start:stop], y[start:stop])
+                g = per_example(free, index_batch(batch, slice(start, stop)))
                 for n in self._fallback:
                     rows[n][start - i0:stop - i0] = g[n].reshape(stop - start, -1)
             return rows

@@ -106,6 +106,9 @@ class ProbeConfig:
     layers: tuple[str, ...]
     layer_sizes: tuple[int, ...]
     selected: tuple[str, ...]
+    loss: str = "cross-entropy"  # a built-in name or pkg.module:fn (gradlab.task)
+    collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch (default_collate if None)
+    loss_sha256: str = ""  # SHA-256 of a user loss's source ("" for built-ins)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,11 +138,10 @@ class ProbeConfig:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a checkpoint (a file, or a Hugging Face folder's config and weight files)."""
+    from gradlab.checkpoint import checkpoint_sha256
+
+    return checkpoint_sha256(path)
 
 
 def parse_checkpoint_arg(arg: str) -> tuple[str, Path]:
@@ -175,6 +177,8 @@ def resolve_config(
     dtype: str = "float32",
     replacement: bool = False,
     trials_per_unit: int | None = None,
+    loss: str | None = None,
+    collate: str | None = None,
 ) -> ProbeConfig:
     """Check every input and resolve the full config; raise :class:`UsageError` (naming the fix) on bad input.
 
@@ -187,6 +191,7 @@ def resolve_config(
     from gradlab.checkpoint import build_model_from, load_checkpoint, require_finite
     from gradlab.datasets import load_data
     from gradlab.probe.distance import find_init
+    from gradlab.task import LOSSES, check_task, loss_name, resolve_loss, source_sha256
 
     _check_choice("protocol", protocol, PROTOCOLS)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -219,7 +224,11 @@ def resolve_config(
     except re.error as exc:
         raise UsageError(f"--params {params!r} is not a valid regular expression: {exc}") from None
 
-    bundle = load_data(data)
+    if loss is not None:
+        resolve_loss(loss)  # an unknown name fails before the data loads
+    bundle = load_data(data, collate=collate)
+    loss = loss_name(loss or bundle.loss)
+    loss_fn = resolve_loss(loss)
     pool_size = len(bundle.train)
     if not replacement and budget > pool_size:
         raise UsageError(f"--budget {budget} exceeds the {pool_size} training examples of {data!r}; draws are without "
@@ -245,6 +254,7 @@ def resolve_config(
                     if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
                         raise UsageError(f"the model has active dropout ({type(mod).__name__}, p={mod.p}); the step "
                                          "probe needs a deterministic model: use --protocol frozen or dropout 0")
+            check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
         elif this != layout:
             raise UsageError(f"{path} has parameters {this}, unlike the first checkpoint's {layout}; probe checkpoints "
                              "of one architecture per store")
@@ -281,7 +291,8 @@ def resolve_config(
         reduction=reduction, lr=float(lr), params=params, keep=keep, seed=int(seed), device=device, dtype=dtype,
         replacement=bool(replacement), trials_per_unit=int(trials_per_unit), pool_size=pool_size,
         input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), layers=names,
-        layer_sizes=layer_sizes, selected=selected)
+        layer_sizes=layer_sizes, selected=selected, loss=loss, collate=collate,
+        loss_sha256=(source_sha256(loss_fn) or "") if loss not in LOSSES else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +341,7 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
     from gradlab.store import create_store
 
     from gradlab.provenance import package_versions
+    from gradlab.task import task_record
 
     lower, upper = entry_bin_edges()
     sizes = store_sizes(config)
@@ -370,7 +382,9 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "replacement": config.replacement, "pool_size": config.pool_size, "seed": config.seed, "lr": config.lr,
         "keep": config.keep, "params": config.params, "selected": list(config.selected), "data": config.data,
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
-        "model_mode": config.model_mode, "loss": "cross_entropy", "seed_derivation": SEED_DERIVATION,
+        "model_mode": config.model_mode, "loss": config.loss,
+        "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
+        "seed_derivation": SEED_DERIVATION,
         "versions": json.dumps(package_versions()),
         "torch_threads": _default_threads(),
     }
@@ -390,11 +404,12 @@ def _default_threads() -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _pool(data: str, device: str) -> tuple[Any, Any]:
+def _pool(data: str, device: str, collate: str | None = None) -> Any:
+    """The training split as one batch pytree on ``device`` (dtypes as the data gives them)."""
     from gradlab.datasets import load_data
+    from gradlab.task import to_run
 
-    bundle = load_data(data)
-    return bundle.train.x.to(device), bundle.train.y.to(device)
+    return to_run(load_data(data, collate=collate).train.batch, device=device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -425,9 +440,10 @@ def _thread_gram_engine(config: ProbeConfig, c: int, thread: int) -> Any:
     import torch
 
     from gradlab.probe.gram import GramEngine
+    from gradlab.task import resolve_loss
 
     return GramEngine(_checkpoint_model(config, c), config.selected, dtype=getattr(torch, config.dtype),
-                      device=config.device)
+                      device=config.device, loss=resolve_loss(config.loss))
 
 
 def _norms_of(config: ProbeConfig, sums: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
@@ -506,7 +522,10 @@ def _compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np
 
     from gradlab.probe.sampling import draw_trials
 
-    x_pool, y_pool = _pool(config.data, config.device)
+    from gradlab.task import index_batch, resolve_loss, tensor_leaves
+
+    pool = _pool(config.data, config.device, config.collate)
+    pool_device = tensor_leaves(pool)[0].device
     idx = draw_trials(config.seed, c, range(t0, t1), config.budget, config.pool_size, config.replacement)
     out = _empty_outputs(config, t1 - t0)
     out["example_index"][...] = idx
@@ -520,8 +539,8 @@ def _compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np
         kinds = {n: param_kind(n) for n in order}
         sel_idx = [config.layers.index(n) for n in order]
         for j in range(t1 - t0):
-            rows = torch.as_tensor(idx[j], device=x_pool.device)
-            res = engine(x_pool[rows], y_pool[rows])
+            rows = torch.as_tensor(idx[j], device=pool_device)
+            res = engine(index_batch(pool, rows))
             ft = frozen_trial(res.gram, kinds, config.batch_sizes, config.reduction)
             out["grad_norm"][:, j] = ft.grad_norm
             out["grad_norm_layer"][:, j, sel_idx] = ft.grad_norm_layer
@@ -545,9 +564,10 @@ def _compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np
 
         net = _checkpoint_model(config, c)
         for i, m in enumerate(config.batch_sizes):
-            r = step_trials(net, x_pool, y_pool, torch.as_tensor(idx), int(m), config.lr,
+            r = step_trials(net, pool, None, torch.as_tensor(idx), int(m), config.lr,
                             config.reduction, order,  # type: ignore[arg-type]
-                            dtype=getattr(torch, config.dtype), device=config.device)
+                            dtype=getattr(torch, config.dtype), device=config.device,
+                            loss=resolve_loss(config.loss))
             for j in range(t1 - t0):
                 sums = {n: r.grad_sum[n][j] for n in order}
                 out["grad_norm"][i, j], out["grad_norm_layer"][i, j], out["grad_norm_group"][i, j] = \

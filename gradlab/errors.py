@@ -2,7 +2,8 @@
 
 ``UsageError`` is the exception the CLI turns into a one-line message and exit code 2.  Its message must say
 what was wrong, what was expected and how to fix it.  ``UserCodeError`` (a ``UsageError``) carries an exception
-raised inside the user's own factory or loss, with a traceback of the user's frames only.  ``EnvironmentProblem``
+raised inside the user's own factory: its one line names the user's frames only (``file:line in function``,
+innermost first).  ``EnvironmentProblem``
 is a one-line environment failure (permission, read-only filesystem, full disk, missing file): exit code 1.
 """
 
@@ -63,5 +64,7 @@ class UserCodeError(UsageError):
         frames = user_frames(exc.__traceback__, keep_file)
         text = "".join(traceback.format_list(frames))
         first = (str(exc).strip().splitlines() or [""])[0]
-        return cls(f"your {what} {spec!r} raised {type(exc).__name__}: {first}; fix it and rerun "
-                   "(--debug shows the full traceback)", text)
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(frames))
+        return cls(f"your {what} {spec!r} raised {type(exc).__name__}: {first}"
+                   + (f" (at {where})" if where else "") + "; fix it and rerun (--debug shows the full traceback)",
+                   text)

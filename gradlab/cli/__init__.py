@@ -4,8 +4,8 @@ Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and 
 imported only when their subcommand runs, so ``gradlab analyze`` never imports torch.
 
 One top-level error path (:func:`main`): bad input raises :class:`gradlab.errors.UsageError`, printed as one line
-with exit code 2; an exception inside the user's own factory or loss (:class:`gradlab.errors.UserCodeError`) is
-that line plus the user's frames only, exit 2; an environment failure (permission denied, read-only filesystem,
+with exit code 2; an exception inside the user's own factory (:class:`gradlab.errors.UserCodeError`) is one line
+naming the exception and the user's frames only, exit 2; an environment failure (permission denied, read-only filesystem,
 full disk, missing file: ``OSError`` or :class:`gradlab.errors.EnvironmentProblem`) is one line naming the cause
 and the fix, exit code 1.  ``--debug`` re-raises instead, showing the full traceback.
 """
@@ -90,10 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserCodeError as exc:
         if args.debug:
             raise
-        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)
-        if exc.user_traceback:
-            print("Traceback of your code (most recent call last):\n" + exc.user_traceback.rstrip("\n"),
-                  file=sys.stderr)
+        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)  # the line names the user's frames
         return 2
     except UsageError as exc:
         if args.debug:

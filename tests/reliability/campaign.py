@@ -64,6 +64,9 @@ class Result:
 
 def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     os.environ.update(env)
+    cwd = Path(log).parent / "cwd"  # relative --out values land in the campaign's folder, not the checkout
+    cwd.mkdir(exist_ok=True)
+    os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     null = os.open(os.devnull, os.O_WRONLY)
@@ -311,7 +314,8 @@ def hostile_inputs(inputs: Path, rng: np.random.Generator, n_random: int) -> lis
         ["nosuchcommand"], [], ["probe"], ["train", "--epochs", "x"],
     ]
     junk = ["", "-1", "0", "nan", "inf", "-inf", "1e309", "abc", "1,,2", "2.5", "ü", "   ", "0x10", "x" * 3000,
-            "{}", "[]", "null", '{"widths": -1}', "/nonexistent/x", str(folder), str(textfile), os.devnull]
+            "{}", "[]", "null", '{"widths": -1}', "/proc/gradlab-no-such-dir/x", str(folder), str(textfile),
+            os.devnull]
     flags = {"train": ["--batch-sizes", "--lr", "--seeds", "--epochs", "--momentum", "--model-kwargs", "--data",
                        "--model", "--checkpoint-epochs", "--optimizer", "--lr-scaling", "--warmup-epochs",
                        "--decay-epochs", "--decay-factor", "--ghost-batch-size", "--weight-decay", "--base-batch-size"],

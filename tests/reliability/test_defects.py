@@ -219,12 +219,10 @@ def test_defect_5_data_factory_that_raises_shows_the_users_frames_only(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["train", "--data", "userdata:make", "--epochs", "1", "--out", str(tmp_path / "R"),
                  "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    first, *rest = err.strip().splitlines()
-    assert first.startswith("gradlab: error: your data factory 'userdata:make' raised ValueError: my data is broken")
-    frames = "\n".join(rest)
-    assert "userdata.py" in frames and "in helper" in frames and "in make" in frames
-    assert "gradlab" + os.sep not in frames and "site-packages" not in frames
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("gradlab: error: your data factory 'userdata:make' raised ValueError: my data is broken")
+    assert "(at userdata.py:3 in helper <- userdata.py:6 in make)" in line  # the user's frames only
+    assert "gradlab" + os.sep not in line and "site-packages" not in line and ".py:" in line
 
 
 def test_defect_5_debug_shows_the_full_traceback(tmp_path):

@@ -31,7 +31,9 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,9 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab.errors import UsageError
+from gradlab.errors import EnvironmentProblem, UsageError
 from gradlab.factory import is_factory_spec
 from gradlab.provenance import git_revision, package_versions
+from gradlab.store import crash_point
 
 FORMAT = "gradlab-checkpoint"
 VERSION = 1
@@ -82,15 +85,42 @@ class Checkpoint:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file + rename.  The temp file is created with mode 0666 less the umask (as ``open``
+    would), not mkstemp's 0600, so other users read checkpoints as they read any file the user writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask
+            break
+        except FileExistsError:
+            continue
     try:
-        write(tmp)
+        try:
+            write(str(tmp))
+        except RuntimeError as exc:  # torch.save's zip writer hides the OS error (e.g. a full disk)
+            if "inline_container" in str(exc) or "PytorchStreamWriter" in str(exc):
+                free = shutil.disk_usage(path.parent).free
+                raise EnvironmentProblem(
+                    f"could not write checkpoint {path} ({free} bytes free on its disk; torch: "
+                    f"{str(exc).splitlines()[0].strip()}); free some space or choose --out on another disk") from None
+            raise
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file 0600
+        crash_point("checkpoint.write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def require_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or Inf entries (a diverged run): every gradient norm would be NaN."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UsageError(f"{source} has NaN or Inf weights in {shown} (a diverged run?); give a checkpoint "
+                         "from before the divergence")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, recipe: Recipe, meta: Mapping[str, Any]) -> Path:
@@ -142,6 +172,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return load_hf_folder(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; give the path of a .pt/.ckpt/.safetensors file")
+    with open(path, "rb"):  # PermissionError here names the real cause (is_zipfile would hide it)
+        pass
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -1,16 +1,22 @@
-"""Resolve user code given as ``pkg.module:factory`` (for ``--model`` and ``--data``).
+"""Resolve user code given as ``pkg.module:factory`` (for ``--model``, ``--data`` and a loss).
 
 Only the command line names user code: a recipe stored in a checkpoint that names code outside gradlab is never
 imported unless the same factory is passed on the command line (see ``gradlab.checkpoint``).
+
+The callable returned is guarded: an exception raised inside it (other than gradlab's own ``UsageError``) becomes
+a :class:`gradlab.errors.UserCodeError` naming the factory, whose traceback keeps the user's frames only.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from gradlab.errors import UsageError
+from gradlab.errors import UsageError, UserCodeError
 
 
 # Live objects handed to the Python API (gradlab.api) in this process, by their spec "live:<kind>:<name>-<digest>".
@@ -29,8 +35,32 @@ def is_factory_spec(spec: str) -> bool:
     return ":" in spec
 
 
+def _guard(fn: Callable[..., Any], spec: str, what: str, module_file: str | None) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UserCodeError.from_exception(exc, f"{what} factory" if what != "loss" else what, spec,
+                                               module_file) from exc
+
+    sig = _signature(fn)
+    if sig is not None:
+        call.__signature__ = sig  # type: ignore[attr-defined]
+    return call
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 def resolve_factory(spec: str, what: str) -> Callable[..., Any]:
-    """Import ``pkg.module:attr`` and return the callable, with a clear error when it cannot."""
+    """Import ``pkg.module:attr`` and return the (guarded) callable, with a clear error when it cannot."""
     if spec.startswith("live:"):
         if spec not in LIVE:
             raise UsageError(f"{what} {spec!r} is a live object of another Python process; pass an importable "
@@ -45,6 +75,8 @@ def resolve_factory(spec: str, what: str) -> Callable[..., Any]:
         raise UsageError(
             f"cannot import module {module_name!r} for {what} factory {spec!r}: {exc}; make sure it is on PYTHONPATH"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise UserCodeError.from_exception(exc, f"{what} module", module_name) from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -52,4 +84,7 @@ def resolve_factory(spec: str, what: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{what} factory {spec!r} is not callable")
-    return obj
+    if what == "loss":  # returned as is (callers compare it by identity); the task checks report loss errors
+        return obj
+    file = getattr(module, "__file__", None)
+    return _guard(obj, spec, what, str(Path(file).resolve()) if file else None)

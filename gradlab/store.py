@@ -12,14 +12,19 @@ resumes to exactly what an uninterrupted run writes:
    Resume recomputes every unit whose ``done`` is False; a unit's results depend only on its coordinates and
    the seed, so recomputing it writes the same bytes.
 
-One writer at a time: ``StoreWriter`` holds an ``fcntl.flock`` on the sibling file ``.<store name>.lock`` (released
-by the kernel when the process dies, so a crash never leaves a stale lock).  The lock lives beside the store, not
+One writer at a time: ``writer_for`` takes an ``fcntl.flock`` on the sibling file ``.<store name>.lock`` (released
+by the kernel when the process dies, so a crash never leaves a stale lock) *before* it creates the store, so two
+runs started at the same instant on one new ``--out`` cannot both create it: the second is refused with one line.
+Under the lock, staging folders left by a killed creation (``.<name>.tmp-*``) are removed, and a store this run
+created is removed again when the run fails before any unit is done (so the corrected rerun is not blocked).  The lock lives beside the store, not
 in it: zarr warns about any foreign file inside a hierarchy.  A store may also be a group nested in another
 gradlab store (``gradlab sharpness --into norms.zarr`` writes ``norms.zarr/sharpness``): its lock and its staging
 folder then live beside the outermost store.  Resuming with another config is refused.
 
 Strings are stored as variable-length UTF-8 (object dtype): fixed-width numpy strings have no zarr v3 spec yet.
-Consolidated metadata is off (it is not part of zarr v3); open stores with :func:`open_store`.
+Stores are written without consolidated metadata (it is not part of zarr v3); :func:`consolidate` adds it once a
+command has finished a store, so that a plain ``xr.open_zarr(store)`` opens it without a warning.  A store whose
+``schema_version`` is newer than this gradlab's is refused (read and write).
 """
 
 from __future__ import annotations
@@ -62,6 +67,28 @@ class VarSpec:
         return np.nan if kind in "fc" else (False if kind == "b" else 0)
 
 
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook of the crash campaign (tests/reliability): with ``GRADLAB_CRASH_AT=NAME`` or ``NAME:K`` in the
+    environment, the process SIGKILLs itself the K-th time (default the first) it passes the point ``NAME``
+    (``store.create``, ``store.done``, ``store.finish``, ``probe.finalize``, ``analysis.write``,
+    ``analysis.finish``, ``checkpoint.write``).  Without the variable it does nothing."""
+    spec = os.environ.get("GRADLAB_CRASH_AT")
+    if not spec:
+        return
+    target, _, k = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == int(k or 1):
+        import signal
+
+        # GRADLAB_CRASH_SIGNAL=SIGSTOP pauses instead (the concurrency tests: a writer stopped mid-store)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("GRADLAB_CRASH_SIGNAL", "SIGKILL")))
+
+
 def _outer_store(path: Path) -> Path | None:
     """The outermost zarr store strictly containing ``path`` (a group inside a store), or None."""
     outer = None
@@ -80,6 +107,96 @@ def lock_path(path: str | os.PathLike) -> Path:
     outer = _outer_store(p)
     base = outer.parent if outer is not None else p.parent
     return base / ("." + ".".join(p.relative_to(base).parts) + ".lock")
+
+
+def _staging_dir(path: Path) -> Path:
+    """Where a store (or a group nested in one) is staged before its rename: beside the outermost store."""
+    outer = _outer_store(path)
+    return outer.parent if outer is not None else path.parent
+
+
+def _staging_prefix(path: Path) -> str:
+    p = path.absolute()
+    base = _staging_dir(p)
+    return "." + ".".join(p.relative_to(base).parts) + ".tmp-"
+
+
+def staging_for(path: str | os.PathLike) -> Path:
+    """A new, empty staging folder for ``path`` (a store or a group in one), beside the outermost store."""
+    path = Path(path)
+    return Path(tempfile.mkdtemp(prefix=_staging_prefix(path), dir=_staging_dir(path.absolute())))
+
+
+def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
+    """Remove staging folders of ``path`` left by a killed run (call only while holding the store's lock).
+
+    Also removes ``.analysis.tmp-*`` folders inside the store, which gradlab versions before 0.1 left there."""
+    path = Path(path)
+    base = _staging_dir(path.absolute())
+    removed = []
+    own = _staging_prefix(path)
+    prefixes = (own, own.removesuffix(".tmp-") + ".analysis.tmp-")
+    candidates = list(base.glob(".*.tmp-*")) if base.is_dir() else []
+    if path.is_dir():
+        candidates += list(path.glob(".analysis.tmp-*"))
+    for tmp in candidates:
+        if tmp.parent != base or tmp.name.startswith(prefixes):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def acquire_lock(path: str | os.PathLike) -> int:
+    """Take the store's exclusive writer lock (a non-blocking ``flock``); returns its fd.
+
+    Raises ``StoreError`` (one line) if another process holds it."""
+    path = Path(path)
+    lp = lock_path(path)
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"{path} is being written by another gradlab process; wait for it to finish or choose another --out"
+        ) from None
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def check_schema(path: Path, attrs: Mapping[str, Any]) -> None:
+    """Refuse a store written by a newer gradlab (its ``schema_version`` is above ours)."""
+    version = attrs.get("schema_version")
+    if version is None:
+        return
+    try:
+        newer = int(version) > SCHEMA_VERSION
+    except (TypeError, ValueError):
+        raise StoreError(f"{path} has an unreadable schema_version {version!r}; it was not written by gradlab") \
+            from None
+    if newer:
+        raise StoreError(f"{path} was written by a newer gradlab (store schema {version}, this gradlab reads "
+                         f"schema {SCHEMA_VERSION}); update gradlab (pip install -U gradlab) to read or write it")
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    """Write consolidated metadata into the (outermost) store, so that ``xr.open_zarr(store)`` opens quietly.
+
+    Called when a command has finished writing; every later structural change (a new group) calls it again."""
+    import warnings
+
+    import zarr
+
+    p = Path(path).absolute()
+    root = _outer_store(p) or p
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(root))
 
 
 def _object_strings(values: Any) -> np.ndarray:
@@ -139,11 +256,11 @@ def create_store(
             **(dict(attrs) if attrs else {}),
         }
     )
-    outer = _outer_store(path)  # a group nested in a store is staged beside the outermost store, not inside it
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=(outer.parent if outer is not None else path.parent)))
+    tmp = staging_for(path)  # a group nested in a store is staged beside the outermost store, not inside it
     try:
         target = tmp / "store.zarr"
         ds.to_zarr(target, compute=False, zarr_format=3, mode="w-", consolidated=False)
+        crash_point("store.create")
         os.rename(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +286,7 @@ def open_store(path: str | os.PathLike, kind: str | None = None, group: str | No
             raise StoreError(f"{path} is a zarr store but not a gradlab store (no 'gradlab_store' attr)")
         if kind is not None and found != kind:
             raise StoreError(f"{path} is a gradlab {found!r} store, expected a {kind!r} store")
+        check_schema(path, ds.attrs)
     return ds
 
 
@@ -180,34 +298,33 @@ def store_config(ds: Any) -> dict[str, Any]:
 class StoreWriter:
     """The single writer of an existing store: region writes, the done mask, and an exclusive lock."""
 
-    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
+                 lock_fd: int | None = None) -> None:
+        """Open ``path`` for writing under its lock (``lock_fd``: a lock already taken with :func:`acquire_lock`,
+        which this writer then owns and releases)."""
         import zarr
 
         self.path = Path(path)
-        self._lock_fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = acquire_lock(self.path) if lock_fd is None else lock_fd
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreError(
-                f"{self.path} is being written by another gradlab process; wait for it to finish or choose "
-                "another --out"
-            ) from None
-        self.group = zarr.open_group(self.path, mode="r+")
-        if config is not None:
-            stored = self.group.attrs.get("config_hash")
-            if stored != config_hash(dict(config)):
-                self.close()
+            self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+            attrs = self.group.attrs
+            if attrs.get("gradlab_store") is None and "unit_dims" not in attrs:
+                raise StoreError(f"{self.path} is a zarr store that gradlab did not write; choose another --out")
+            check_schema(self.path, attrs)
+            if config is not None and attrs.get("config_hash") != config_hash(dict(config)):
                 raise StoreError(
                     f"{self.path} was made with a different config; resume it with the same flags, or write a new "
-                    f"store with another --out (stored config: {self.group.attrs.get('config')})"
+                    f"store with another --out (stored config: {attrs.get('config')})"
                 )
-        self.unit_dims: list[str] = list(self.group.attrs["unit_dims"])
+            self.unit_dims: list[str] = list(attrs["unit_dims"])
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._lock_fd >= 0:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release_lock(self._lock_fd)
             self._lock_fd = -1
 
     def __enter__(self) -> StoreWriter:
@@ -236,6 +353,7 @@ class StoreWriter:
     def mark_done(self, region: Mapping[str, int | slice]) -> None:
         """Mark a unit finished; call only after every variable of the unit is written."""
         self.write("done", region, True)
+        crash_point("store.done")
 
 
 @contextmanager
@@ -244,15 +362,35 @@ def writer_for(
 ) -> Iterator[StoreWriter]:
     """Create (``create()`` writes the template) or resume a store, and hold its lock while the body runs.
 
-    Without ``resume`` an existing path is refused; with ``resume`` a missing store is created.
+    The lock is taken before anything else, so of two runs started together on one new path the second is refused.
+    Without ``resume`` an existing path is refused; with ``resume`` a missing store is created.  Staging folders
+    left by a killed run are removed.  If this call created the store and the body fails before any unit is done,
+    the store is removed again (nothing is lost: nothing was done), so a corrected rerun starts afresh.
+    On success the store gets consolidated metadata (:func:`consolidate`).
     """
     path = Path(path)
-    if path.exists():
-        if not resume:
-            raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"{path} exists but is not a gradlab store; choose another --out")
-    else:
-        create()
-    with StoreWriter(path, config=config) as writer:
-        yield writer
+    fd = acquire_lock(path)
+    created = False
+    try:
+        remove_stale_staging(path)
+        if path.exists():
+            if not resume:
+                raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+            if not (path / "zarr.json").exists():
+                raise StoreError(f"{path} exists but is not a gradlab store; choose another --out")
+        else:
+            create()
+            created = True
+    except BaseException:
+        release_lock(fd)
+        raise
+    writer = StoreWriter(path, config=config, lock_fd=fd)  # owns the lock from here (releases it on failure)
+    with writer:
+        try:
+            yield writer
+        except BaseException:
+            if created and not writer.done().any():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        crash_point("store.finish")
+        consolidate(path)

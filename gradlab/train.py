@@ -97,6 +97,59 @@ class RunSpec:
         return f"bs{self.batch_size}_lr{self.lr:g}_seed{self.seed}_{self.optimizer}"
 
 
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table/object"}.get(
+        t, getattr(t, "__name__", str(t)))
+
+
+def check_types(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check every value of a config dict against ``TrainConfig``'s field types; returns the dict with grid axes
+    as tuples (a lone scalar becomes a 1-tuple).  Raises a one-line :class:`UsageError` naming key and type."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, Any] = {}
+
+    def ok(value: Any, t: Any) -> bool:
+        if t is bool:
+            return isinstance(value, bool)
+        if t is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if t is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, t)
+
+    for key, value in raw.items():
+        t = hints[key]
+        optional = False
+        if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            optional, t = True, args[0]
+        if value is None and optional:
+            out[key] = None
+            continue
+        origin = typing.get_origin(t)
+        if origin is tuple:
+            elem = typing.get_args(t)[0]
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            bad = [v for v in items if not ok(v, elem)]
+            if bad:
+                raise UsageError(f"{where}: {key} must be a list whose items are each {_type_name(elem)}, got "
+                                 f"{value!r}")
+            out[key] = tuple(float(v) if elem is float else v for v in items)
+            continue
+        base = origin or t
+        if not ok(value, base):
+            raise UsageError(f"{where}: {key} must be {_type_name(base)}, got {value!r} ({type(value).__name__})")
+        if base is float:
+            value = float(value)
+        if base is dict and not all(isinstance(k, str) for k in value):
+            raise UsageError(f"{where}: {key} must have string keys, got {value!r}")
+        out[key] = value
+    return out
+
+
 def expand_grid(cfg: TrainConfig) -> list[RunSpec]:
     combos = itertools.product(cfg.batch_sizes, cfg.lrs, cfg.seeds, cfg.optimizers)
     return [RunSpec(i, int(m), float(lr), int(s), str(o)) for i, (m, lr, s, o) in enumerate(combos)]
@@ -124,6 +177,22 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
             raise UsageError(f"unknown optimizer {o!r}; choose one of {list(OPTIMIZERS)}")
     if cfg.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.epochs > 100_000:
+        raise UsageError(f"--epochs {cfg.epochs} is too large (at most 100000)")
+    for name in ("momentum", "weight_decay"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not cfg.momentum < 1:
+        raise UsageError(f"--momentum must be below 1, got {cfg.momentum}")
+    for name in ("warmup_epochs", "decay_factor", "cyclic_factor", "cyclic_half_epochs"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    for name in ("seeds", "decay_epochs"):
+        if any(v < 0 for v in getattr(cfg, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be non-negative integers, got {list(getattr(cfg, name))}")
+    if any(s >= 2**63 for s in cfg.seeds):
+        raise UsageError(f"--seeds must be below 2**63, got {list(cfg.seeds)}")
     bad = [e for e in checkpoint_epochs(cfg) if not 0 <= e <= cfg.epochs]
     if bad:
         raise UsageError(f"checkpoint epochs {bad} are outside 0..{cfg.epochs}; pick epochs within the run")
@@ -336,11 +405,17 @@ def _store_variables(loss: str = "cross-entropy") -> list[VarSpec]:
     ]
 
 
+def _own_entry(p: Path) -> bool:
+    """gradlab's own leftovers in a train --out folder before its store exists: the lock file and the staging
+    folders of a killed store creation, and an empty ``runs`` folder."""
+    return (p.name == ".train.zarr.lock" or p.name.startswith(".train.zarr.tmp-")
+            or (p.name == "runs" and p.is_dir() and not any(p.iterdir())))
+
+
 def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> Path:
     """Train every run of the grid into ``out`` (``train.zarr`` + ``runs/<name>/epochNNN.pt``); resumable."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
+    check_types(dict(cfg.__dict__), "config")
     data = load_data(cfg.data, root=cfg.data_root, download=cfg.download, collate=cfg.collate)
     if cfg.dtype is not None:
         if cfg.dtype not in ("float32", "float64"):
@@ -348,7 +423,9 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
         data = with_dtype(data, getattr(torch, cfg.dtype))
     names, kinds = layer_kinds(validate(cfg, data))
     store = out / "train.zarr"
-    if out.exists() and any(out.iterdir()) and not store.exists():
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (new or empty) for the runs")
+    if out.exists() and not store.exists() and any(not _own_entry(p) for p in out.iterdir()):
         raise UsageError(f"{out} holds other data (no train.zarr); choose an empty or new folder for --out")
     specs = expand_grid(cfg)
     config = {"kind": "train", **cfg.to_dict()}
@@ -379,19 +456,31 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
     with writer_for(store, resume=resume, config=config, create=create) as writer:
         done = writer.done()
         todo = [s for s in specs if not done[s.index]]
-        bar = tqdm(total=len(todo) * cfg.epochs, desc="train", unit="epoch", disable=not show_progress,
-                   file=None, dynamic_ncols=True)
-        with bar:
-            for spec in todo:
-                run_dir = out / "runs" / spec.name
-                if run_dir.exists():  # a crashed earlier attempt: its checkpoints are rewritten identically
-                    shutil.rmtree(run_dir)
-                run_dir.mkdir(parents=True)
-                res = train_run(cfg, data, spec, run_dir, progress=bar)
-                for name, values in res.items():
-                    writer.write(name, {"run": spec.index}, values)
-                writer.mark_done({"run": spec.index})
+        try:
+            _train_todo(cfg, data, todo, out, writer, show_progress)
+        except BaseException:
+            if not writer.done().any():  # the store is removed (nothing done): so are its checkpoints
+                shutil.rmtree(out / "runs", ignore_errors=True)
+            raise
     return store
+
+
+def _train_todo(cfg: TrainConfig, data: DataBundle, todo: list[RunSpec], out: Path, writer: Any,
+                show_progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo) * cfg.epochs, desc="train", unit="epoch", disable=not show_progress,
+               file=None, dynamic_ncols=True)
+    with bar:
+        for spec in todo:
+            run_dir = out / "runs" / spec.name
+            if run_dir.exists():  # a crashed earlier attempt: its checkpoints are rewritten identically
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            res = train_run(cfg, data, spec, run_dir, progress=bar)
+            for name, values in res.items():
+                writer.write(name, {"run": spec.index}, values)
+            writer.mark_done({"run": spec.index})
 
 
 def parse_list(text: str, cast: Any, flag: str) -> tuple[Any, ...]:
@@ -408,10 +497,14 @@ def config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) 
     import tomllib
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"config file {p} is a folder; give the path of a TOML file")
     if not p.is_file():
         raise UsageError(f"config file {p} does not exist")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{p} is not valid TOML: {exc}") from None
     known = set(TrainConfig.__dataclass_fields__)
@@ -419,8 +512,5 @@ def config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) 
     if unknown:
         raise UsageError(f"{p}: unknown keys {unknown}; valid keys are {sorted(known)}")
     raw.update(overrides or {})
-    for k, v in list(raw.items()):
-        if isinstance(v, list) and k != "model_kwargs":
-            raw[k] = tuple(v)
-    return TrainConfig(**raw)
+    return TrainConfig(**check_types(raw, str(p)))
 

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,10 @@ def analyze_store(
         raise UsageError(f"--n-boot must be ≥ 0 (0: no intervals); got {n_boot}")
     path = Path(path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    if path.is_dir() and any(path.glob(".analysis.tmp-*")):
+        _remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
     ds = open_store(path)
+    claim_out_dir(out)
     kind = ds.attrs.get("gradlab_store")
     if kind == "monitor":  # the live noise monitor's store (gradlab.monitor)
         from gradlab.analysis.monitor import analyze_monitor
@@ -96,6 +98,44 @@ def analyze_store(
         result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed)
     _write_summary(out, result)
     return result
+
+
+def _remove_old_staging(path: Path) -> None:
+    from gradlab.store import acquire_lock, release_lock, remove_stale_staging
+
+    try:
+        fd = acquire_lock(path)
+    except StoreError:
+        return  # a writer is at work: leave everything as it is
+    try:
+        remove_stale_staging(path)
+    finally:
+        release_lock(fd)
+
+
+OUT_MARKER = ".gradlab-analysis"
+
+
+def claim_out_dir(out: Path) -> None:
+    """Make ``out`` gradlab analyze's folder, or refuse it: a new or empty folder gets a marker file; a folder
+    holding other data (no marker, and no ``summary.json`` written by gradlab) is refused before anything is
+    written, so a user's own files are never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (new, empty, or an earlier gradlab analyze output)")
+    if out.is_dir() and not (out / OUT_MARKER).exists() and any(out.iterdir()):
+        if not _gradlab_summary(out / "summary.json"):
+            raise UsageError(f"{out} holds other data (not an earlier gradlab analyze output); choose an empty or "
+                             "new folder for --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).touch()
+
+
+def _gradlab_summary(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "gradlab_store" in d and "store" in d
 
 
 def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
@@ -334,20 +374,25 @@ def write_analysis_group(path: Path, ads: Any) -> None:
 
     Holds the store's writer lock, so it refuses (``StoreError``) while gradlab probe is still writing.
     """
-    from gradlab.store import StoreWriter
+    from gradlab.store import StoreWriter, consolidate, crash_point, remove_stale_staging, staging_for
 
     with StoreWriter(path):
-        tmp = Path(tempfile.mkdtemp(prefix=".analysis.tmp-", dir=path))
+        remove_stale_staging(path)  # left by a killed analyze
+        final = path / ANALYSIS_GROUP
+        tmp = staging_for(final)  # beside the store: nothing foreign ever lives inside the hierarchy
         try:
             target = tmp / ANALYSIS_GROUP
             ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
-            final = path / ANALYSIS_GROUP
+            crash_point("analysis.write")
             if final.exists():
                 old = tmp / "old"
                 os.rename(final, old)
+                crash_point("analysis.write")  # between the two renames: no analysis group for an instant
             os.rename(target, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        crash_point("analysis.finish")
+        consolidate(path)
 
 
 def _write_summary(out: Path, result: dict[str, Any]) -> None:

@@ -1,19 +1,25 @@
 """The ``gradlab`` command: a thin shell over the library.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``; modules are
-imported only when their subcommand runs, so ``gradlab analyze`` never imports torch.  Bad input raises
-:class:`gradlab.errors.UsageError`, printed as one line with exit code 2.
+imported only when their subcommand runs, so ``gradlab analyze`` never imports torch.
+
+One top-level error path (:func:`main`): bad input raises :class:`gradlab.errors.UsageError`, printed as one line
+with exit code 2; an exception inside the user's own factory (:class:`gradlab.errors.UserCodeError`) is one line
+naming the exception and the user's frames only, exit 2; an environment failure (permission denied, read-only filesystem,
+full disk, missing file: ``OSError`` or :class:`gradlab.errors.EnvironmentProblem`) is one line naming the cause
+and the fix, exit code 1.  ``--debug`` re-raises instead, showing the full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
-from gradlab.errors import UsageError
+from gradlab.errors import EnvironmentProblem, UsageError, UserCodeError
 
 # An explicit registry: subcommand -> (module, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,13 +40,42 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradlab", description="How mini-batch size shapes gradient dynamics.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of any error")
         importlib.import_module(module).add_arguments(p)
     return parser
+
+
+_FIXES = {
+    errno.EACCES: "permission denied; choose a path you can write (or read), or change its permissions",
+    errno.EPERM: "operation not permitted; choose a path you own, or change its permissions",
+    errno.EROFS: "the filesystem is read-only; choose --out on a writable filesystem",
+    errno.ENOSPC: "no space left on the device; free some space or choose --out on another disk",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose --out on another disk",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENOTDIR: "a component of the path is a file, not a folder; check the path",
+    errno.EISDIR: "the path is a folder, not a file; check the path",
+    errno.EEXIST: "the path already exists; choose another --out",
+    errno.ENAMETOOLONG: "the file name is too long; choose a shorter path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming what the environment refused, on which path, and how to fix it."""
+    where = " ".join(repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
+    fix = _FIXES.get(exc.errno or -1)
+    cause = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{cause}{': ' + where if where else ''}" + (f" ({fix})" if fix else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,12 +84,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except UsageError as exc:
-        print(f"gradlab: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("gradlab: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    except UserCodeError as exc:
+        if args.debug:
+            raise
+        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)  # the line names the user's frames
+        return 2
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except EnvironmentProblem as exc:
+        if args.debug:
+            raise
+        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"gradlab: error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradlab.checkpoint import build_model_from, load_checkpoint
+from gradlab.checkpoint import build_model_from, load_checkpoint, require_finite
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
 from gradlab.curvature.hutchinson import (TRACE_ESTIMATORS, TRACE_MIN_PROBES, hutchinson_to_precision,
@@ -253,6 +253,7 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     models, labels, metas, n_params, seen = [], [], [], [], set()
     for path in config.checkpoints:
         ckpt = load_checkpoint(path)
+        require_finite(ckpt.state_dict, str(path))
         net = build_model_from(ckpt, model=config.model, model_kwargs=config.model_kwargs,
                                input_shape=data.input_shape, n_classes=data.n_classes)
         if not models:
@@ -270,6 +271,8 @@ def prepare(config: SharpnessConfig) -> _Prepared:
                      any(has_batch_norm(m) for m in models), None, None)
     if config.interpolate is not None:
         small, large = (load_checkpoint(p) for p in config.interpolate)
+        for ck in (small, large):
+            require_finite(ck.state_dict, str(ck.path))
         check_compatible(small.state_dict, large.state_dict)
         prep.interp_template = build_model_from(small, model=config.model, model_kwargs=config.model_kwargs,
                                                 input_shape=data.input_shape, n_classes=data.n_classes)

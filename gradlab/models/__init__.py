@@ -59,5 +59,8 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs:
                 n_in *= s
             return builder(in_features=n_in, n_classes=n_classes, **kwargs)
         return builder(input_shape=shape, n_classes=n_classes, **kwargs)
-    except TypeError as exc:
-        raise UsageError(f"bad keyword arguments {kwargs} for model {name!r}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"bad keyword arguments {kwargs} for model {name!r}: {exc}; fix --model-kwargs") from None
+    except RuntimeError as exc:  # e.g. torch refusing a negative or huge layer width
+        raise UsageError(f"model {name!r} cannot be built with keyword arguments {kwargs}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else exc!r}; fix --model-kwargs") from None

@@ -8,8 +8,10 @@ every run, so resume and uninterrupted runs agree).
 
 A unit's results depend only on (config, checkpoint index, trials): trial t draws its examples from
 ``SeedSequence([seed, t])`` -- the same at every checkpoint, ``draws="common"`` -- or ``SeedSequence([seed, c, t])``
-(``draws="independent"``) (:mod:`gradlab.probe.sampling`), so ``--resume`` (after ``kill -9`` too),
-``--workers`` and ``--scheduler`` write the same values as one uninterrupted local run.
+(``draws="independent"``) (:mod:`gradlab.probe.sampling`), and every unit runs with the torch thread count
+recorded in the store at its creation (attr ``torch_threads``; :func:`torch_threads`), so ``--resume`` (after
+``kill -9`` too), ``--workers`` and ``--scheduler`` write the same bits as one uninterrupted local run (on machines
+with the same CPU kind and torch build).
 
 Protocols (SCIENCE.md "The two probe protocols"): ``step`` calls :func:`gradlab.probe.step.step_trials` once per
 batch size for the unit's trials (train mode); ``frozen`` builds per-example Gram matrices
@@ -29,6 +31,7 @@ marked done); the kill-and-resume tests use it to crash at a known point.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -187,7 +190,7 @@ def resolve_config(
     """
     import torch
 
-    from gradlab.checkpoint import build_model_from, load_checkpoint
+    from gradlab.checkpoint import build_model_from, load_checkpoint, require_finite
     from gradlab.datasets import load_data
     from gradlab.probe.distance import find_init
     from gradlab.task import LOSSES, check_task, loss_name, resolve_loss, source_sha256
@@ -243,6 +246,7 @@ def resolve_config(
             raise UsageError(f"checkpoint label {label!r} is used twice; name them with LABEL=PATH")
         labels.add(label)
         ckpt = load_checkpoint(path)
+        require_finite(ckpt.state_dict, str(path))
         net = build_model_from(ckpt, model=model, model_kwargs=model_kwargs, input_shape=bundle.input_shape,
                                n_classes=bundle.n_classes)
         this = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
@@ -385,10 +389,17 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
         "seed_derivation": seed_derivation(config.draws), "draws": config.draws,
         "versions": json.dumps(package_versions()),
+        "torch_threads": _default_threads(),
     }
     create_store(path, kind="probe", sizes=sizes, coords=coords, variables=store_variables(config),
                  unit_dims=("checkpoint", "trial"), chunks={"checkpoint": 1, "trial": config.trials_per_unit},
                  config=config.to_dict(), attrs=attrs)
+
+
+def _default_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,7 +457,7 @@ def _norms_of(config: ProbeConfig, sums: Mapping[str, np.ndarray]) -> tuple[floa
     for i, n in enumerate(config.layers):
         if n in sums:
             v = np.asarray(sums[n], dtype=np.float64).ravel()
-            layer_sq[i] = float(v @ v)
+            layer_sq[i] = float(np.einsum("i,i->", v, v))  # not BLAS: the same bits whatever the thread count
     group = np.full(len(GROUPS), np.nan)
     sel = np.array([n in sums for n in config.layers])  # not isnan(layer_sq): a non-finite S must stay NaN
     kinds = np.array([param_kind(n) for n in config.layers])
@@ -479,9 +490,37 @@ def _empty_outputs(config: ProbeConfig, tb: int) -> dict[str, np.ndarray]:
     return out
 
 
-def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads (None: leave as is), restoring the count afterwards.
+
+    CPU reductions split their work by thread count (so do some BLAS kernels), which changes the last bits of
+    float results: a unit computed with another count can differ by an ulp, and a histogram bin count by an entry
+    that flips bins.  Every unit of a store therefore runs with the thread count recorded in the store
+    (``torch_threads``), on the driver and on Dask workers (whose environment sets one thread)."""
+    import torch
+
+    old = torch.get_num_threads()
+    change = n is not None and int(n) != old
+    if change:
+        torch.set_num_threads(int(n))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(old)
+
+
+def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int, threads: int | None = None
+                 ) -> dict[str, np.ndarray]:
     """All per-trial variables of trials ``[t0, t1)`` of checkpoint ``c``, shaped as their store regions (the
-    ``checkpoint`` dim dropped).  Depends only on its arguments (and the files the config names)."""
+    ``checkpoint`` dim dropped), computed with ``threads`` torch threads (see :func:`torch_threads`).  Depends only
+    on its arguments (and the files the config names)."""
+    with torch_threads(threads):
+        return _compute_unit(config, c, t0, t1)
+
+
+def _compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.ndarray]:
     import torch
 
     from gradlab.probe.sampling import draw_trials
@@ -558,6 +597,7 @@ def finalize(writer: Any, config: ProbeConfig) -> None:
 
     from gradlab.checkpoint import build_model_from, load_checkpoint
     from gradlab.probe.distance import distances
+    from gradlab.store import crash_point
 
     def state(path: str) -> dict[str, Any]:
         net = build_model_from(load_checkpoint(path), model=config.model, model_kwargs=config.model_kwargs,
@@ -578,6 +618,7 @@ def finalize(writer: Any, config: ProbeConfig) -> None:
                                        config.replacement)
             for name in ("grad_sq_norm", "grad_sq_norm_se", "trace_cov", "trace_cov_se", "b_noise"):
                 writer.write(name, {"checkpoint": c}, getattr(est, name))
+        crash_point("probe.finalize")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -650,10 +691,10 @@ def _warn_nonfinite(config: ProbeConfig, c: int, t0: int, result: Mapping[str, n
     return total
 
 
-def _local_results(config: ProbeConfig, todo: Sequence[tuple[int, int, int]]
+def _local_results(config: ProbeConfig, todo: Sequence[tuple[int, int, int]], threads: int | None
                    ) -> Iterator[tuple[tuple[int, int, int], dict[str, np.ndarray]]]:
     for unit in todo:
-        yield unit, compute_unit(config, *unit)
+        yield unit, compute_unit(config, *unit, threads)
 
 
 def _dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
@@ -669,7 +710,7 @@ def _dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
     return Client(cluster), cluster
 
 
-def _dask_results(client: Any, config: ProbeConfig, todo: Sequence[tuple[int, int, int]]
+def _dask_results(client: Any, config: ProbeConfig, todo: Sequence[tuple[int, int, int]], threads: int | None
                   ) -> Iterator[tuple[tuple[int, int, int], dict[str, np.ndarray]]]:
     """Submit units (``pure=False``) with at most two per worker in flight; yield results as they complete."""
     from distributed import as_completed
@@ -681,7 +722,7 @@ def _dask_results(client: Any, config: ProbeConfig, todo: Sequence[tuple[int, in
 
     def submit() -> None:
         unit = pending.pop(0)
-        fut = client.submit(compute_unit, config, *unit, pure=False)
+        fut = client.submit(compute_unit, config, *unit, threads, pure=False)
         units[fut.key] = unit
         ac.add(fut)
 
@@ -733,6 +774,13 @@ def run_probe(config: ProbeConfig, out: str | os.PathLike, *, resume: bool = Fal
     return ProbeSummary(str(out), len(todo), len(config.units()), nonfinite, time.perf_counter() - start)
 
 
+def store_threads(writer: Any) -> int | None:
+    """The torch thread count every unit of this store is computed with (attr ``torch_threads``, set when the
+    store is created to the driver's ``torch.get_num_threads()``; None for stores made before it existed)."""
+    value = writer.group.attrs.get("torch_threads")
+    return int(value) if value is not None else None
+
+
 def _run_units(writer: Any, config: ProbeConfig, client: Any, progress: bool) -> tuple[int, list]:
     """Compute every undone unit, writing each one's regions and then marking it done."""
     from tqdm import tqdm
@@ -740,7 +788,9 @@ def _run_units(writer: Any, config: ProbeConfig, client: Any, progress: bool) ->
     done = writer.done()
     todo = [u for u in config.units() if not bool(done[u[0], u[1]])]
     log.info("probe %s: %d of %d units to compute", writer.path, len(todo), len(config.units()))
-    results = _dask_results(client, config, todo) if client is not None else _local_results(config, todo)
+    threads = store_threads(writer)
+    results = (_dask_results(client, config, todo, threads) if client is not None
+               else _local_results(config, todo, threads))
     nonfinite = 0
     n_done = 0
     with tqdm(total=len(todo), unit="unit", file=sys.stderr, disable=not progress, desc="probe") as bar:

@@ -182,7 +182,7 @@ def _nan_checkpoint(tmp_path):
     ("minibatch_too_big", ["--minibatch-sizes", "16,500"], "exceed the sample of 96 examples"),
     ("samples_too_many", ["--samples", "100000"], "exceeds the 1438 training examples"),
     ("hutchpp_budget", ["--trace-estimator", "hutch++", "--hutchinson-probes", "3"], "needs --hutchinson-probes >= 4"),
-    ("non_finite", "nan", "not finite"),
+    ("non_finite", "nan", "NaN or Inf weights"),
     ("not_twice_differentiable", "cut", "not twice differentiable"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_leaves_no_store(case, extra, message, ckpts, tmp_path,

@@ -27,8 +27,8 @@ def make_run(folder: Path, *, seed: int = 0, widths: list[int] | None = None, na
         for epoch, name in ((2, "early"), (30, "late")):
             for p in net.parameters():
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
-            if nan_weight and name == "late":
-                net.layers[0].weight[0, 0] = float("nan")
+            if nan_weight and name == "late":  # finite weights (NaN ones are refused) whose gradients overflow
+                net.layers[0].weight[:, :] = 3e38
             out[name] = save_checkpoint(folder / f"{name}.pt", net, recipe, {"tag": name, "epoch": epoch})
     return out
 

@@ -64,8 +64,9 @@ class _Task(nn.Module):
 
 def fallback_grams(model: nn.Module, total: SumLoss, batch: Any, n_ex: int, names: tuple[str, ...], *,
                    chunk_size: int, max_bytes: int, use_vmap: bool = True
-                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(K, Σᵢ gᵢ) per tensor in ``names``, from per-example gradients of ``total`` (a summed loss) on ``batch``."""
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor], bool]:
+    """(K, Σᵢ gᵢ) per tensor in ``names``, from per-example gradients of ``total`` (a summed loss) on ``batch``,
+    and whether vmap could trace the loss (False: one backward pass per example; pass it back next time)."""
     from torch.func import functional_call, grad, vmap
 
     params = dict(model.named_parameters())
@@ -139,4 +140,4 @@ def fallback_grams(model: nn.Module, total: SumLoss, batch: Any, n_ex: int, name
                 torch.mm(gj[n], gi[n].T, out=k[n][j0:j1, i0:i1])
                 k[n][i0:i1, j0:j1] = k[n][j0:j1, i0:i1].T
     return ({n: k[n].double() for n in names},
-            {n: total_grad[n].reshape(free[n].shape) for n in names})
+            {n: total_grad[n].reshape(free[n].shape) for n in names}, use_vmap)

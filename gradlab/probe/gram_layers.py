@@ -77,6 +77,7 @@ class LayerGram:
                       if _name(module_name, a) in selected}
         self.mode = "materialise"
         self.budget = 2 * 2**30
+        self.broadcast = False  # an Embedding on ids without the batch dimension (positions), set by the engine
 
     @staticmethod
     def accepts(module: nn.Module, x: Tensor, out: Tensor) -> bool:
@@ -198,19 +199,21 @@ class EmbeddingGram(LayerGram):
     def accepts(module: nn.Module, x: Tensor, out: Tensor) -> bool:
         return not module.scale_grad_by_freq and not x.is_floating_point() and x.dim() >= 1
 
+    def _choose(self, t: int, vocab: int, dim: int, itemsize: int) -> None:
+        fits = self.n * vocab * dim * itemsize <= self.budget
+        self.mode = "ghost" if (t * t * (dim + 1) < vocab * dim or not fits) else "materialise"
+
     def collect(self, x: Tensor, delta: Tensor) -> None:
         if "weight" not in self.names:
             return
-        b = x.shape[0]
-        ids = x.reshape(b, -1)
+        b = delta.shape[0]
+        ids = x.reshape(1, -1).expand(b, -1) if self.broadcast else x.reshape(b, -1)
         d = delta.reshape(b, ids.shape[1], -1)
         if self.module.padding_idx is not None:
             d = d.masked_fill((ids == self.module.padding_idx)[..., None], 0)
         vocab, dim = self.module.weight.shape
         if not self.parts:
-            t = ids.shape[1]
-            fits = self.n * vocab * dim * d.element_size() <= self.budget
-            self.mode = "ghost" if (t * t * (dim + 1) < vocab * dim or not fits) else "materialise"
+            self._choose(ids.shape[1], vocab, dim, d.element_size())
         if self.mode == "ghost":
             self._add("ids", ids)
             self._add("d", d)

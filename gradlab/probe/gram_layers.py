@@ -86,11 +86,19 @@ class LayerGram:
     def begin(self, n: int, budget: int) -> None:
         self.n, self.budget, self.parts = n, budget, {}
 
+    def _slot(self, key: str, like: Tensor, rows: int, shape: tuple[int, ...]) -> Tensor:
+        """The next ``rows`` rows of the (N, *shape) buffer ``key`` (allocated once per call: no concatenation)."""
+        if key not in self.parts:
+            self.parts[key] = [like.new_empty((self.n, *shape)), 0]
+        buf, filled = self.parts[key]
+        self.parts[key][1] = filled + rows
+        return buf[filled:filled + rows]
+
     def _add(self, key: str, value: Tensor) -> None:
-        self.parts.setdefault(key, []).append(value)
+        self._slot(key, value, value.shape[0], tuple(value.shape[1:])).copy_(value)
 
     def _cat(self, key: str) -> Tensor:
-        return torch.cat(self.parts.pop(key))
+        return self.parts.pop(key)[0]
 
     def _gamma(self, attr: str, gram: dict[str, Tensor], grad_sum: dict[str, Tensor], want_sum: bool) -> None:
         """K = Γ Γᵀ and Σᵢ Γ_i for a materialised parameter ``attr``."""
@@ -132,7 +140,12 @@ class PositionsGram(LayerGram):
                 self._add("a", a)
                 self._add("d", d)
             else:
-                self._add("weight", torch.einsum("ntgo,ntgi->ngoi", d, a).reshape(d.shape[0], -1))
+                b, _, groups, d_in = a.shape
+                rows = self._slot("weight", a, b, (groups * d.shape[-1] * d_in,))
+                if groups == 1:  # Γ_i = D_iᵀ A_i, written in place
+                    torch.bmm(d[:, :, 0].transpose(1, 2), a[:, :, 0], out=rows.view(b, d.shape[-1], d_in))
+                else:
+                    rows.copy_(torch.einsum("ntgo,ntgi->ngoi", d, a).reshape(b, -1))
 
     def finish(self, gram: dict[str, Tensor], grad_sum: dict[str, Tensor], want_sum: bool) -> None:
         if "weight" in self.names and self.mode == "ghost":

@@ -20,11 +20,14 @@ LayerNorm, RMSNorm, GroupNorm,     Γ_i = Σ_positions δ_i∘x̂_i (weight), Σ
 BatchNorm1d/2d (eval, running)
 =================================  =====================================================================
 
-A layer takes this fast path when it is called exactly once per forward, owns its parameters alone (no tied or
-shared tensors), sees the examples on its input's first dimension, and passes a self-check on the first call: on
-a few examples its summed gradient Σᵢ gᵢ from the hooks must equal autograd's (this catches a weight also used
-outside the module's forward, e.g. ``F.linear(x, self.wte.weight)``).  A model that is itself one layer (module
-name "") is no exception.  Every other selected tensor falls back to per-example gradients from
+A layer takes this fast path when it is called exactly once per forward, owns its parameters alone, sees the
+examples on its input's first dimension (an Embedding may also see ids shared by the batch, (T,) or (1, T), as
+position ids are: its output is then expanded to one copy per example so that δ is per example), and passes a
+self-check on the first call: the Gram matrices of the first 3 examples must equal those of 3 single-example
+backward passes (this catches, e.g., a weight also used outside the module's forward, ``F.linear(x, wte.weight)``).
+Shared tensors fall back, except language-model weight tying (one matrix that is an Embedding's weight and a
+Linear head's): both users materialise and add their per-example gradients into one Γ.  A model that is itself one
+layer (module name "") is no exception.  Every other selected tensor falls back to per-example gradients from
 ``torch.func.vmap(grad(...))`` (``gradlab.probe.gram_fallback``; memory bounded by ``max_fallback_bytes``), listed
 in ``GramResult.fallback``.
 
@@ -51,7 +54,7 @@ from gradlab.errors import UsageError
 from gradlab.task import PerExampleLoss, batch_len, index_batch, inputs_targets, to_run
 
 from .gram_fallback import VMAP_SAFE, fallback_grams
-from .gram_layers import SYM_BLOCK, EmbeddingGram, LayerGram, family, sym_gram
+from .gram_layers import SYM_BLOCK, EmbeddingGram, LayerGram, LinearGram, family, sym_gram
 
 __all__ = ["GramEngine", "GramResult", "LossFn", "SYM_BLOCK", "cross_entropy_sum", "sym_gram"]
 
@@ -172,18 +175,22 @@ class GramEngine:
     # -- which tensors take a layer identity ------------------------------------------------------------------------
     def _plan(self, data: Any, n: int) -> None:
         chosen = set(self.selected)
-        owners: dict[int, int] = {}  # a tensor shared by several modules (tied weights) takes the fallback
+        owners: dict[int, list[nn.Module]] = {}  # a tensor shared by several modules (tied weights)
         for mod in self.model.modules():
             for p in mod._parameters.values():
                 if p is not None:
-                    owners[id(p)] = owners.get(id(p), 0) + 1
+                    owners.setdefault(id(p), []).append(mod)
+        canonical = {id(p): name for name, p in self.model.named_parameters()}
+        stores: dict[int, dict[str, Any]] = {}
         candidates: dict[str, LayerGram] = {}
         for name, m in self.model.named_modules():
             cls = family(m)
             own = list(m.named_parameters(recurse=False))
-            if cls is None or not own or any(owners[id(p)] != 1 for _, p in own):
+            if cls is None or not own or not all(len(owners[id(p)]) == 1 or self._lm_tie(a, p, owners[id(p)], n)
+                                                 for a, p in own):
                 continue
-            handler = cls(m, name, chosen)
+            handler = cls(m, name, chosen, canonical)
+            handler.tied = {a: stores.setdefault(id(p), {}) for a, p in own if len(owners[id(p)]) > 1}
             if handler.names:
                 candidates[name] = handler
         self._layers = {}
@@ -194,6 +201,12 @@ class GramEngine:
                 self._layers = self._checked(candidates, data, n, broadcast=False)
         owned = {p for h in self._layers.values() for p in h.names.values()}
         self._fallback = tuple(p for p in self.selected if p not in owned)
+
+    def _lm_tie(self, attr: str, p: Tensor, users: list[nn.Module], n: int) -> bool:
+        """Language-model weight tying: one (V, d) matrix that is an Embedding's weight and a Linear head's.  Its
+        per-example gradient is the sum of both uses' (materialised, N·V·d within the memory budget)."""
+        return (attr == "weight" and len(users) == 2 and {family(u) for u in users} == {EmbeddingGram, LinearGram}
+                and n * p.numel() * p.element_size() <= self.max_fallback_bytes)
 
     def _checked(self, candidates: dict[str, LayerGram], data: Any, n: int, broadcast: bool
                  ) -> dict[str, LayerGram]:
@@ -221,7 +234,7 @@ class GramEngine:
         first = index_batch(data, slice(0, k))
         fast = self._run(first, k, observe=observe)
         reached = {name: h for name, h in candidates.items() if calls[name] == 1 and ok[name]}
-        tensors = [p for h in reached.values() for p in h.names.values()]
+        tensors = list(dict.fromkeys(p for h in reached.values() for p in h.names.values()))  # tied: once
         if not tensors:
             return {}
         params = dict(self.model.named_parameters())
@@ -234,8 +247,11 @@ class GramEngine:
                 rows[p].append(torch.zeros_like(params[p]).flatten() if g is None else g.flatten())
         ref = {p: (lambda g: (g @ g.T).double())(torch.stack(v)) for p, v in rows.items()}
         floor = max(float(r.norm()) for r in ref.values())
-        return {name: h for name, h in reached.items()
-                if all(_close(fast[p], ref[p], floor) for p in h.names.values())}
+        passed = {name: h for name, h in reached.items()
+                  if all(_close(fast[p], ref[p], floor) for p in h.names.values())}
+        tied = [h for h in passed.values() if h.tied]  # both users of a tied tensor, or neither
+        return {name: h for name, h in passed.items()
+                if all(sum(store is o.tied.get(a) for o in tied) == 2 for a, store in h.tied.items())}
 
     # -- layer identities -------------------------------------------------------------------------------------------
     def _layer_grams(self, data: Any, n: int, gram: dict[str, Tensor], grad_sum: dict[str, Tensor]) -> None:

@@ -26,6 +26,8 @@ always materialised, K = Γ Γᵀ.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,13 +73,16 @@ def _name(module_name: str, attr: str) -> str:
 class LayerGram:
     """Base of the per-family handlers: the selected parameter names of one module, chunks collected per call."""
 
-    def __init__(self, module: nn.Module, module_name: str, selected: set[str]) -> None:
+    def __init__(self, module: nn.Module, module_name: str, selected: set[str],
+                 canonical: dict[int, str] | None = None) -> None:
         self.module = module
-        self.names = {a: _name(module_name, a) for a, p in module.named_parameters(recurse=False)
-                      if _name(module_name, a) in selected}
+        names = {a: (canonical or {}).get(id(p), _name(module_name, a))
+                 for a, p in module.named_parameters(recurse=False)}
+        self.names = {a: n for a, n in names.items() if n in selected}
         self.mode = "materialise"
         self.budget = 2 * 2**30
         self.broadcast = False  # an Embedding on ids without the batch dimension (positions), set by the engine
+        self.tied: dict[str, dict[str, Any]] = {}  # attr -> store shared with the other user of a tied tensor
 
     @staticmethod
     def accepts(module: nn.Module, x: Tensor, out: Tensor) -> bool:
@@ -85,11 +90,21 @@ class LayerGram:
 
     def begin(self, n: int, budget: int) -> None:
         self.n, self.budget, self.parts = n, budget, {}
+        for store in self.tied.values():
+            store.clear()
 
-    def _slot(self, key: str, like: Tensor, rows: int, shape: tuple[int, ...]) -> Tensor:
-        """The next ``rows`` rows of the (N, *shape) buffer ``key`` (allocated once per call: no concatenation)."""
+    def _slot(self, key: str, like: Tensor, rows: int, shape: tuple[int, ...], zero: bool = False) -> Tensor:
+        """The next ``rows`` rows of the (N, *shape) buffer ``key`` (allocated once per call: no concatenation).
+        A tied tensor's buffer is shared by its users, zeroed, and each adds its per-example gradients into it."""
+        store = self.tied.get(key)
+        if store is not None:
+            if "buf" not in store:
+                store["buf"] = like.new_zeros((self.n, *shape))
+            filled = store.setdefault(id(self), 0)
+            store[id(self)] = filled + rows
+            return store["buf"][filled:filled + rows]
         if key not in self.parts:
-            self.parts[key] = [like.new_empty((self.n, *shape)), 0]
+            self.parts[key] = [like.new_zeros((self.n, *shape)) if zero else like.new_empty((self.n, *shape)), 0]
         buf, filled = self.parts[key]
         self.parts[key][1] = filled + rows
         return buf[filled:filled + rows]
@@ -101,7 +116,9 @@ class LayerGram:
         return self.parts.pop(key)[0]
 
     def _gamma(self, attr: str, gram: dict[str, Tensor], grad_sum: dict[str, Tensor], want_sum: bool) -> None:
-        """K = Γ Γᵀ and Σᵢ Γ_i for a materialised parameter ``attr``."""
+        """K = Γ Γᵀ and Σᵢ Γ_i for a materialised parameter ``attr`` (a tied one by whichever user finishes first)."""
+        if attr in self.tied and "buf" in self.tied[attr]:
+            self.parts[attr] = [self.tied[attr].pop("buf"), self.n]
         if attr in self.parts:
             g = self._cat(attr)
             gram[self.names[attr]] = sym_gram(g).double()
@@ -126,8 +143,8 @@ class PositionsGram(LayerGram):
         _, t, groups, d_in = a.shape
         d_out = d.shape[-1]
         fits = self.n * groups * d_in * d_out * a.element_size() <= self.budget
-        self.mode = "ghost" if ("weight" in self.names and (t * t * (d_in + d_out) < d_in * d_out or not fits)) \
-            else "materialise"
+        self.mode = "ghost" if ("weight" in self.names and not self.tied
+                                and (t * t * (d_in + d_out) < d_in * d_out or not fits)) else "materialise"
 
     def collect(self, x: Tensor, delta: Tensor) -> None:
         a, d = self._positions(x, delta)
@@ -142,7 +159,9 @@ class PositionsGram(LayerGram):
             else:
                 b, _, groups, d_in = a.shape
                 rows = self._slot("weight", a, b, (groups * d.shape[-1] * d_in,))
-                if groups == 1:  # Γ_i = D_iᵀ A_i, written in place
+                if groups == 1 and self.tied:  # Γ_i += D_iᵀ A_i (the other use of the tensor adds its own)
+                    rows.view(b, d.shape[-1], d_in).baddbmm_(d[:, :, 0].transpose(1, 2), a[:, :, 0])
+                elif groups == 1:  # Γ_i = D_iᵀ A_i, written in place
                     torch.bmm(d[:, :, 0].transpose(1, 2), a[:, :, 0], out=rows.view(b, d.shape[-1], d_in))
                 else:
                     rows.copy_(torch.einsum("ntgo,ntgi->ngoi", d, a).reshape(b, -1))
@@ -214,7 +233,7 @@ class EmbeddingGram(LayerGram):
 
     def _choose(self, t: int, vocab: int, dim: int, itemsize: int) -> None:
         fits = self.n * vocab * dim * itemsize <= self.budget
-        self.mode = "ghost" if (t * t * (dim + 1) < vocab * dim or not fits) else "materialise"
+        self.mode = "ghost" if not self.tied and (t * t * (dim + 1) < vocab * dim or not fits) else "materialise"
 
     def collect(self, x: Tensor, delta: Tensor) -> None:
         if "weight" not in self.names:
@@ -231,8 +250,8 @@ class EmbeddingGram(LayerGram):
             self._add("ids", ids)
             self._add("d", d)
         else:
-            g = d.new_zeros(b, vocab, dim).scatter_add_(1, ids[..., None].expand(-1, -1, dim), d)
-            self._add("weight", g.reshape(b, -1))
+            rows = self._slot("weight", d, b, (vocab * dim,), zero=True)
+            rows.view(b, vocab, dim).scatter_add_(1, ids[..., None].expand(-1, -1, dim), d)
 
     def finish(self, gram: dict[str, Tensor], grad_sum: dict[str, Tensor], want_sum: bool) -> None:
         if "weight" in self.names and self.mode == "ghost":

@@ -131,11 +131,13 @@ def test_gpt_every_layer_takes_a_layer_identity(form):
     assert form == "auto" or modes(engine) == {form}
 
 
-def test_gpt_with_a_tied_head_falls_back_for_the_shared_matrix_only():
+def test_gpt_with_a_tied_head_sums_both_uses_of_the_shared_matrix(form):
+    """Language-model weight tying (the Embedding's matrix is the Linear head's): gᵢ is the sum of both uses'."""
     torch.manual_seed(1)
     net = TinyGPT(tied=True, layers=1)
     engine = check(net, lm_batch(n=6), loss=lm)
-    assert engine.result.fallback == ("wte.weight",)
+    assert engine.result.fallback == ()
+    assert engine._layers["wte"].mode == engine._layers["head"].mode == "materialise"  # forced for the sum
 
 
 def test_embedding_padding_idx_gets_no_gradient(form):

@@ -19,14 +19,15 @@ The same content can be written as safetensors (``.safetensors``): tensors as us
 strings in the header metadata under ``gradlab.recipe`` and ``gradlab.meta``.
 
 Foreign checkpoints are read as well: a bare state_dict; dicts keyed ``state_dict``, ``model_state_dict`` or
-``model``; Lightning ``.ckpt``; safetensors.  ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile)
-prefixes are stripped.  Pickled checkpoints are only ever opened with ``weights_only=True``: a pickle carrying code
-is refused without the code running.  A recipe naming code outside gradlab is never imported from a checkpoint:
-the user must pass the same factory with ``--model``.
+``model``; Lightning ``.ckpt``; safetensors; Hugging Face ``save_pretrained`` folders (:func:`load_hf_folder`).
+``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped.  Pickled checkpoints are only
+ever opened with ``weights_only=True``: a pickle carrying code is refused without the code running.  A recipe naming
+code outside gradlab is never imported from a checkpoint: the user must pass the same factory with ``--model``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -137,6 +138,8 @@ def _tensors_only(obj: Mapping[str, Any], path: Path, where: str) -> dict[str, t
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a gradlab or foreign checkpoint safely (``weights_only=True`` or safetensors)."""
     path = Path(path)
+    if path.is_dir():
+        return load_hf_folder(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; give the path of a .pt/.ckpt/.safetensors file")
     if path.suffix == ".safetensors":
@@ -181,6 +184,88 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, strip_prefixes(_tensors_only(obj, path, "the file")), None, {}, "state_dict")
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_hf_folder(path: Path) -> Checkpoint:
+    """A Hugging Face ``save_pretrained`` folder: ``config.json`` beside ``model.safetensors``, a sharded
+    ``model.safetensors.index.json``, or ``pytorch_model.bin`` (and its index; opened with ``weights_only=True``).
+
+    Only tensors are read; the architecture comes from the ``--model`` factory, which may build it from the
+    folder's ``config.json`` (kept in ``meta["hf_config"]``).  Tied weights that the folder stores once are filled in
+    by :func:`load_state_strict`.
+    """
+    found = [name for name in HF_WEIGHTS if (path / name).is_file()]
+    if not found:
+        raise UsageError(f"{path} is a folder without model weights; expected a Hugging Face save_pretrained folder "
+                         f"(config.json with one of {', '.join(HF_WEIGHTS)}), or give a checkpoint file")
+    name = found[0]
+    if name.endswith(".index.json"):
+        try:
+            weight_map = json.loads((path / name).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{path / name} is not a shard index (JSON with a 'weight_map' of tensor name -> "
+                             f"file): {exc!r}") from None
+        bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s or not (path / s).is_file()]
+        if bad:
+            raise UsageError(f"{path / name} names shard files {bad} that are not files in {path}")
+    else:
+        shards = [name]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_checkpoint(path / shard).state_dict)
+    meta: dict[str, Any] = {}
+    if (path / "config.json").is_file():
+        try:
+            meta["hf_config"] = json.loads((path / "config.json").read_text())
+        except ValueError as exc:
+            raise UsageError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    return Checkpoint(path, strip_prefixes(state), None, meta, "huggingface")
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file's bytes; for a Hugging Face folder, SHA-256 over ``name NUL sha256(file) LF``
+    of ``config.json`` and every weight or shard file :func:`load_hf_folder` reads, in name order."""
+    path = Path(path)
+
+    def file_sha(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if not path.is_dir():
+        return file_sha(path)
+    names = {n for n in ("config.json", *HF_WEIGHTS) if (path / n).is_file()}
+    for index in (n for n in list(names) if n.endswith(".index.json")):
+        try:
+            names |= {s for s in json.loads((path / index).read_text())["weight_map"].values()
+                      if isinstance(s, str) and Path(s).name == s and (path / s).is_file()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # load_hf_folder reports a broken index
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(f"{name}\0{file_sha(path / name)}\n".encode())
+    return h.hexdigest()
+
+
+def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights tied in ``model`` (one tensor under several names, e.g. an LM head sharing the token embedding) are
+    often saved once: give each missing alias the tensor saved under another of its names."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    out = dict(state)
+    for group in names.values():
+        saved = [n for n in group if n in state]
+        for n in group:
+            if n not in out and saved:
+                out[n] = state[saved[0]]
+    return out
+
+
 def _match_keys(model_keys: set[str], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Lightning-style wrappers prefix every key with an attribute name (``model.``, ``net.``): drop a common
     first component when that makes the keys match the model's."""
@@ -197,7 +282,7 @@ def _match_keys(model_keys: set[str], state: dict[str, torch.Tensor]) -> dict[st
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model``, naming missing and unexpected keys and shape differences on mismatch."""
     expected = model.state_dict()
-    state = _match_keys(set(expected), dict(state))
+    state = _fill_tied(model, _match_keys(set(expected), dict(state)))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -244,8 +329,10 @@ def build_model_from(
     kwargs = dict(model_kwargs) if model_kwargs is not None else dict(recipe.kwargs if recipe else {})
     shape = input_shape or (recipe.input_shape if recipe else None)
     classes = n_classes or (recipe.n_classes if recipe else None)
-    if not shape or not classes:
-        raise UsageError(f"{ckpt.path}: cannot tell the input shape and class count; pass --data")
-    net = build_model(name, shape, classes, **kwargs)
+    if not is_factory_spec(name) and (not shape or not classes):
+        raise UsageError(f"{ckpt.path}: cannot tell the input shape and class count of zoo model {name!r} (the data "
+                         "gives no image/feature tensors with class-index labels); pass --model pkg.module:factory "
+                         "for your own model, or data with (x, y) class labels")
+    net = build_model(name, shape or (), classes or 0, **kwargs)
     load_state_strict(net, ckpt.state_dict, str(ckpt.path))
     return net

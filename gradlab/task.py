@@ -124,6 +124,11 @@ def _output_tensor(out: Any) -> Tensor:
                      "pass your own --loss pkg.module:fn that calls the model and returns per-example losses")
 
 
+def _concrete() -> bool:
+    """Whether tensors hold concrete values (not under vmap/grad transforms, where .item() is not allowed)."""
+    return not torch._C._are_functorch_transforms_active()
+
+
 # -- built-in per-example losses --------------------------------------------------------------------------------
 def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
     """ℓᵢ = cross-entropy of example i (classification; mean over positions for (B, C, d…) logits)."""
@@ -136,7 +141,7 @@ def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
         raise UsageError(f"the cross-entropy loss needs logits (B, C, …) matching targets (B, …), got logits "
                          f"{tuple(out.shape)} and targets {tuple(y.shape)}")
     n_out = out.shape[1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
+    if _concrete() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
         raise UsageError(f"labels range over {int(y.min())}..{int(y.max())} but the model gives {n_out} logits; "
                          f"labels must be class indices 0..{n_out - 1} (or build the model with more outputs)")
     per = F.cross_entropy(out, y, reduction="none")
@@ -167,13 +172,13 @@ def lm(model: nn.Module, batch: Batch) -> Tensor:
         raise UsageError(f"the lm loss needs integer token labels, got {labels.dtype}")
     keep = labels != -100
     vocab = out.shape[-1]
-    valid = labels[keep]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+    valid = labels[keep] if _concrete() else labels
+    if _concrete() and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
         raise UsageError(f"token labels range over {int(valid.min())}..{int(valid.max())} but the model gives "
                          f"{vocab} logits; labels must be token ids 0..{vocab - 1} or -100 (ignored)")
     tok = F.cross_entropy(out.transpose(1, 2), labels.masked_fill(~keep, 0), reduction="none")  # (B, T)
     count = keep.sum(1)
-    if bool((count == 0).any()):
+    if _concrete() and bool((count == 0).any()):
         raise UsageError("a sequence has no label other than -100; every example needs at least one scored token")
     return (tok * keep).sum(1) / count.to(tok.dtype)
 
@@ -233,8 +238,11 @@ def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name
     if not out.is_floating_point():
         raise UsageError(f"loss {name!r} returned {out.dtype} values; per-example losses must be floating point")
     if not bool(torch.isfinite(out).all()):
-        raise UsageError(f"loss {name!r} returned non-finite values ({int((~torch.isfinite(out)).sum())} of {n}) "
-                         "on the first examples; check the data and the checkpoint")
+        bad_params = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters() if p.is_floating_point())
+        cause = (f"the model's parameters hold {bad_params} NaN/Inf entries: use a checkpoint from before the "
+                 "divergence" if bad_params else "check the data and the checkpoint")
+        raise UsageError(f"loss {name!r} is not finite on the first examples ({int((~torch.isfinite(out)).sum())} "
+                         f"of {n} values); {cause}")
     if need_grad and not out.requires_grad:
         raise UsageError(f"loss {name!r} returned a tensor without grad (computed under no_grad or detached); "
                          "compute it from the model's output so that it depends on the parameters")
@@ -245,3 +253,48 @@ def sum_loss(loss: PerExampleLoss) -> Callable[[nn.Module, Batch], Tensor]:
     """Σᵢ ℓᵢ over a batch (its gradient row i w.r.t. an activation is example i's own, for independent examples)."""
     return lambda model, batch: loss(model, batch).sum()
 
+
+
+def check_task(model: nn.Module, loss: PerExampleLoss, data: Any, *, name: str = "loss",
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None, n: int = 2) -> None:
+    """Check a task before anything is written: the loss contract on the first ``n`` examples of ``data`` (a
+    :class:`gradlab.datasets.Split` or a batch), and for the built-in classification losses every label against
+    the model's number of outputs.  Raises :class:`UsageError` naming the problem and the fix; the model is not
+    changed (a copy is used)."""
+    import copy
+
+    batch = getattr(data, "batch", data)
+    total = batch_len(batch)
+    net = copy.deepcopy(model)
+    if dtype is not None:
+        net = net.to(dtype=dtype)
+    if device is not None:
+        net = net.to(device=device)
+    first = to_run(index_batch(batch, slice(0, min(n, total))), device=device, dtype=dtype)
+    try:
+        out = checked_losses(loss, net, first, name=name)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the user's model, data or loss: one line naming it
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fix = "check that the model, the data and --loss fit together"
+        floats = sorted({str(t.dtype) for t in tensor_leaves(first) if t.is_floating_point()})
+        params = sorted({str(p.dtype) for p in net.parameters()})
+        if "dtype" in msg.lower() and floats and floats != params:
+            fix = (f"the data's floating tensors are {', '.join(floats)} but the model's parameters are "
+                   f"{', '.join(params)}: pass --dtype to run both in one dtype")
+        raise UsageError(f"computing the loss {name!r} on the first examples failed ({type(exc).__name__}: {msg}); "
+                         + fix) from exc
+    del out
+    if loss in (cross_entropy, lm):
+        x, y = inputs_targets(batch, name)
+        with torch.no_grad():
+            logits = _output_tensor(net(inputs_targets(first, name)[0]))
+        n_out = int(logits.shape[1] if loss is cross_entropy else logits.shape[-1])
+        valid = y[y != -100] if loss is lm else y
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= n_out):
+            what = "token labels" if loss is lm else "labels"
+            raise UsageError(f"{what} range over {int(valid.min())}..{int(valid.max())} but the model gives {n_out} "
+                             f"outputs; {what} must lie in 0..{n_out - 1}" + (" (or -100, ignored)" if loss is lm
+                                                                                else "")
+                             + ": renumber them or build the model with more outputs")

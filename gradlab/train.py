@@ -34,6 +34,8 @@ from gradlab.lr_rules import LRRule
 from gradlab.models import build_model
 from gradlab.schema import GROUPS
 from gradlab.store import VarSpec, create_store, writer_for
+from gradlab.task import (PerExampleLoss, check_task, cross_entropy, inputs_targets, loss_name, resolve_loss,
+                          to_run)
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam")
@@ -67,6 +69,9 @@ class TrainConfig:
     cyclic_half_epochs: float = 2.0
     ghost_batch_size: int | None = None
     checkpoint_format: str = "pt"
+    loss: str = "cross-entropy"  # per-example loss (gradlab.task): cross-entropy, mse, lm or pkg.module:fn
+    dtype: str | None = None  # float32 / float64: model and floating data in this dtype (None: as they come)
+    collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,6 +103,7 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     """Refuse an empty or invalid grid (and an unknown model) before anything is written; returns the model of
     seed 0, built once here so callers can read its layout."""
     model = init_model(cfg, data, 0)
+    check_task(model, resolve_loss(cfg.loss), data.train, name=loss_name(cfg.loss))
     n = len(data.train)
     if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
         raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
@@ -152,7 +158,8 @@ def init_model(cfg: TrainConfig, data: DataBundle, seed: int) -> nn.Module:
         kwargs.setdefault("ghost_batch_size", cfg.ghost_batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_torch_seed(seed, 0))
-        return build_model(cfg.model, data.input_shape, data.n_classes, **kwargs)
+        model = build_model(cfg.model, data.input_shape, data.n_classes, **kwargs)
+    return model.to(dtype=getattr(torch, cfg.dtype)) if cfg.dtype else model
 
 
 def recipe_for(cfg: TrainConfig, data: DataBundle) -> Recipe:
@@ -163,18 +170,33 @@ def recipe_for(cfg: TrainConfig, data: DataBundle) -> Recipe:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, chunk: int = 2048) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``split``; restores the training flag."""
+def evaluate(model: nn.Module, split: Split, chunk: int = 2048, loss: PerExampleLoss = cross_entropy) -> tuple[float, float]:
+    """Mean per-example loss and accuracy (classification with logits (B, C) only, else NaN) of ``model`` (in eval
+    mode) on ``split``; restores the training flag."""
     was_training = model.training
     model.eval()
-    loss, correct = 0.0, 0
+    total, correct, classify = 0.0, 0, loss is cross_entropy
     for start in range(0, len(split), chunk):
-        xb, yb = split.x[start:start + chunk], split.y[start:start + chunk]
-        out = model(xb)
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+        batch = split[start:start + chunk]
+        if classify:
+            xb, yb = inputs_targets(batch)
+            out = model(xb)
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and yb.dim() == 1:
+                total += float(F.cross_entropy(out, yb, reduction="sum"))
+                correct += int((out.argmax(1) == yb).sum())
+                continue
+            classify = False
+        total += float(loss(model, batch).sum())
     model.train(was_training)
-    return loss / len(split), correct / len(split)
+    return total / len(split), (correct / len(split) if classify else math.nan)
+
+
+def with_dtype(data: DataBundle, dtype: torch.dtype) -> DataBundle:
+    """The bundle with its floating tensors in ``dtype`` (integer tensors untouched): only on the user's request."""
+    import dataclasses
+
+    move = lambda split: Split(to_run(split.batch, dtype=dtype)) if split is not None else None  # noqa: E731
+    return dataclasses.replace(data, train=move(data.train), test=move(data.test))
 
 
 def layer_kinds(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -204,6 +226,9 @@ def distances(model: nn.Module, init: dict[str, torch.Tensor]) -> tuple[np.ndarr
 def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
               progress: Any = None) -> dict[str, np.ndarray]:
     """Train one run; returns per-epoch arrays.  Checkpoints go to ``run_dir/epoch{e:03d}.{pt|safetensors}``."""
+    from gradlab.probe.step import minibatch_loss
+
+    loss_fn = resolve_loss(cfg.loss)
     model = init_model(cfg, data, spec.seed)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     rule = rule_for(cfg, spec)
@@ -226,10 +251,10 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     suffix = "safetensors" if cfg.checkpoint_format == "safetensors" else "pt"
 
     def record(epoch: int) -> bool:
-        tl, ta = evaluate(model, data.train)
+        tl, ta = evaluate(model, data.train, loss=loss_fn)
         out["train_loss"][epoch], out["train_acc"][epoch] = tl, ta
         if data.test is not None:
-            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test)
+            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test, loss=loss_fn)
         (out["dist_init_layer"][epoch], out["cos_init_layer"][epoch], out["dist_init"][epoch],
          out["dist_origin"][epoch]) = distances(model, init)
         if epoch == 0 or epoch in checkpoint_epochs(cfg):
@@ -252,7 +277,7 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx], reduction=rule.reduction)
+            loss = minibatch_loss(model, data.train[idx], loss_fn, rule.reduction)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -270,13 +295,15 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     return out
 
 
-def _store_variables() -> list[VarSpec]:
+def _store_variables(loss: str = "cross-entropy") -> list[VarSpec]:
     re_ = ("run", "epoch")
+    units = "nats" if loss in ("cross-entropy", "lm") else "loss"
+    what = {"lm": "token cross-entropy"}.get(loss, loss)
     return [
-        VarSpec("train_loss", re_, "float64", "training loss (mean cross-entropy)", "nats"),
-        VarSpec("train_acc", re_, "float64", "training accuracy", "1"),
-        VarSpec("test_loss", re_, "float64", "test loss (mean cross-entropy)", "nats"),
-        VarSpec("test_acc", re_, "float64", "test accuracy", "1"),
+        VarSpec("train_loss", re_, "float64", f"training loss (mean {what})", units),
+        VarSpec("train_acc", re_, "float64", "training accuracy (NaN unless classification)", "1"),
+        VarSpec("test_loss", re_, "float64", f"test loss (mean {what})", units),
+        VarSpec("test_acc", re_, "float64", "test accuracy (NaN unless classification)", "1"),
         VarSpec("lr_used", re_, "float64", "learning rate at the end of the epoch", "1"),
         VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
         VarSpec("cos_init_layer", (*re_, "layer"), "float64", "cosine to init cos(θ, θ₀)", "1"),
@@ -292,7 +319,11 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
     from tqdm.auto import tqdm
 
     out = Path(out)
-    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download)
+    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download, collate=cfg.collate)
+    if cfg.dtype is not None:
+        if cfg.dtype not in ("float32", "float64"):
+            raise UsageError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
+        data = with_dtype(data, getattr(torch, cfg.dtype))
     names, kinds = layer_kinds(validate(cfg, data))
     store = out / "train.zarr"
     if out.exists() and any(out.iterdir()) and not store.exists():
@@ -316,8 +347,8 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
                 "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
                 "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
             },
-            variables=_store_variables(), unit_dims=("run",), chunks={"run": 1}, config=config,
-            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling,
+            variables=_store_variables(loss_name(cfg.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
+            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
         )
 

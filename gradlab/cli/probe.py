@@ -8,8 +8,8 @@ is imported at module level.
 from __future__ import annotations
 
 import argparse
-import json
 
+from gradlab.cli.common import add_task_arguments, model_kwargs_arg
 from gradlab.errors import UsageError
 
 # Powers of two: the blog's 3, 5, 6, 7 do not divide its budget N = 1024, and every batch size must divide N.
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
     parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
     parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+    add_task_arguments(parser)
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")
     parser.add_argument("--budget", type=int, default=1024, help="examples per trial N (default 1024)")
@@ -58,19 +59,6 @@ def _batch_sizes(text: str) -> list[int]:
         raise UsageError(f"--batch-sizes {text!r} must be comma-separated integers, e.g. 1,2,4,8") from None
 
 
-def _model_kwargs(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        kw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"widths\": [64]}}'") \
-            from None
-    if not isinstance(kw, dict):
-        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
-    return kw
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:
@@ -93,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --workers or --scheduler, not both")
     config = resolve_config(
         args.checkpoint, data=args.data, init=args.init, model=args.model,
-        model_kwargs=_model_kwargs(args.model_kwargs),
+        model_kwargs=model_kwargs_arg(args.model_kwargs),
         batch_sizes=_batch_sizes(args.batch_sizes), budget=args.budget, trials=args.trials, protocol=args.protocol,
         reduction=args.reduction, lr=args.lr, params=args.params, keep=args.keep, seed=args.seed, device=args.device,
-        dtype=args.dtype, replacement=args.replacement, trials_per_unit=args.trials_per_unit)
+        dtype=args.dtype, replacement=args.replacement, trials_per_unit=args.trials_per_unit, loss=args.loss,
+        collate=args.collate)
     if args.dry_run:
         plan = plan_probe(config, args.out, resume=args.resume, workers=args.workers or 1)
         print(f"probe plan for {args.out} ({config.protocol} protocol, {len(config.checkpoints)} checkpoint(s), "

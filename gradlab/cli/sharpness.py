@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gradlab.cli.common import add_task_arguments, model_kwargs_arg
 from gradlab.errors import UsageError
 
 
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lanczos-tol", type=float, default=None, help="eigsh tolerance (default by dtype)")
     parser.add_argument("--lbfgs-iters", type=int, default=10, help="L-BFGS-B iterations for epsilon-sharpness")
     parser.add_argument("--model", default=None, help="model name or pkg.module:factory (foreign checkpoints)")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+    add_task_arguments(parser, default_loss=None)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="output zarr store")
     where.add_argument("--into", metavar="PROBE_STORE",
@@ -104,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         lanczos_tol=args.lanczos_tol,
         lbfgs_maxiter=args.lbfgs_iters,
         model=args.model,
+        model_kwargs=model_kwargs_arg(args.model_kwargs),
+        loss=args.loss or "cross_entropy",
+        collate=args.collate,
     )
     out = run_sharpness(config, out, resume=args.resume,
                         progress=None if args.no_progress else

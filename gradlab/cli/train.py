@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from gradlab.cli.common import add_task_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with TrainConfig keys (flags given explicitly override it)")
@@ -36,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cyclic-half-epochs", type=float, help="half period of the cycle in epochs [2]")
     p.add_argument("--ghost-batch-size", type=int, help="virtual batch size of (ghost) batch norm")
     p.add_argument("--checkpoint-format", choices=["pt", "safetensors"], help="checkpoint file format [pt]")
+    add_task_arguments(p, default_loss=None)
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="run the model and the data's floating tensors in this dtype [as they come]")
     p.add_argument("--out", required=True, help="output folder (train.zarr + runs/<name>/epochNNN.pt)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -63,7 +68,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             o[key] = parse_list(value, cast, flag)
     for key in ("data", "data_root", "download", "momentum", "weight_decay", "epochs", "lr_scaling", "base_batch_size",
                 "warmup_epochs", "decay_factor", "cyclic", "cyclic_factor", "cyclic_sqrt_factor",
-                "cyclic_half_epochs", "ghost_batch_size", "checkpoint_format"):
+                "cyclic_half_epochs", "ghost_batch_size", "checkpoint_format", "loss", "collate", "dtype"):
         value = getattr(args, key)
         if value is not None:
             o[key] = value

@@ -38,6 +38,8 @@ from torch import nn
 from torch.func import functional_call
 
 from gradlab.errors import UsageError
+from gradlab.task import LOSSES as TASK_LOSSES
+from gradlab.task import Batch, PerExampleLoss, batch_len, index_batch, loss_name, resolve_loss, to_run
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,33 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
 }
+
+
+def objective_loss(loss: str | PerExampleLoss) -> PerExampleLoss:
+    """A per-example loss ``fn(model, batch) -> (B,)`` (:mod:`gradlab.task`) from a name of ``LOSSES`` (on (x, y)
+    batches, as before the task contract), a task loss name (``cross-entropy``, ``lm``) or a callable."""
+    if callable(loss):
+        return loss
+    if loss in LOSSES:
+        fn = LOSSES[loss]
+        return lambda model, batch: fn(model(batch[0]), batch[1])
+    try:
+        return resolve_loss(loss)
+    except UsageError:
+        raise UsageError(f"unknown loss {loss!r}; choose one of {sorted({*LOSSES, *TASK_LOSSES})} or pass "
+                         "pkg.module:fn") from None
+
+
+class _SummedLoss(nn.Module):
+    """Σᵢ ℓᵢ over a batch as a module, so ``functional_call`` can swap the parameters of ``model``."""
+
+    def __init__(self, model: nn.Module, loss: PerExampleLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss(self.model, batch).sum()
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
@@ -116,33 +145,34 @@ class SampleObjective:
     def __init__(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: torch.Tensor | Batch,
+        y: torch.Tensor | None = None,
         *,
-        loss: str = "cross_entropy",
+        loss: str | PerExampleLoss = "cross_entropy",
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         chunk_size: int = 256,
         bn_mode: str = "eval",
         cache_graph: bool | str = "auto",
     ) -> None:
-        if loss not in LOSSES:
-            raise UsageError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+        per_example = objective_loss(loss)
         if chunk_size < 1:
             raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
-        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        batch = x if y is None else (x, y)
+        if y is not None and (x.shape[0] == 0 or x.shape[0] != y.shape[0]):
             raise UsageError(f"need a non-empty sample with as many labels as inputs, got x {tuple(x.shape)} and "
                              f"y {tuple(y.shape)}")
-        self.loss_name = loss
-        self._loss = LOSSES[loss]
+        self.loss_name = loss_name(loss) if not isinstance(loss, str) else loss
         self.dtype = dtype
         self.device = torch.device(device)
         self.chunk_size = int(chunk_size)
         self.bn_mode = bn_mode
         self.net = functional_copy(model, dtype=dtype, device=self.device, bn_mode=bn_mode)
-        self.x = x.to(device=self.device, dtype=dtype)
-        self.y = y.to(self.device) if loss == "cross_entropy" else y.to(device=self.device, dtype=dtype)
-        self.n_examples = int(x.shape[0])
+        self._summed = _SummedLoss(self.net, per_example)
+        self.batch = to_run(batch, device=self.device, dtype=dtype)
+        self.n_examples = batch_len(self.batch)
+        if self.n_examples == 0:
+            raise UsageError("need a non-empty sample")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise UsageError("the model has no trainable parameters (none with requires_grad); nothing to measure")
@@ -170,10 +200,13 @@ class SampleObjective:
         return t
 
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's tensors (named as in ``_SummedLoss``: ``model.<name>``) with the parameters taken from
+        ``flat``."""
         pieces = torch.split(flat, self.param_sizes)
         out = {n: p.view(s) for n, p, s in zip(self.param_names, pieces, self.param_shapes)}
         out.update(self._fixed)
-        return out
+        out.update(self._buffers)
+        return {f"model.{n}": t for n, t in out.items()}
 
     def _chunks(self) -> range:
         return range(0, self.n_examples, self.chunk_size)
@@ -181,8 +214,8 @@ class SampleObjective:
     def _chunk_loss(self, flat: torch.Tensor, i0: int) -> torch.Tensor:
         """This chunk's share of L: (1/N) Σ_{i in chunk} ℓᵢ."""
         i1 = min(i0 + self.chunk_size, self.n_examples)
-        out = functional_call(self.net, (self._params(flat), self._buffers), (self.x[i0:i1],))
-        return self._loss(out, self.y[i0:i1]).sum() / self.n_examples
+        return functional_call(self._summed, self._params(flat), (index_batch(self.batch, slice(i0, i1)),)) \
+            / self.n_examples
 
     # -- public -----------------------------------------------------------------------------------------------
     def value(self, theta: torch.Tensor | np.ndarray | None = None) -> float:

@@ -12,6 +12,7 @@ interpolated state equals the endpoints exactly, so the endpoints' losses are re
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,9 +60,9 @@ def parametric_curve(
     small: Mapping[str, torch.Tensor],
     large: Mapping[str, torch.Tensor],
     alphas: np.ndarray,
-    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    splits: Mapping[str, Any],
     *,
-    loss: str = "cross_entropy",
+    loss: Any = "cross_entropy",
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     progress: Callable[[], None] | None = None,
@@ -78,8 +79,9 @@ def parametric_curve(
     out = {f"{s}_{q}": np.full(len(alphas), np.nan) for s in splits for q in ("loss", "accuracy")}
     for i, alpha in enumerate(np.asarray(alphas, dtype=np.float64)):
         load_state_strict(net, interpolate_state(small, large, float(alpha)), f"interpolation at alpha={alpha}")
-        for s, (x, y) in splits.items():
-            out[f"{s}_loss"][i], out[f"{s}_accuracy"][i] = evaluate(net, x, y, loss=loss, dtype=dtype, device=device)
+        for s, batch in splits.items():  # each split: a batch pytree, e.g. (x, y)
+            out[f"{s}_loss"][i], out[f"{s}_accuracy"][i] = evaluate(net, batch, loss=loss, dtype=dtype,
+                                                                    device=device)
         if progress is not None:
             progress()
     return out

@@ -50,12 +50,14 @@ from gradlab.checkpoint import build_model_from, load_checkpoint
 from gradlab.curvature.eps_sharpness import eps_sharpness, validate_eps
 from gradlab.curvature.evaluate import evaluate
 from gradlab.curvature.hutchinson import TRACE_ESTIMATORS, trace_sample_count
-from gradlab.curvature.hvp import BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm
+from gradlab.curvature.hvp import (BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm,
+                                   objective_loss)
 from gradlab.curvature.interpolation import BN_BUFFERS, check_compatible, parametric_curve
 from gradlab.curvature.lanczos import top_eigenvalues
 from gradlab.curvature.minibatch import Extrapolation, extrapolate_full_batch, minibatch_lambda_max
 from gradlab.errors import UsageError
 from gradlab.store import VarSpec, create_store, writer_for
+from gradlab.task import check_task
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,9 @@ class SharpnessConfig:
     lanczos_tol: float | None = None  # None: 1e-9 in float64, 1e-5 in float32
     lbfgs_maxiter: int = 10
     model: str | None = None
-    loss: str = "cross_entropy"
+    loss: str = "cross_entropy"  # a task loss (gradlab.task: cross-entropy, mse, lm, pkg.module:fn)
+    model_kwargs: dict[str, Any] | None = None
+    collate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_lanczos_tol(self) -> float:
@@ -189,7 +193,7 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     from gradlab.datasets import load_data
 
     validate(config)
-    data = load_data(config.data, root=config.data_root)
+    data = load_data(config.data, root=config.data_root, collate=config.collate)
     n_train = len(data.train)
     if config.samples is None:
         sample_index = np.arange(n_train)
@@ -207,7 +211,10 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     models, labels, metas, n_params, seen = [], [], [], [], set()
     for path in config.checkpoints:
         ckpt = load_checkpoint(path)
-        net = build_model_from(ckpt, model=config.model, input_shape=data.input_shape, n_classes=data.n_classes)
+        net = build_model_from(ckpt, model=config.model, model_kwargs=config.model_kwargs,
+                               input_shape=data.input_shape, n_classes=data.n_classes)
+        if not models:
+            check_task(net, objective_loss(config.loss), data.train, name=config.loss, dtype=DTYPES[config.dtype])
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
         if config.top_k > n:
             raise UsageError(f"--top-k {config.top_k} exceeds the {n} parameters of {path}")
@@ -222,8 +229,8 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     if config.interpolate is not None:
         small, large = (load_checkpoint(p) for p in config.interpolate)
         check_compatible(small.state_dict, large.state_dict)
-        prep.interp_template = build_model_from(small, model=config.model, input_shape=data.input_shape,
-                                                n_classes=data.n_classes)
+        prep.interp_template = build_model_from(small, model=config.model, model_kwargs=config.model_kwargs,
+                                                input_shape=data.input_shape, n_classes=data.n_classes)
         prep.interp_states = (dict(small.state_dict), dict(large.state_dict))
     for c, net in enumerate(models):
         obj = _objective(config, prep, net, sample_index)
@@ -237,7 +244,7 @@ def prepare(config: SharpnessConfig) -> _Prepared:
 
 def _objective(config: SharpnessConfig, prep: _Prepared, net: torch.nn.Module, index: np.ndarray) -> SampleObjective:
     idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
-    return SampleObjective(net, prep.data.train.x[idx], prep.data.train.y[idx], loss=config.loss,
+    return SampleObjective(net, prep.data.train[idx], loss=config.loss,
                            dtype=DTYPES[config.dtype], device=config.device, chunk_size=config.chunk_size,
                            bn_mode=config.bn_mode, cache_graph=CACHE_GRAPH[config.cache_graph])
 
@@ -420,9 +427,9 @@ def run_sharpness(
             writer.mark_done({"checkpoint": c})
         if config.interpolate is not None and not bool(writer.read("interp_done").all()):
             say("interpolation: evaluating")
-            splits = {"train": (prep.data.train.x, prep.data.train.y)}
+            splits = {"train": prep.data.train.batch}
             if prep.data.test is not None:
-                splits["test"] = (prep.data.test.x, prep.data.test.y)
+                splits["test"] = prep.data.test.batch
             small, large = prep.interp_states  # type: ignore[misc]
             curve = parametric_curve(prep.interp_template, small, large, alphas_for(config), splits,  # type: ignore[arg-type]
                                      loss=config.loss, dtype=DTYPES[config.dtype], device=config.device)
@@ -437,10 +444,10 @@ def _measure_checkpoint(config: SharpnessConfig, prep: _Prepared, c: int, say: C
     net = prep.models[c]
     dtype = DTYPES[config.dtype]
     res: dict[str, Any] = {}
-    res["train_loss"], res["train_accuracy"] = evaluate(net, prep.data.train.x, prep.data.train.y, loss=config.loss,
+    res["train_loss"], res["train_accuracy"] = evaluate(net, prep.data.train.batch, loss=config.loss,
                                                         dtype=dtype, device=config.device)
     if prep.data.test is not None:
-        res["test_loss"], res["test_accuracy"] = evaluate(net, prep.data.test.x, prep.data.test.y, loss=config.loss,
+        res["test_loss"], res["test_accuracy"] = evaluate(net, prep.data.test.batch, loss=config.loss,
                                                           dtype=dtype, device=config.device)
     obj = _objective(config, prep, net, prep.sample_index)
     loss0, grad = obj.value_and_grad()

@@ -1,7 +1,10 @@
 """Datasets by name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``) or user ``pkg.module:factory``.
 
-Every loader returns a :class:`DataBundle`: float32 images (N, C, H, W), int64 labels, a fixed train/test split,
-and provenance.  The registry is an explicit dict of ``name -> "module:callable"`` imported on use.
+Every loader returns a :class:`DataBundle`: train/test :class:`Split` s (batches of all their examples, see
+:mod:`gradlab.task`; the built-in image sets hold float32 images (N, C, H, W) and int64 labels), the number of
+classes and provenance.  User factories may return (x, y) tensors of any shape and dtype, a torch Dataset whose
+items are tuples or dicts (collated with ``default_collate`` or a given collate function), or a dict with
+train/test; nothing is reshaped or cast.  The registry is an explicit dict of ``name -> "module:callable"`` imported on use.
 """
 
 from __future__ import annotations
@@ -9,38 +12,64 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from gradlab.errors import UsageError
 from gradlab.factory import is_factory_spec, resolve_factory
+from gradlab.task import batch_len, batch_nonfinite, index_batch, inputs_targets, source_sha256
 
 DATASETS: dict[str, str] = {
     "digits": "gradlab.datasets.digits:load_digits",
     "mnist": "gradlab.datasets.idx:load_mnist",
     "fashion-mnist": "gradlab.datasets.idx:load_fashion_mnist",
     "cifar10": "gradlab.datasets.cifar:load_cifar10",
+    "shakespeare-char": "gradlab.datasets.text:load_shakespeare_char",
 }
 
 
-@dataclass(frozen=True)
 class Split:
-    """One split: inputs ``x`` (N, C, H, W) float32 and labels ``y`` (N,) int64."""
+    """One split: a batch pytree of all its examples (see :mod:`gradlab.task`), e.g. ``(x, y)`` tensors.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    ``Split(x, y)`` stores the pair ``(x, y)``; ``Split(batch)`` any batch (a tuple/list/dict of tensors sharing
+    their first dimension).  Nothing is reshaped or cast.  ``x``/``y`` give the inputs and targets of
+    (inputs, targets) batches.
+    """
 
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise UsageError(f"inputs have {self.x.shape[0]} rows but labels have {self.y.shape[0]}")
+    __slots__ = ("batch",)
+
+    def __init__(self, x: Any, y: Any = None) -> None:
+        batch = x if y is None else (x, y)
+        object.__setattr__(self, "batch", batch)
+        batch_len(batch)  # checks that every tensor shares the first dimension
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Split is immutable")
+
+    @property
+    def x(self) -> Any:
+        return inputs_targets(self.batch)[0]
+
+    @property
+    def y(self) -> Any:
+        return inputs_targets(self.batch)[1]
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return batch_len(self.batch)
+
+    def __getitem__(self, idx: Any) -> Any:
+        """The batch of examples ``idx`` (an index tensor or a slice)."""
+        return index_batch(self.batch, idx)
 
 
 @dataclass(frozen=True)
 class DataBundle:
+    """A dataset: train (and optional test) splits, the number of classes of classification targets (0 when the
+    targets are not class indices), and provenance."""
+
     name: str
     train: Split
     test: Split | None
@@ -49,66 +78,112 @@ class DataBundle:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.train.x.shape[1:])
+        """Shape of one example's input (the zoo builders' ``input_shape``); () when inputs are not one tensor."""
+        try:
+            x = self.train.x
+        except UsageError:
+            return ()
+        return tuple(int(s) for s in x.shape[1:]) if isinstance(x, torch.Tensor) else ()
 
 
-def _as_split(obj: Any, spec: str) -> Split:
+def _collate_all(items: list[Any], collate: Callable[[list[Any]], Any], spec: str) -> Any:
+    try:
+        return collate(items)
+    except (TypeError, RuntimeError, ValueError, KeyError, IndexError) as exc:
+        raise UsageError(f"the items of data {spec!r} cannot be collated into one batch ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); give items of equal shapes, or pass "
+                         "--collate pkg.module:fn that pads them") from None
+
+
+def _as_split(obj: Any, spec: str, collate: Callable[[list[Any]], Any] | None = None) -> Split:
+    """Turn what a data factory returned into a :class:`Split`, without reshaping or casting anything."""
     if isinstance(obj, Split):
-        return obj
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
-        x, y = obj
+        split = obj
+    elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        split = Split(tuple(obj))
     elif isinstance(obj, torch.utils.data.Dataset):
         try:
             n = len(obj)  # type: ignore[arg-type]
+        except TypeError:
+            raise UsageError(f"data factory {spec!r} returned a Dataset without len(); return a map-style Dataset "
+                             "or (x, y) tensors") from None
+        if n == 0:
+            raise UsageError(f"data factory {spec!r} returned no examples; return at least one")
+        try:
             items = [obj[i] for i in range(n)]
-            x = torch.stack([torch.as_tensor(it[0]) for it in items]) if n else torch.empty(0)
-            y = torch.as_tensor([int(it[1]) for it in items])
-        except (TypeError, IndexError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"data factory {spec!r} returned a Dataset whose items are not (input, label) pairs of "
-                             f"equal-shaped tensors and integer labels with a len(): {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 -- the user's own __getitem__
+            raise UsageError(f"data factory {spec!r}: reading item {i} of its Dataset failed "
+                             f"({type(exc).__name__}: {exc}); fix the Dataset's __getitem__") from None
+        split = Split(_collate_all(items, collate or default_collate, spec))
     else:
         raise UsageError(
             f"data factory {spec!r} returned {type(obj).__name__}; expected (x, y) tensors, a torch Dataset, or a "
             "dict with keys 'train' and optionally 'test' holding either"
         )
-    if x.dim() >= 1 and x.shape[0] == 0:
-        raise UsageError(f"data factory {spec!r} returned no examples; return at least one (input, label) pair")
-    if x.dim() not in (2, 3, 4) or y.dim() != 1:
-        raise UsageError(f"data factory {spec!r} returned inputs of shape {tuple(x.shape)} and labels of shape "
-                         f"{tuple(y.shape)}; expected inputs (N, D), (N, H, W) or (N, C, H, W) and labels (N,)")
-    if (y.is_floating_point() and not torch.equal(y, y.round())) or (y.numel() and int(y.min()) < 0):
-        raise UsageError(f"data factory {spec!r} returned labels that are not class indices 0..K-1")
-    x = x.float()
-    if x.dim() == 2:
-        x = x[:, None, None, :]
-    elif x.dim() == 3:
-        x = x[:, None]
-    return Split(x.contiguous(), y.long().contiguous())
+    if len(split) == 0:
+        raise UsageError(f"data factory {spec!r} returned no examples; return at least one (input, target) pair")
+    bad = batch_nonfinite(split.batch)
+    if bad:
+        raise UsageError(f"data factory {spec!r} returned {bad} non-finite (NaN or Inf) input/target values; clean "
+                         "or impute them before probing")
+    return split
 
 
-def _from_factory(spec: str) -> DataBundle:
-    out = resolve_factory(spec, "data")()
+def n_classes_of(split: Split, test: Split | None, spec: str) -> int:
+    """K for integer class-index targets (B,) numbered 0..K-1, else 0 (not a classification task)."""
+    try:
+        ys = [split.y] + ([test.y] if test is not None else [])
+    except UsageError:
+        return 0
+    if not all(isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point()
+               and y.dtype != torch.bool for y in ys):
+        return 0
+    y = torch.cat(ys)
+    if int(y.min()) < 0:
+        return 0
+    k = int(y.max()) + 1
+    present = int(torch.unique(y).numel())
+    if present < k and present <= k // 2:
+        raise UsageError(f"data factory {spec!r} returned labels with {present} distinct values ranging up to "
+                         f"{k - 1}, which would make a {k}-class model; number the classes 0..{present - 1}")
+    return k
+
+
+def _from_factory(spec: str, collate: Callable[[list[Any]], Any] | None = None) -> DataBundle:
+    factory = resolve_factory(spec, "data")
+    try:
+        out = factory()
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the user's own code: report it in one line
+        raise UsageError(f"data factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(out, DataBundle):
         return out
     if isinstance(out, dict):
         if "train" not in out:
             raise UsageError(f"data factory {spec!r} returned a dict without a 'train' entry")
-        train = _as_split(out["train"], spec)
-        test = _as_split(out["test"], spec) if out.get("test") is not None else None
+        train = _as_split(out["train"], spec, collate)
+        test = _as_split(out["test"], spec, collate) if out.get("test") is not None else None
     else:
-        train, test = _as_split(out, spec), None
-    n_classes = int(max(train.y.max(), test.y.max() if test is not None else 0)) + 1
-    return DataBundle(spec, train, test, n_classes, {"source": f"user factory {spec}"})
+        train, test = _as_split(out, spec, collate), None
+    return DataBundle(spec, train, test, n_classes_of(train, test, spec),
+                      {"source": f"user factory {spec}", "source_sha256": source_sha256(factory)})
 
 
-def load_data(spec: str, root: str | Path | None = None, download: bool = False) -> DataBundle:
+def load_data(spec: str, root: str | Path | None = None, download: bool = False,
+              collate: str | Callable[[list[Any]], Any] | None = None) -> DataBundle:
     """Load a dataset by registered name or ``pkg.module:factory``.
 
     ``root`` is the folder holding the raw files of MNIST/Fashion-MNIST/CIFAR-10 (default ``~/.cache/gradlab``);
-    ``download`` fetches missing files with checksum verification.
+    ``download`` fetches missing files with checksum verification.  ``collate`` (a callable or
+    ``pkg.module:fn``) turns a list of a Dataset's items into one batch; default
+    ``torch.utils.data.default_collate``.  It is applied once to the whole split, so padding collates pad to the
+    split's longest example.
     """
+    if isinstance(collate, str):
+        collate = resolve_factory(collate, "collate")
     if is_factory_spec(spec):
-        return _from_factory(spec)
+        return _from_factory(spec, collate)
     if spec not in DATASETS:
         raise UsageError(f"unknown dataset {spec!r}; choose one of {sorted(DATASETS)} or pass 'pkg.module:factory'")
     module, _, attr = DATASETS[spec].partition(":")

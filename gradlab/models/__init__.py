@@ -21,6 +21,7 @@ MODELS: dict[str, str] = {
     "cnn": "gradlab.models.cnn:SmallCNN",
     "vgg": "gradlab.models.vgg:VGG",
     "resnet": "gradlab.models.resnet:CifarResNet",
+    "gpt": "gradlab.models.gpt:build_gpt",
 }
 
 
@@ -30,15 +31,20 @@ def _builder(name: str) -> Any:
 
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model (``mlp``, ``cnn``, ``vgg``, ``resnet``) or a user ``pkg.module:factory``.
+    """Build a registered model (``mlp``, ``cnn``, ``vgg``, ``resnet``, ``gpt``) or a user ``pkg.module:factory``.
 
     A user factory is called as ``factory(**kwargs)``; if it accepts ``input_shape``/``n_classes`` they are passed.
     """
     if is_factory_spec(name):
         factory = resolve_factory(name, "model")
         params = inspect.signature(factory).parameters
-        extra = {k: v for k, v in (("input_shape", tuple(input_shape)), ("n_classes", n_classes)) if k in params}
-        model = factory(**extra, **kwargs)
+        extra = {k: v for k, v in (("input_shape", tuple(input_shape)), ("n_classes", n_classes))
+                 if k in params and k not in kwargs}
+        try:
+            model = factory(**extra, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- the user's own code: one line naming it
+            raise UsageError(f"model factory {name!r} raised {type(exc).__name__}: {exc} (called with "
+                             f"{ {**extra, **kwargs} }); check --model-kwargs") from exc
         if not isinstance(model, nn.Module):
             raise UsageError(f"model factory {name!r} returned {type(model).__name__}, expected a torch nn.Module")
         return model

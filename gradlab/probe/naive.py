@@ -18,16 +18,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlab.probe.step import Reduction, StepResult, check_step_inputs, summarise_step_norms
+from gradlab.probe.step import Reduction, StepResult, check_step_inputs, minibatch_loss, summarise_step_norms
+from gradlab.task import Batch, PerExampleLoss, cross_entropy, index_batch, tensor_leaves, to_run
 
 
 def naive_step_trials(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Batch,
+    y: Tensor | None,
     indices: Tensor | np.ndarray,
     batch_size: int,
     lr: float,
@@ -37,13 +37,16 @@ def naive_step_trials(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     count_nonfinite: bool = True,
+    loss: PerExampleLoss | None = None,
 ) -> StepResult:
     """Step protocol by the obvious loop (arguments as in :func:`gradlab.probe.step.step_trials`).
 
     ``count_nonfinite=False`` skips the per-step pass over every gradient that counts non-finite entries, which
     costs several times the blog's loop itself at small m; ``nonfinite`` is then -1 (not counted).  Only timing
-    comparisons with the blog's loop should use it.
+    comparisons with the blog's loop should use it.  ``loss``: the per-example loss (:mod:`gradlab.task`; default
+    cross-entropy); with ``y`` None, ``x`` is a batch pytree of the whole pool.
     """
+    loss = loss or cross_entropy
     inp = check_step_inputs(model, x, y, indices, batch_size, lr, reduction, selected, dtype)
     dev = torch.device(device)
     n_trials = inp.indices.shape[0]
@@ -63,11 +66,15 @@ def naive_step_trials(
         sums = {n: torch.zeros_like(params[n]) for n in inp.selected}
         for k in range(inp.n_steps):
             rows = inp.indices[t, k * m:(k + 1) * m]
-            xb = x[rows].to(device=dev, dtype=dtype)
-            yb = y[rows].to(device=dev, dtype=torch.long)
             opt.zero_grad()
-            loss = F.cross_entropy(net(xb), yb, reduction=inp.reduction)
-            loss.backward()
+            if y is not None:
+                xb = x[rows].to(device=dev, dtype=dtype)
+                yb = y[rows].to(device=dev, dtype=torch.long)
+                value = minibatch_loss(net, (xb, yb), loss, inp.reduction)
+            else:
+                per = loss(net, to_run(index_batch(x, rows.to(tensor_leaves(x)[0].device)), device=dev, dtype=dtype))
+                value = per.mean() if inp.reduction == "mean" else per.sum()
+            value.backward()
             with torch.no_grad():
                 sq = torch.zeros((), dtype=dtype, device=dev)
                 for n, p in params.items():

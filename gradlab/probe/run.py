@@ -103,6 +103,9 @@ class ProbeConfig:
     layers: tuple[str, ...]
     layer_sizes: tuple[int, ...]
     selected: tuple[str, ...]
+    loss: str = "cross-entropy"  # a built-in name or pkg.module:fn (gradlab.task)
+    collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch (default_collate if None)
+    loss_sha256: str = ""  # SHA-256 of a user loss's source ("" for built-ins)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,6 +175,8 @@ def resolve_config(
     dtype: str = "float32",
     replacement: bool = False,
     trials_per_unit: int | None = None,
+    loss: str = "cross-entropy",
+    collate: str | None = None,
 ) -> ProbeConfig:
     """Check every input and resolve the full config; raise :class:`UsageError` (naming the fix) on bad input.
 
@@ -184,6 +189,7 @@ def resolve_config(
     from gradlab.checkpoint import build_model_from, load_checkpoint
     from gradlab.datasets import load_data
     from gradlab.probe.distance import find_init
+    from gradlab.task import LOSSES, check_task, loss_name, resolve_loss, source_sha256
 
     _check_choice("protocol", protocol, PROTOCOLS)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -216,7 +222,9 @@ def resolve_config(
     except re.error as exc:
         raise UsageError(f"--params {params!r} is not a valid regular expression: {exc}") from None
 
-    bundle = load_data(data)
+    loss_fn = resolve_loss(loss)
+    loss = loss_name(loss)
+    bundle = load_data(data, collate=collate)
     pool_size = len(bundle.train)
     if not replacement and budget > pool_size:
         raise UsageError(f"--budget {budget} exceeds the {pool_size} training examples of {data!r}; draws are without "
@@ -241,6 +249,7 @@ def resolve_config(
                     if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
                         raise UsageError(f"the model has active dropout ({type(mod).__name__}, p={mod.p}); the step "
                                          "probe needs a deterministic model: use --protocol frozen or dropout 0")
+            check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
         elif this != layout:
             raise UsageError(f"{path} has parameters {this}, unlike the first checkpoint's {layout}; probe checkpoints "
                              "of one architecture per store")
@@ -277,7 +286,8 @@ def resolve_config(
         reduction=reduction, lr=float(lr), params=params, keep=keep, seed=int(seed), device=device, dtype=dtype,
         replacement=bool(replacement), trials_per_unit=int(trials_per_unit), pool_size=pool_size,
         input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), layers=names,
-        layer_sizes=layer_sizes, selected=selected)
+        layer_sizes=layer_sizes, selected=selected, loss=loss, collate=collate,
+        loss_sha256=(source_sha256(loss_fn) or "") if loss not in LOSSES else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,7 +376,7 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "replacement": config.replacement, "pool_size": config.pool_size, "seed": config.seed, "lr": config.lr,
         "keep": config.keep, "params": config.params, "selected": list(config.selected), "data": config.data,
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
-        "model_mode": config.model_mode, "loss": "cross_entropy", "seed_derivation": SEED_DERIVATION,
+        "model_mode": config.model_mode, "loss": config.loss, "seed_derivation": SEED_DERIVATION,
         "versions": json.dumps(package_versions()),
     }
     create_store(path, kind="probe", sizes=sizes, coords=coords, variables=store_variables(config),
@@ -379,11 +389,12 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _pool(data: str, device: str) -> tuple[Any, Any]:
+def _pool(data: str, device: str, collate: str | None = None) -> Any:
+    """The training split as one batch pytree on ``device`` (dtypes as the data gives them)."""
     from gradlab.datasets import load_data
+    from gradlab.task import to_run
 
-    bundle = load_data(data)
-    return bundle.train.x.to(device), bundle.train.y.to(device)
+    return to_run(load_data(data, collate=collate).train.batch, device=device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -414,9 +425,10 @@ def _thread_gram_engine(config: ProbeConfig, c: int, thread: int) -> Any:
     import torch
 
     from gradlab.probe.gram import GramEngine
+    from gradlab.task import resolve_loss
 
     return GramEngine(_checkpoint_model(config, c), config.selected, dtype=getattr(torch, config.dtype),
-                      device=config.device)
+                      device=config.device, loss=resolve_loss(config.loss))
 
 
 def _norms_of(config: ProbeConfig, sums: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
@@ -467,7 +479,10 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
 
     from gradlab.probe.sampling import draw_trials
 
-    x_pool, y_pool = _pool(config.data, config.device)
+    from gradlab.task import index_batch, resolve_loss, tensor_leaves
+
+    pool = _pool(config.data, config.device, config.collate)
+    pool_device = tensor_leaves(pool)[0].device
     idx = draw_trials(config.seed, c, range(t0, t1), config.budget, config.pool_size, config.replacement)
     out = _empty_outputs(config, t1 - t0)
     out["example_index"][...] = idx
@@ -481,8 +496,8 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
         kinds = {n: param_kind(n) for n in order}
         sel_idx = [config.layers.index(n) for n in order]
         for j in range(t1 - t0):
-            rows = torch.as_tensor(idx[j], device=x_pool.device)
-            res = engine(x_pool[rows], y_pool[rows])
+            rows = torch.as_tensor(idx[j], device=pool_device)
+            res = engine(index_batch(pool, rows))
             ft = frozen_trial(res.gram, kinds, config.batch_sizes, config.reduction)
             out["grad_norm"][:, j] = ft.grad_norm
             out["grad_norm_layer"][:, j, sel_idx] = ft.grad_norm_layer
@@ -506,9 +521,10 @@ def compute_unit(config: ProbeConfig, c: int, t0: int, t1: int) -> dict[str, np.
 
         net = _checkpoint_model(config, c)
         for i, m in enumerate(config.batch_sizes):
-            r = step_trials(net, x_pool, y_pool, torch.as_tensor(idx), int(m), config.lr,
+            r = step_trials(net, pool, None, torch.as_tensor(idx), int(m), config.lr,
                             config.reduction, order,  # type: ignore[arg-type]
-                            dtype=getattr(torch, config.dtype), device=config.device)
+                            dtype=getattr(torch, config.dtype), device=config.device,
+                            loss=resolve_loss(config.loss))
             for j in range(t1 - t0):
                 sums = {n: r.grad_sum[n][j] for n in order}
                 out["grad_norm"][i, j], out["grad_norm_layer"][i, j], out["grad_norm_group"][i, j] = \

@@ -63,8 +63,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from gradlab.errors import UsageError
+from gradlab.task import Batch, PerExampleLoss, batch_len, tensor_leaves, to_run
+from gradlab.task import cross_entropy as task_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,8 @@ class StepInputs:
 
 def check_step_inputs(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Batch,
+    y: Tensor | None,
     indices: Tensor | np.ndarray,
     batch_size: int,
     lr: float,
@@ -130,15 +133,21 @@ def check_step_inputs(
         raise UsageError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if not (isinstance(lr, (int, float, np.floating)) and not isinstance(lr, bool) and math.isfinite(lr)):
         raise UsageError(f"lr must be a finite number, got {lr!r}")
-    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise UsageError(f"expected x of shape (n, ...) and labels y of shape (n,), got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+    if y is not None:
+        if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise UsageError(f"expected x of shape (n, ...) and labels y of shape (n,), got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        pool = int(x.shape[0])
+        device = x.device
+    else:  # x is a batch pytree of the whole pool (gradlab.task)
+        pool = batch_len(x)
+        device = tensor_leaves(x)[0].device
     idx = torch.as_tensor(indices)
     if idx.ndim != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise UsageError(f"indices must be an integer array of shape (trials, N), got {tuple(idx.shape)} {idx.dtype}")
-    idx = idx.to(device=x.device, dtype=torch.long)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[0]):
-        raise UsageError(f"indices must lie in [0, {x.shape[0]}) (the training-set size), got "
+    idx = idx.to(device=device, dtype=torch.long)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= pool):
+        raise UsageError(f"indices must lie in [0, {pool}) (the training-set size), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
     n_budget = idx.shape[1]
     if n_budget < 1:
@@ -478,25 +487,30 @@ def _chain_block(
 def _generic_block(
     net: nn.Module,
     theta: dict[str, Tensor],
-    xb: Tensor,
-    yb: Tensor,
+    xb: Batch,
+    yb: Tensor | None,
     inp: StepInputs,
+    loss: PerExampleLoss,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """One block with ``vmap(grad)``; xb (Tb, N, ...), yb (Tb, N).  Non-finite entries are always counted."""
+    """One block with ``vmap(grad)``; xb (Tb, N, ...), yb (Tb, N) -- or xb a batch pytree of (Tb, N, ...) leaves and
+    yb None.  Non-finite entries are always counted."""
     from torch.func import functional_call, grad, vmap
 
-    tb, m, lr = xb.shape[0], inp.batch_size, inp.lr
+    batch = xb if yb is None else (xb, yb)
+    like = tensor_leaves(theta)[0]
+    tb, m, lr = next(iter(tensor_leaves(batch))).shape[0], inp.batch_size, inp.lr
+    objective = _ReducedLoss(net, loss, inp.reduction)
 
-    def loss(params: dict[str, Tensor], xm: Tensor, ym: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(net, params, (xm,)), ym, reduction=inp.reduction)
+    def loss_of(params: dict[str, Tensor], mb: Batch) -> Tensor:
+        return functional_call(objective, {f"net.{n}": p for n, p in params.items()}, (mb,))
 
-    grad_fn: Callable[..., dict[str, Tensor]] = vmap(grad(loss))
+    grad_fn: Callable[..., dict[str, Tensor]] = vmap(grad(loss_of))
     params = {n: t.expand(tb, *t.shape).clone() for n, t in theta.items()}
-    sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
+    sums, step_norms, bad = _block_outputs(tb, theta, inp, like)
     for k in range(inp.n_steps):
         sl = slice(k * m, (k + 1) * m)
-        grads = grad_fn(params, xb[:, sl], yb[:, sl])
-        sq = torch.zeros(tb, dtype=xb.dtype, device=xb.device)
+        grads = grad_fn(params, tree_map(lambda t: t[:, sl], batch))
+        sq = torch.zeros(tb, dtype=like.dtype, device=like.device)
         for n, d in grads.items():
             bad.add_((~torch.isfinite(d)).flatten(1).sum(1))
             if n in sums:
@@ -508,6 +522,33 @@ def _generic_block(
     return sums, disp_sq.sqrt(), step_norms, bad
 
 
+class _ReducedLoss(nn.Module):
+    """The minibatch loss L_B = (1/m) Σ ℓᵢ (mean) or Σ ℓᵢ (sum) of a per-example loss, as a module (so that
+    ``torch.func.functional_call`` can swap the parameters of ``net``)."""
+
+    def __init__(self, net: nn.Module, loss: PerExampleLoss, reduction: str) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.reduction = reduction
+
+    def forward(self, batch: Batch) -> Tensor:
+        return minibatch_loss(self.net, batch, self.loss, self.reduction)
+
+
+def minibatch_loss(net: nn.Module, batch: Batch, loss: PerExampleLoss, reduction: str) -> Tensor:
+    """L_B = (1/m) Σ ℓᵢ (mean) or Σ ℓᵢ (sum) over the minibatch ``batch``.  The built-in cross-entropy on (x, y)
+    with logits (m, C) goes through ``F.cross_entropy(..., reduction=...)`` directly (the same arithmetic as before
+    the task contract, so stores stay bitwise identical)."""
+    if loss is task_cross_entropy and isinstance(batch, (tuple, list)) and len(batch) == 2 \
+            and isinstance(batch[1], Tensor) and batch[1].ndim == 1:
+        out = net(batch[0])
+        if isinstance(out, Tensor) and out.ndim == 2:
+            return F.cross_entropy(out, batch[1], reduction=reduction)
+    per = loss(net, batch)
+    return per.mean() if reduction == "mean" else per.sum()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loop engine: trial after trial with autograd on one private copy
 
@@ -515,20 +556,24 @@ def _generic_block(
 def _loop_block(
     net: nn.Module,
     theta: dict[str, Tensor],
-    xb: Tensor,
-    yb: Tensor,
+    xb: Batch,
+    yb: Tensor | None,
     inp: StepInputs,
     count: bool,
+    loss: PerExampleLoss,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """The block's trials one after another; xb (Tb, N, ...), yb (Tb, N).  ``net`` is a private copy whose
-    parameters are reset to θ for each trial.  With ``count`` non-finite gradient entries are counted."""
-    tb, m, lr = xb.shape[0], inp.batch_size, inp.lr
+    """The block's trials one after another; xb (Tb, N, ...), yb (Tb, N) -- or xb a batch pytree of (Tb, N, ...)
+    leaves and yb None.  ``net`` is a private copy whose parameters are reset to θ for each trial.  With ``count``
+    non-finite gradient entries are counted."""
+    batch = xb if yb is None else (xb, yb)
+    tb, m, lr = next(iter(tensor_leaves(batch))).shape[0], inp.batch_size, inp.lr
     names = list(theta)
     own = dict(net.named_parameters())
     params = [own[n] for n in names]
     sel = [names.index(n) for n in inp.selected]
-    sums, step_norms, bad = _block_outputs(tb, theta, inp, xb)
-    disp_sq = torch.zeros(tb, dtype=xb.dtype, device=xb.device)
+    like = tensor_leaves(theta)[0]
+    sums, step_norms, bad = _block_outputs(tb, theta, inp, like)
+    disp_sq = torch.zeros(tb, dtype=like.dtype, device=like.device)
     for t in range(tb):
         for p, n in zip(params, names):
             p.requires_grad_(False).copy_(theta[n]).requires_grad_(True)
@@ -536,8 +581,8 @@ def _loop_block(
         for k in range(inp.n_steps):
             sl = slice(k * m, (k + 1) * m)
             with torch.enable_grad():
-                loss = F.cross_entropy(net(xb[t, sl]), yb[t, sl], reduction=inp.reduction)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                value = minibatch_loss(net, tree_map(lambda v: v[t, sl], batch), loss, inp.reduction)
+                grads = torch.autograd.grad(value, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             if count:
                 bad[t] += sum(int((~torch.isfinite(g)).sum()) for g in grads)
@@ -563,8 +608,8 @@ def _all_finite(res: tuple[dict[str, Tensor], Tensor, Tensor, Tensor]) -> bool:
 
 def step_trials(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Batch,
+    y: Tensor | None,
     indices: Tensor | np.ndarray,
     batch_size: int,
     lr: float,
@@ -575,6 +620,7 @@ def step_trials(
     device: str | torch.device = "cpu",
     trials_per_block: int | None = None,
     engine: Engine = "auto",
+    loss: PerExampleLoss | None = None,
 ) -> StepResult:
     """Run the step protocol for every row of ``indices`` and return the per-trial :class:`StepResult`.
 
@@ -583,11 +629,12 @@ def step_trials(
 
     Args:
         model: the network at θ (not mutated; its parameters are copied to ``device``/``dtype``).
-        x, y: the example pool (n, ...) and integer labels (n,), on any device; rows are gathered per block.
+        x, y: the example pool (n, ...) and integer labels (n,), on any device; rows are gathered per block.  Or
+            ``x`` a batch pytree of the whole pool (:mod:`gradlab.task`) and ``y`` None.
         indices: (T, N) integer indices into the pool, one row per trial (drawn by the caller from its seeds).
         batch_size: m, must divide N.
         lr: SGD learning rate η (plain SGD, no momentum or weight decay).
-        reduction: ``"mean"`` or ``"sum"`` cross-entropy over each minibatch.
+        reduction: ``"mean"`` or ``"sum"`` of the per-example losses over each minibatch.
         selected: parameter names (``model.named_parameters()``) whose S and step norms are recorded.
         dtype: compute dtype (float32 for production, float64 for reference checks).
         device: where to compute (``"cpu"``, ``"cuda"``).
@@ -595,12 +642,18 @@ def step_trials(
             32 on CUDA.  Results do not depend on it; peak memory is O(trials_per_block · parameters) plus the
             returned S arrays (O(T · selected)), so call per chunk of trials when selecting many parameters.
         engine: ``"auto"`` (chain when the model is a Linear/ReLU chain, else loop on CPU and generic elsewhere),
-            ``"chain"``, ``"loop"``, ``"generic"``.
+            ``"chain"``, ``"loop"``, ``"generic"``.  The chain engine needs the built-in cross-entropy on (x, y).
+        loss: the per-example loss ``fn(model, batch) -> (B,)`` (:mod:`gradlab.task`); default cross-entropy.
 
     Raises:
         UsageError: bad arguments (see :func:`check_step_inputs`), active dropout, or ``engine="chain"`` on a model
             that is not a Linear/ReLU chain.
     """
+    if loss is None or loss is task_cross_entropy:
+        loss = task_cross_entropy
+        if y is None and isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, Tensor) for t in x) \
+                and x[1].ndim == 1 and not x[1].is_floating_point():
+            x, y = x  # classification (x, y): the chain engine applies
     inp = check_step_inputs(model, x, y, indices, batch_size, lr, reduction, selected, dtype)
     dev = torch.device(device)
     if trials_per_block is None:
@@ -611,12 +664,12 @@ def step_trials(
         raise UsageError(f"trials_per_block must be a positive integer, got {trials_per_block!r}")
     if engine not in ("auto", "chain", "loop", "generic"):
         raise UsageError(f"engine must be 'auto', 'chain', 'loop' or 'generic', got {engine!r}")
-    ops = chain_ops(model)
+    ops = chain_ops(model) if (y is not None and loss is task_cross_entropy) else None
     if ops is not None and not _is_flat_chain(model) and x.ndim != 2:
         ops = None  # an nn.Sequential starting with Linear applies to the last axis only: not a flat chain
     if engine == "chain" and ops is None:
-        raise UsageError(f"engine='chain' needs a chain of nn.Linear/nn.ReLU (gradlab MLP without batch norm); "
-                         f"{type(model).__name__} is not one: use engine='auto'")
+        raise UsageError(f"engine='chain' needs a chain of nn.Linear/nn.ReLU (gradlab MLP without batch norm) with "
+                         f"the cross-entropy loss on (x, y); {type(model).__name__} is not one: use engine='auto'")
     use_chain = ops is not None and engine in ("auto", "chain")
     use_loop = not use_chain and (engine == "loop" or (engine == "auto" and dev.type == "cpu"))
     log.debug("step_trials: %s engine, %d trials, m=%d, blocks of %d",
@@ -644,9 +697,13 @@ def step_trials(
         tb = rows.shape[0]
         if ws is not None:
             xb = ws.gather(x, rows, dtype, dev)
-        else:
+        elif y is not None:
             xb = x[rows.reshape(-1)].to(device=dev, dtype=dtype).reshape(tb, n_budget, *x.shape[1:])
-        yb = y[rows.reshape(-1)].to(device=dev, dtype=torch.long).reshape(tb, n_budget)
+        else:  # a batch pytree: floating leaves to the compute dtype, integer leaves as they are
+            flat = rows.reshape(-1)
+            xb = tree_map(lambda t: to_run(t[flat.to(t.device)], device=dev, dtype=dtype).reshape(
+                tb, n_budget, *t.shape[1:]) if isinstance(t, Tensor) else t, x)
+        yb = y[rows.reshape(-1)].to(device=dev, dtype=torch.long).reshape(tb, n_budget) if y is not None else None
         with torch.no_grad():
             if use_chain:
                 assert ops is not None
@@ -663,12 +720,12 @@ def step_trials(
                     res = _chain_block(ops, theta, xb, onehot, inp, True, ws)
             elif use_loop:
                 assert net is not None
-                res = _loop_block(net, theta, xb, yb, inp, count=inp.lr == 0.0)
+                res = _loop_block(net, theta, xb, yb, inp, inp.lr == 0.0, loss)
                 if inp.lr != 0.0 and not _all_finite(res):
-                    res = _loop_block(net, theta, xb, yb, inp, count=True)
+                    res = _loop_block(net, theta, xb, yb, inp, True, loss)
             else:
                 assert net is not None
-                res = _generic_block(net, theta, xb, yb, inp)
+                res = _generic_block(net, theta, xb, yb, inp, loss)
         sums, disp, norms, bad = res
         sl = slice(start, start + tb)
         for n in inp.selected:

@@ -1,0 +1,33 @@
+"""Flags shared by the commands that run a task (model + data + per-example loss, :mod:`gradlab.task`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from gradlab.errors import UsageError
+
+LOSS_HELP = ("per-example loss: cross-entropy (classification, default), mse (regression), lm (causal language "
+             "modelling: logits (B, T, V), labels (B, T), -100 ignored), or pkg.module:fn with fn(model, batch) "
+             "returning the per-example losses (B,)")
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, *, default_loss: str | None = "cross-entropy") -> None:
+    parser.add_argument("--loss", default=default_loss, metavar="NAME|pkg.module:fn", help=LOSS_HELP)
+    parser.add_argument("--collate", metavar="pkg.module:fn",
+                        help="turns a list of Dataset items into one batch (default torch's default_collate)")
+
+
+def model_kwargs_arg(text: str | None) -> dict[str, Any] | None:
+    """The JSON object of ``--model-kwargs`` (None when not given)."""
+    if text is None:
+        return None
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"widths\": [64]}}'") \
+            from None
+    if not isinstance(kw, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return kw

@@ -1,9 +1,10 @@
 """Frozen protocol on a small causal transformer: gradlab's Gram engine vs recomputing every minibatch's backward pass,
 vs torch.func vmap(grad) per-example gradients followed by the Gram product, vs Opacus per-example gradients.
 
-Model: a nanoGPT-style causal transformer (token + position embeddings, pre-LayerNorm blocks with causal
-self-attention and a GELU MLP, final LayerNorm, linear head; 4 layers, n_embd 128, 4 heads, block 64, vocabulary
-65, untied head by default, ``--tied`` ties it to the token embedding), at its initialisation, in eval mode.  Data:
+Model: the zoo's ``gpt`` (nanoGPT-style: token + position embeddings, pre-LayerNorm blocks with causal
+self-attention through Linear q/k/v/proj and a GELU MLP, final LayerNorm, linear head; 4 layers, n_embd 128,
+4 heads, block 64, vocabulary 65, untied head by default, ``--tied`` ties it to the token embedding), at its
+initialisation (seed 0), in eval mode.  Data:
 N = 256 random token sequences of 64 tokens, labels the next token (a fixed generator); loss ``lm`` (ℓᵢ = mean token
 cross-entropy of sequence i), mean reduction, every parameter selected, all batch sizes m | 256 (1, 2, 4, …, 256).
 Each method gives every minibatch gradient norm ‖(1/m) Σ_{i∈B} gᵢ‖ (511 minibatches):
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlab.models import build_model
 from gradlab.probe.frozen import frozen_trial
 from gradlab.probe.gram import GramEngine
 from gradlab.task import index_batch, lm
@@ -51,51 +52,11 @@ SIZES = tuple(2**k for k in range(9))  # every m that divides 256
 METHODS = ("engine", "recompute", "vmap", "opacus")  # also "engine+S" (forms Σᵢ gᵢ too)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class GPT(nn.Module):
-    """nanoGPT's architecture (Karpathy), without dropout."""
-
-    def __init__(self, tied: bool = False) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(VOCAB, N_EMBD), nn.Embedding(BLOCK, N_EMBD)
-        self.h = nn.ModuleList(Block(N_EMBD, N_HEAD) for _ in range(N_LAYER))
-        self.ln_f = nn.LayerNorm(N_EMBD)
-        self.lm_head = nn.Linear(N_EMBD, VOCAB, bias=False)
-        if tied:
-            self.lm_head.weight = self.wte.weight
-        for name, p in self.named_parameters():  # nanoGPT's initialisation
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * N_LAYER) if name.endswith("proj.weight") else 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
 def setup(tied: bool) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = GPT(tied).eval()
+        model = build_model("gpt", (BLOCK,), VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
+                            tie_weights=tied).eval()
     seq = torch.randint(0, VOCAB, (N, BLOCK + 1), generator=torch.Generator().manual_seed(1))
     return model, (seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
 

@@ -111,6 +111,8 @@ class GramEngine:
         unknown = [n for n in self.selected if n not in names]
         if unknown:
             raise ValueError(f"parameters {unknown} are not in the model (it has {sorted(names)})")
+        if loss_fn is not None and loss is not task.cross_entropy:
+            raise ValueError("pass either loss (per-example, fn(model, batch)) or loss_fn (summed, fn(output, y))")
         if loss_fn is not None:  # legacy (output, target) -> Σᵢ ℓᵢ on batches (x, y)
             self._total = self._vmap_total = _legacy_total(loss_fn)
         else:

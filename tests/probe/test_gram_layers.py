@@ -60,11 +60,11 @@ def form(request, monkeypatch):
 
         def pos(self, a, d):
             choose_pos(self, a, d)
-            self.mode = request.param if "weight" in self.names else self.mode
+            self.mode = request.param if "weight" in self.names and not self.tied else self.mode
 
         def emb(self, *args):
             choose_emb(self, *args)
-            self.mode = request.param
+            self.mode = self.mode if self.tied else request.param  # a tied matrix is always materialised
 
         monkeypatch.setattr(gram_layers.PositionsGram, "_choose", pos)
         monkeypatch.setattr(gram_layers.EmbeddingGram, "_choose", emb)

@@ -13,8 +13,11 @@ Each method gives every minibatch gradient norm ‖(1/m) Σ_{i∈B} gᵢ‖ (511
   ``engine+S`` also forms Σᵢ gᵢ per tensor, as ``gradlab probe`` does;
 - ``recompute``: one forward/backward pass per minibatch of every partition (511 passes);
 - ``vmap``: ``torch.func.vmap(grad(ℓ))`` in chunks of 64 examples into Γ (N × p per tensor), K = Γ Γᵀ per tensor;
-- ``opacus``: Opacus ``GradSampleModule`` (hooks, per-example gradients in ``p.grad_sample``), then K = Γ Γᵀ;
-  install it for the benchmark only (``pip install --no-deps --target DIR opacus`` and DIR on PYTHONPATH).
+- ``opacus``: Opacus ``GradSampleModule`` (hooks, per-example gradients in ``p.grad_sample``), then K = Γ Γᵀ, for
+  every tensor but the position embedding (its ids (T,) have no batch dimension, which Opacus' hooks cannot split;
+  so its norms are not compared); install it for the benchmark only (``pip install --no-deps --target DIR
+  opacus`` and DIR on PYTHONPATH).  BackPACK is not run: its per-example gradients (``BatchGrad``, version 1.7.1)
+  cover Linear, convolutions, batch norm, Embedding and RNNs but not LayerNorm, which every block here has.
 
 Each method runs in a fresh subprocess: its time (the engine's second call, after the first call planned the layers;
 the others after one warm-up: a full round, or one minibatch per batch size for recompute) and its peak memory (the child's VmHWM, minus the VmRSS it had before the first call).
@@ -114,7 +117,9 @@ def run_vmap(model: nn.Module, batch, dtype: torch.dtype, chunk: int = 64):
 def run_opacus(model: nn.Module, batch, dtype: torch.dtype):
     from opacus import GradSampleModule
 
-    net = GradSampleModule(model.to(dtype), batch_first=True, loss_reduction="sum")
+    model = model.to(dtype).train()  # Opacus records activations in training mode only (the zoo gpt has no dropout)
+    model.wpe.weight.requires_grad_(False)  # position ids (T,) carry no batch dimension: Opacus cannot split them
+    net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
 
     def go() -> np.ndarray:
@@ -223,7 +228,7 @@ def main() -> None:
         ref = reference(args.tied)
         ok = True
         for method, r in results.items():
-            if "norms64" not in r:
+            if "norms64" not in r or method == "opacus":
                 continue
             got = np.array(r["norms64"], dtype=float)
             rel = float(np.nanmax(np.abs(got - ref) / np.abs(ref)))

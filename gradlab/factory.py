@@ -13,12 +13,29 @@ from typing import Any
 from gradlab.errors import UsageError
 
 
+# Live objects handed to the Python API (gradlab.api) in this process, by their spec "live:<kind>:<name>-<digest>".
+LIVE: dict[str, Callable[..., Any]] = {}
+
+
+def register_live(kind: str, factory: Callable[..., Any], name: str, digest: str) -> str:
+    """Register a callable built from a live object (the Python API) and return its spec ``live:KIND:NAME-DIGEST``.
+    Such specs resolve in this process only (not on Dask workers of another process)."""
+    spec = f"live:{kind}:{name}-{digest[:12]}"
+    LIVE[spec] = factory
+    return spec
+
+
 def is_factory_spec(spec: str) -> bool:
     return ":" in spec
 
 
 def resolve_factory(spec: str, what: str) -> Callable[..., Any]:
     """Import ``pkg.module:attr`` and return the callable, with a clear error when it cannot."""
+    if spec.startswith("live:"):
+        if spec not in LIVE:
+            raise UsageError(f"{what} {spec!r} is a live object of another Python process; pass an importable "
+                             "'pkg.module:factory' to run on Dask workers or from the command line")
+        return LIVE[spec]
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"{what} factory {spec!r} must look like 'pkg.module:factory'")

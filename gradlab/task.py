@@ -298,3 +298,23 @@ def check_task(model: nn.Module, loss: PerExampleLoss, data: Any, *, name: str =
                              f"outputs; {what} must lie in 0..{n_out - 1}" + (" (or -100, ignored)" if loss is lm
                                                                                 else "")
                              + ": renumber them or build the model with more outputs")
+
+
+def task_record(*, data: str, loss: str, model: str | None = None, collate: str | None = None) -> str:
+    """The task as recorded in every store's attrs (JSON): each part's name or ``pkg.module:fn`` spec, and for
+    user code the SHA-256 of its source (so a changed factory or loss is visible in the store)."""
+    import json
+
+    from gradlab.factory import resolve_factory
+
+    def source(spec: str | None, what: str) -> str | None:
+        if not spec or ":" not in spec:
+            return None
+        try:
+            return source_sha256(resolve_factory(spec, what))
+        except UsageError:
+            return None
+
+    rec = {"data": data, "loss": loss, "model": model, "collate": collate}
+    rec.update({f"{k}_source_sha256": source(v, k) for k, v in rec.items() if v and ":" in v})
+    return json.dumps(rec, sort_keys=True)

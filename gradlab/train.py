@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlab._callable import make_callable
 from gradlab.checkpoint import Recipe, save_checkpoint
 from gradlab.datasets import DataBundle, Split, load_data
 from gradlab.errors import UsageError
@@ -35,9 +36,10 @@ from gradlab.models import build_model
 from gradlab.schema import GROUPS
 from gradlab.store import VarSpec, create_store, writer_for
 from gradlab.task import (PerExampleLoss, check_task, cross_entropy, inputs_targets, loss_name, resolve_loss,
-                          to_run)
+                          task_record, to_run)
 
 log = logging.getLogger(__name__)
+make_callable(__name__, "train")  # gradlab.train(...) is the Python API (gradlab.api.train)
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -69,8 +71,9 @@ class TrainConfig:
     cyclic_half_epochs: float = 2.0
     ghost_batch_size: int | None = None
     checkpoint_format: str = "pt"
-    loss: str = "cross-entropy"  # per-example loss (gradlab.task): cross-entropy, mse, lm or pkg.module:fn
+    loss: str | None = None  # per-example loss (gradlab.task): cross-entropy, mse, lm, pkg.module:fn; None: the data's
     dtype: str | None = None  # float32 / float64: model and floating data in this dtype (None: as they come)
+    monitor_every: int = 0  # record the gradient noise monitor every K steps into runs/<run>/monitor.zarr (0: off)
     collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +106,7 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     """Refuse an empty or invalid grid (and an unknown model) before anything is written; returns the model of
     seed 0, built once here so callers can read its layout."""
     model = init_model(cfg, data, 0)
-    check_task(model, resolve_loss(cfg.loss), data.train, name=loss_name(cfg.loss))
+    check_task(model, resolve_loss(cfg.loss or data.loss), data.train, name=loss_name(cfg.loss or data.loss))
     n = len(data.train)
     if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
         raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
@@ -228,7 +231,7 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     """Train one run; returns per-epoch arrays.  Checkpoints go to ``run_dir/epoch{e:03d}.{pt|safetensors}``."""
     from gradlab.probe.step import minibatch_loss
 
-    loss_fn = resolve_loss(cfg.loss)
+    loss_fn = resolve_loss(cfg.loss or data.loss)
     model = init_model(cfg, data, spec.seed)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     rule = rule_for(cfg, spec)
@@ -238,6 +241,14 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     else:
         opt = torch.optim.Adam(model.parameters(), lr=rule.lr_at(0, 1), weight_decay=cfg.weight_decay)
     recipe = recipe_for(cfg, data)
+    mon = None
+    if cfg.monitor_every:
+        from gradlab.monitor import attach_for_train
+
+        mon = attach_for_train(model, opt, loss_fn, run_dir / "monitor.zarr", every=cfg.monitor_every,
+                               pool_size=len(data.train), reduction=rule.reduction, resume=True, start_step=0,
+                               config={"run": spec.name, "seed": spec.seed, "batch_size": spec.batch_size,
+                                       "lr": spec.lr, "optimizer": spec.optimizer})
     gen = torch.Generator().manual_seed(_torch_seed(spec.seed, 1, spec.batch_size))
     n, m, epochs = len(data.train), spec.batch_size, cfg.epochs
     steps_per_epoch = math.ceil(n / m)
@@ -262,36 +273,43 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
                     "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
                     "momentum": cfg.momentum, "seed": spec.seed, "tag": "init" if epoch == 0 else f"epoch{epoch}",
                     "run": spec.name}
+            if mon is not None:
+                mon.flush()
             save_checkpoint(run_dir / f"epoch{epoch:03d}.{suffix}", model, recipe, meta)
         return math.isfinite(tl)
 
-    record(0)
-    step = 0
-    model.train()
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=gen)
-        finite = True
-        for start in range(0, n, m):
-            idx = perm[start:start + m]
-            lr = rule.lr_at(step, steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss = minibatch_loss(model, data.train[idx], loss_fn, rule.reduction)
-            if not torch.isfinite(loss):
-                finite = False
+    try:
+        record(0)
+        step = 0
+        model.train()
+        for epoch in range(1, epochs + 1):
+            perm = torch.randperm(n, generator=gen)
+            finite = True
+            for start in range(0, n, m):
+                idx = perm[start:start + m]
+                lr = rule.lr_at(step, steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                batch = data.train[idx]
+                loss = mon.loss(batch) if mon is not None else minibatch_loss(model, batch, loss_fn, rule.reduction)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                opt.step()
+                step += 1
+            out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
+            if not finite or not record(epoch):
+                out["diverged_epoch"] = np.array(epoch)
+                log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
                 break
-            loss.backward()
-            opt.step()
-            step += 1
-        out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
-        if not finite or not record(epoch):
-            out["diverged_epoch"] = np.array(epoch)
-            log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
-            break
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
+    finally:
+        if mon is not None:
+            mon.close()
     return out
 
 
@@ -347,8 +365,10 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
                 "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
                 "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
             },
-            variables=_store_variables(loss_name(cfg.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
-            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss),
+            variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
+            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss or data.loss),
+                   "task": task_record(data=cfg.data, loss=loss_name(cfg.loss or data.loss), model=cfg.model,
+                                       collate=cfg.collate),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
         )
 

@@ -505,22 +505,20 @@ def test_user_factory_returning_a_dataset_or_a_split_dict(user_data):
     torch.testing.assert_close(ds.train.x, user_data.X)
     assert ds.train.y.dtype == torch.int64 and ds.train.y.tolist() == user_data.Y.tolist()
     sp = load_data("gl_user_data:split")
-    assert len(sp.train) == 4 and sp.test.x.shape == (2, 1, 1, 32) and sp.n_classes == 4
+    # the task contract: user inputs keep their shape and dtype (the test split was returned flat: it stays flat)
+    assert len(sp.train) == 4 and sp.test.x.shape == (2, 32) and sp.n_classes == 4
     flat = load_data("gl_user_data:flat")
-    assert flat.train.x.dtype == torch.float32 and flat.input_shape == (1, 1, 32)
-    assert flat.train.y.dtype == torch.int64
+    assert flat.train.x.dtype == torch.float64 and flat.input_shape == (32,)
+    assert flat.train.y.dtype == torch.float32 and flat.n_classes == 0  # float targets: not class indices
 
 
 @pytest.mark.parametrize(
     ("factory", "match"),
     [
         ("empty", "no examples"),
-        ("onehot", "labels of shape"),
-        ("negative", "not class indices"),
-        ("fractional", "not class indices"),
-        ("mismatched", "6 rows but labels have 5"),
+        ("mismatched", "must share their first dimension"),
         ("strings", "returned list"),
-        ("broken", "not \\(input, label\\) pairs"),
+        ("broken", "holds no tensors"),
         ("missing", "no attribute"),
     ],
 )
@@ -528,6 +526,25 @@ def test_bad_user_data_is_a_usage_error(user_data, factory, match):
     # regression: an empty factory result used to crash with a RuntimeError from .max() instead of a UsageError
     with pytest.raises(UsageError, match=match):
         load_data(f"gl_user_data:{factory}")
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        ("onehot", "logits \\(B, C, …\\) matching targets"),
+        ("negative", "labels range over -1"),
+        ("fractional", "needs integer class-index targets"),
+    ],
+)
+def test_labels_that_are_not_class_indices_are_refused_by_the_cross_entropy_task(user_data, factory, match):
+    from torch import nn
+
+    from gradlab.task import check_task, cross_entropy
+
+    bundle = load_data(f"gl_user_data:{factory}")  # valid data for some task (soft labels, regression targets)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32, 4))
+    with pytest.raises(UsageError, match=match):
+        check_task(model, cross_entropy, bundle.train)
 
 
 def test_unknown_dataset_name():

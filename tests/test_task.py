@@ -213,6 +213,10 @@ def test_regression_probe_and_sharpness_through_the_cli(user, tmp_path):
                  str(out)]) == 0
     ds = xr.open_zarr(out, consolidated=False)
     assert ds.attrs["loss"] == "mse"
+    import json
+
+    task = json.loads(ds.attrs["task"])  # the task is recorded, user code with the SHA-256 of its source
+    assert task["data"] == "usermod:regression" and len(task["model_source_sha256"]) == 64
     net = user.regressor()
     net.load_state_dict(torch.load(tmp_path / "reg.pt", weights_only=True))
     x, y = user.regression()
@@ -278,3 +282,26 @@ def test_resolve_loss_accepts_names_specs_and_callables(user):
     assert resolve_loss("cross-entropy") is cross_entropy and resolve_loss("ce") is cross_entropy
     assert resolve_loss("usermod:records_loss") is user.records_loss
     assert resolve_loss(user.records_loss) is user.records_loss
+
+
+def test_sparse_labels_do_not_silently_make_a_hundred_class_model(tmp_path, monkeypatch, capsys):
+    # issue 16 item 10: labels 0 and 99 from a user factory used to build a 100-class zoo model without a word
+    (tmp_path / "sparse.py").write_text("import torch\ndef data():\n"
+                                        "    return torch.randn(20, 5), torch.tensor([0, 99] * 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = main(["train", "--model", "mlp", "--data", "sparse:data", "--epochs", "1", "--batch-sizes", "4",
+               "--no-progress", "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 distinct values ranging up to 99" in err and "0..1" in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_records_the_noise_monitor_on_request(user, tmp_path):
+    assert main(["train", "--model", "usermod:linear", "--data", "usermod:tabular", "--batch-sizes", "16",
+                 "--epochs", "2", "--monitor-every", "2", "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    (store,) = (tmp_path / "t" / "runs").glob("*/monitor.zarr")
+    from gradlab.monitor import open_monitor
+
+    ds = open_monitor(store)
+    assert ds.sizes["step"] == 6 and list(ds.step.values) == [0, 2, 4, 6, 8, 10]  # 96/16 = 6 steps x 2 epochs
+    assert np.isfinite(ds.grad_sq_norm.sel(group="all").values).all()

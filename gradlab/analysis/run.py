@@ -72,6 +72,12 @@ def analyze_store(
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
     ds = open_store(path)
     kind = ds.attrs.get("gradlab_store")
+    if kind == "monitor":  # the live noise monitor's store (gradlab.monitor)
+        from gradlab.analysis.monitor import analyze_monitor
+
+        result = analyze_monitor(path, out, figures=figures)
+        _write_summary(out, result)
+        return result
     if kind == "sharpness":
         result = {"store": str(path), "gradlab_store": kind,
                   "sharpness": analyze_sharpness(path, None, out, n_boot=n_boot, seed=seed), "notes": []}

@@ -43,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
               f"{'with' if result['replacement'] else 'without'} replacement, "
               f"trials " + ", ".join(f"{k}={v['n_trials']}" for k, v in result["checkpoints"].items()))
         print(format_table(fit_rows(result)))
+    elif result.get("gradlab_store") == "monitor":
+        from gradlab.analysis.output import jsonable
+
+        overall = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        print(json.dumps(jsonable(overall), indent=2, ensure_ascii=False, allow_nan=True))
     else:
         print(json.dumps(result.get("sharpness", {}), indent=2, ensure_ascii=False))
     return 0

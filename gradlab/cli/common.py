@@ -8,7 +8,7 @@ from typing import Any
 
 from gradlab.errors import UsageError
 
-LOSS_HELP = ("per-example loss: cross-entropy (classification, default), mse (regression), lm (causal language "
+LOSS_HELP = ("per-example loss (default: the data's own, cross-entropy for classification): cross-entropy, mse (regression), lm (causal language "
              "modelling: logits (B, T, V), labels (B, T), -100 ignored), or pkg.module:fn with fn(model, batch) "
              "returning the per-example losses (B,)")
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
     parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
     parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
-    add_task_arguments(parser)
+    add_task_arguments(parser, default_loss=None)
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")
     parser.add_argument("--budget", type=int, default=1024, help="examples per trial N (default 1024)")

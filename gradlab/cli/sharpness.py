@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         lbfgs_maxiter=args.lbfgs_iters,
         model=args.model,
         model_kwargs=model_kwargs_arg(args.model_kwargs),
-        loss=args.loss or "cross_entropy",
+        loss=args.loss,
         collate=args.collate,
     )
     out = run_sharpness(config, out, resume=args.resume,

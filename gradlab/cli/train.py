@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ghost-batch-size", type=int, help="virtual batch size of (ghost) batch norm")
     p.add_argument("--checkpoint-format", choices=["pt", "safetensors"], help="checkpoint file format [pt]")
     add_task_arguments(p, default_loss=None)
+    p.add_argument("--monitor-every", type=int, metavar="K",
+                   help="record the gradient noise monitor every K steps into runs/<run>/monitor.zarr [0: off]")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="run the model and the data's floating tensors in this dtype [as they come]")
     p.add_argument("--out", required=True, help="output folder (train.zarr + runs/<name>/epochNNN.pt)")
@@ -68,7 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             o[key] = parse_list(value, cast, flag)
     for key in ("data", "data_root", "download", "momentum", "weight_decay", "epochs", "lr_scaling", "base_batch_size",
                 "warmup_epochs", "decay_factor", "cyclic", "cyclic_factor", "cyclic_sqrt_factor",
-                "cyclic_half_epochs", "ghost_batch_size", "checkpoint_format", "loss", "collate", "dtype"):
+                "cyclic_half_epochs", "ghost_batch_size", "checkpoint_format", "loss", "collate", "dtype", "monitor_every"):
         value = getattr(args, key)
         if value is not None:
             o[key] = value

@@ -276,10 +276,15 @@ class SampleObjective:
 
 
 def _not_twice(exc: RuntimeError) -> NotTwiceDifferentiable:
+    first = str(exc).splitlines()[0]
+    fix = ("Hessian-based sharpness needs a model whose operations support double backward (custom autograd "
+           "Functions must not be @once_differentiable).")
+    if "scaled_dot_product" in first or "attention" in first:
+        fix = ("Fused attention kernels (F.scaled_dot_product_attention) have no double backward: build the model "
+               "with eager attention (Hugging Face: attn_implementation=\"eager\" in the factory; your own code: "
+               "softmax(q kᵀ/√d) v with matmuls).")
     return NotTwiceDifferentiable(
-        "the loss is not twice differentiable: double backward through the model failed "
-        f"({str(exc).splitlines()[0]}). Hessian-based sharpness needs a model whose operations support "
-        "double backward (custom autograd Functions must not be @once_differentiable).")
+        f"the loss is not twice differentiable: double backward through the model failed ({first}). {fix}")
 
 
 def check_twice_differentiable(obj: SampleObjective, rng: np.random.Generator, n_probes: int = 2) -> None:

@@ -57,7 +57,7 @@ from gradlab.curvature.lanczos import top_eigenvalues
 from gradlab.curvature.minibatch import Extrapolation, extrapolate_full_batch, minibatch_lambda_max
 from gradlab.errors import UsageError
 from gradlab.store import VarSpec, create_store, writer_for
-from gradlab.task import check_task
+from gradlab.task import check_task, task_record
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class SharpnessConfig:
     lanczos_tol: float | None = None  # None: 1e-9 in float64, 1e-5 in float32
     lbfgs_maxiter: int = 10
     model: str | None = None
-    loss: str = "cross_entropy"  # a task loss (gradlab.task: cross-entropy, mse, lm, pkg.module:fn)
+    loss: str | None = None  # a task loss (gradlab.task: cross-entropy, mse, lm, pkg.module:fn); None: the data's
     model_kwargs: dict[str, Any] | None = None
     collate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -194,6 +194,10 @@ def prepare(config: SharpnessConfig) -> _Prepared:
 
     validate(config)
     data = load_data(config.data, root=config.data_root, collate=config.collate)
+    if config.loss is None:
+        import dataclasses
+
+        config = dataclasses.replace(config, loss="cross_entropy" if data.loss == "cross-entropy" else data.loss)
     n_train = len(data.train)
     if config.samples is None:
         sample_index = np.arange(n_train)
@@ -359,6 +363,7 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         "bn_batch": config.chunk_size if config.bn_mode == "train" else 0,
         "dtype": config.dtype,
         "loss": config.loss,
+        "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
         "sample": "whole training set" if config.samples is None else f"{len(prep.sample_index)} examples",
         "dataset": config.data,
         "seed": config.seed,
@@ -400,6 +405,11 @@ def run_sharpness(
     if out.exists() and not resume:
         raise UsageError(f"{out} already exists; pass --resume to continue it, or choose another --out")
     prep = prepare(config)
+    if config.loss is None:  # the data's own loss; "cross_entropy" keeps the store of a classification unchanged
+        import dataclasses
+
+        config = dataclasses.replace(config, loss="cross_entropy" if prep.data.loss == "cross-entropy"
+                                     else prep.data.loss)
     tmpl = _template(config, prep)
     cfg = config_dict(config)
 

@@ -68,13 +68,14 @@ class Split:
 @dataclass(frozen=True)
 class DataBundle:
     """A dataset: train (and optional test) splits, the number of classes of classification targets (0 when the
-    targets are not class indices), and provenance."""
+    targets are not class indices), provenance, and the loss its task uses by default."""
 
     name: str
     train: Split
     test: Split | None
     n_classes: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    loss: str = "cross-entropy"  # the task's natural per-example loss (gradlab.task), used when --loss is not given
 
     @property
     def input_shape(self) -> tuple[int, ...]:

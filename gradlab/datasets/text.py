@@ -93,4 +93,5 @@ def load_shakespeare_char(root: Any = None, download: bool = False, block_size: 
             "sha256": SHA256, "vocab": vocab, "block_size": block_size, "n_chars": len(ids),
             "split": f"test = last {n_test} characters (len // 10); non-overlapping windows of block_size",
         },
+        loss="lm",
     )

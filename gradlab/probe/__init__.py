@@ -1,6 +1,6 @@
 """Probes: torch-side measurements of minibatch gradients at a checkpoint (SCIENCE.md, "The two probe protocols").
 
-Modules (imported on use; this package file holds no code):
+Modules (imported on use; this package file only makes ``gradlab.probe(...)`` callable, the Python API):
 
 - ``gradlab.probe.step``: the step protocol ("gradient competition"): the lock-step engine ``step_trials`` and its
   result type ``StepResult``.
@@ -14,3 +14,7 @@ Modules (imported on use; this package file holds no code):
 - ``gradlab.probe.distance``: where the weights went (distance from init / origin, cosine to init).
 - ``gradlab.probe.run``: orchestration of ``gradlab probe`` (config, store, units, resume).
 """
+
+from gradlab._callable import make_callable as _make_callable
+
+_make_callable(__name__, "probe")  # gradlab.probe(...) is the Python API (gradlab.api.probe)

@@ -135,11 +135,10 @@ class ProbeConfig:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a checkpoint (a file, or a Hugging Face folder's config and weight files)."""
+    from gradlab.checkpoint import checkpoint_sha256
+
+    return checkpoint_sha256(path)
 
 
 def parse_checkpoint_arg(arg: str) -> tuple[str, Path]:
@@ -175,7 +174,7 @@ def resolve_config(
     dtype: str = "float32",
     replacement: bool = False,
     trials_per_unit: int | None = None,
-    loss: str = "cross-entropy",
+    loss: str | None = None,
     collate: str | None = None,
 ) -> ProbeConfig:
     """Check every input and resolve the full config; raise :class:`UsageError` (naming the fix) on bad input.
@@ -222,9 +221,11 @@ def resolve_config(
     except re.error as exc:
         raise UsageError(f"--params {params!r} is not a valid regular expression: {exc}") from None
 
-    loss_fn = resolve_loss(loss)
-    loss = loss_name(loss)
+    if loss is not None:
+        resolve_loss(loss)  # an unknown name fails before the data loads
     bundle = load_data(data, collate=collate)
+    loss = loss_name(loss or bundle.loss)
+    loss_fn = resolve_loss(loss)
     pool_size = len(bundle.train)
     if not replacement and budget > pool_size:
         raise UsageError(f"--budget {budget} exceeds the {pool_size} training examples of {data!r}; draws are without "
@@ -336,6 +337,7 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
     from gradlab.store import create_store
 
     from gradlab.provenance import package_versions
+    from gradlab.task import task_record
 
     lower, upper = entry_bin_edges()
     sizes = store_sizes(config)
@@ -376,7 +378,9 @@ def create_probe_store(path: str | os.PathLike, config: ProbeConfig) -> None:
         "replacement": config.replacement, "pool_size": config.pool_size, "seed": config.seed, "lr": config.lr,
         "keep": config.keep, "params": config.params, "selected": list(config.selected), "data": config.data,
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
-        "model_mode": config.model_mode, "loss": config.loss, "seed_derivation": SEED_DERIVATION,
+        "model_mode": config.model_mode, "loss": config.loss,
+        "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
+        "seed_derivation": SEED_DERIVATION,
         "versions": json.dumps(package_versions()),
     }
     create_store(path, kind="probe", sizes=sizes, coords=coords, variables=store_variables(config),

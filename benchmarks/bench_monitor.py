@@ -1,0 +1,209 @@
+"""Training-step time with the noise monitor vs without, vs a naive per-example autograd loop; peak memory.
+
+Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data) and a small GPT
+(2 blocks, d = 128, 4 heads, T = 64, vocabulary 256, batch 16, Adam; attention written with nn.Linear so every
+parameter is on the hooked path).  Conditions, interleaved round by round on the same seeds:
+
+- ``plain``: the training step alone (forward, mean loss, backward, optimizer step);
+- ``monitor``: the same step with ``NoiseMonitor`` recording every step (per-example norms from the step's own
+  backward, update norm, distance from init, moving averages, zarr appends every 64 steps);
+- ``monitor noise``: every step, without the update norm and distance from init (``distances=False``);
+- ``monitor/16``: recording every 16th step;
+- ``naive``: the step plus a per-example autograd loop (B extra forward/backward passes) for Σ‖gᵢ‖², what a
+  monitor without the backward hooks would do.
+
+Ratios are medians over rounds of (condition time / plain time) in the same round.  Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` per condition; on CPU each condition runs in a subprocess (``--memory``) and
+reports how far its peak RSS during the steps rose above the RSS after set-up (Linux ``/proc``).  The monitor's stores use its default chunk of 128 recorded steps.  Cockpit (``cockpit-for-pytorch``) is not installed in this environment and
+is not run.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_monitor.py              # both models, timings
+    python benchmarks/bench_monitor.py --model mlp --rounds 7 --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.monitor import NoiseMonitor
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int = 256, d: int = 128, heads: int = 4, layers: int = 2, t: int = 64) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(t, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(pos))))
+
+
+def setup(name: str, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                              nn.Linear(1024, 10)).to(device)
+        data = [(torch.rand(64, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device))
+                for _ in range(8)]
+        return model, torch.optim.SGD(model.parameters(), lr=0.01), "cross-entropy", data
+    model = TinyGPT().to(device)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(0, 256, (16, 65), generator=g).to(device)
+        data.append((ids[:, :-1], ids[:, 1:]))
+    return model, torch.optim.Adam(model.parameters(), lr=3e-4), "lm", data
+
+
+def make_step(cond: str, name: str, device: str, tmp: Path):
+    from gradlab.task import resolve_loss
+
+    model, opt, loss_name, data = setup(name, device)
+    fn = resolve_loss(loss_name)
+    mon = None
+    if cond.startswith("monitor"):
+        every = 16 if cond == "monitor/16" else 1
+        mon = NoiseMonitor(model, loss_name, tmp / f"{name}-{cond.replace('/', '_').replace(' ', '_')}.zarr",
+                           optimizer=opt, every=every, distances=cond != "monitor noise")
+    params = list(model.parameters())
+    i = [0]
+
+    def step() -> None:
+        batch = data[i[0] % len(data)]
+        i[0] += 1
+        opt.zero_grad(set_to_none=True)
+        if mon is not None:
+            mon.loss(batch).backward()
+        else:
+            fn(model, batch).mean().backward()
+            if cond == "naive":
+                x, y = batch
+                total = 0.0
+                for j in range(y.shape[0]):
+                    gs = torch.autograd.grad(fn(model, (x[j:j + 1], y[j:j + 1]))[0], params)
+                    total += sum(float((g_ * g_).sum()) for g_ in gs)
+        opt.step()
+    return step, mon
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_conditions(name: str, conds: list[str], rounds: int, steps: int, device: str) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {c: [] for c in conds}
+    with tempfile.TemporaryDirectory() as d:
+        runners = {c: make_step(c, name, device, Path(d)) for c in conds}
+        for c, (step, _) in runners.items():  # warm-up (and the optimizer's first-step imports)
+            for _ in range(3 if c != "naive" else 1):
+                step()
+        for _ in range(rounds):
+            for c, (step, _) in runners.items():
+                n = steps if c != "naive" else max(2, steps // 8)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    step()
+                sync(device)
+                times[c].append((time.perf_counter() - t0) / n)
+        for _, mon in runners.values():
+            if mon is not None:
+                mon.close()
+    return times
+
+
+def peak_memory(name: str, cond: str, device: str, steps: int) -> float:
+    """Peak memory in MiB of ``steps`` training steps of one condition (CUDA: allocated; CPU: process RSS)."""
+    if device == "cuda":
+        with tempfile.TemporaryDirectory() as d:
+            torch.cuda.reset_peak_memory_stats()
+            step, mon = make_step(cond, name, device, Path(d))
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            if mon is not None:
+                mon.close()
+            return torch.cuda.max_memory_allocated() / 2**20
+    # peak RSS while training (VmHWM after resetting it through /proc/self/clear_refs once the model, the data and
+    # the imports are in memory), minus the RSS at that moment: the memory the steps themselves add
+    code = (f"import sys, tempfile, pathlib; sys.argv=['x']; import benchmarks.bench_monitor as b; "
+            f"d=tempfile.mkdtemp(); s,m=b.make_step({cond!r},{name!r},'cpu',pathlib.Path(d)); "
+            f"kb=lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1]); "
+            f"open('/proc/self/clear_refs','w').write('5'); base=kb('VmRSS'); "
+            f"[s() for _ in range({steps})]; print(kb('VmHWM') - base); m and m.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["mlp", "gpt", "both"], default="both")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=32, help="steps per condition per round (naive: steps/8)")
+    p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory per condition")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args()
+    models = ["mlp", "gpt"] if args.model == "both" else [args.model]
+    conds = ["plain", "monitor", "monitor noise", "monitor/16"] + ([] if args.no_naive else ["naive"])
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds × {args.steps} steps")
+    results = {}
+    for name in models:
+        t = time_conditions(name, conds, args.rounds, args.steps, args.device)
+        base = t["plain"]
+        res = {"plain_ms": 1e3 * statistics.median(base)}
+        print(f"\n{name}: plain step {res['plain_ms']:.2f} ms (median over rounds)")
+        for c in conds[1:]:
+            ratios = [a / b for a, b in zip(t[c], base)]
+            res[c] = {"ms": 1e3 * statistics.median(t[c]), "ratio": statistics.median(ratios),
+                      "ratio_range": [min(ratios), max(ratios)]}
+            print(f"  {c:13s} {res[c]['ms']:9.2f} ms   ratio to plain {res[c]['ratio']:.3f}× "
+                  f"(rounds: {min(ratios):.3f}–{max(ratios):.3f})")
+        if "naive" in res:
+            print(f"  monitor vs naive per-example loop: {res['naive']['ms'] / res['monitor']['ms']:.1f}× faster")
+        if args.memory:
+            for c in conds:
+                mib = peak_memory(name, c, args.device, 8)
+                res.setdefault("peak_mib", {})[c] = mib
+                print(f"  peak memory {c:13s} {mib:8.1f} MiB" + (" above set-up" if args.device == "cpu" else ""))
+        results[name] = res
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

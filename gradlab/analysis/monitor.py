@@ -1,0 +1,118 @@
+"""Analysis of a monitor store (numpy/xarray only): the summary, the figures, and the comparison with a probe.
+
+``analyze_monitor(path, out_dir)`` writes ``summary.json`` (via the caller) and the figures ``monitor_noise``
+(B_noise, ‖G‖², tr Σ per group against steps and examples seen, with intervals) and ``monitor_layers``
+(B_noise per parameter tensor).  ``compare_with_probe`` relates the monitored B_noise at a step to the frozen
+probe's estimate at the checkpoint saved at that step: both estimate tr Σ/‖G‖² at (nearly) the same θ, the
+monitor from the moving average over recent steps, the probe from many trials at one θ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.analysis.interval import Estimate
+from gradlab.monitor.store import GROUPS, MISSING, open_monitor
+
+
+def estimate_at(ds: Any, name: str, step: int | None = None, group: str = "all", layer: str | None = None) -> Estimate:
+    """The smoothed ``name`` (``b_noise``, ``grad_sq_norm_ema``, ``trace_cov_ema``) at ``step`` (last if None)."""
+    i = -1 if step is None else int(np.searchsorted(ds["step"].values, step))
+    if step is not None and (i >= ds.sizes["step"] or int(ds["step"].values[i]) != step):
+        raise KeyError(f"step {step} was not recorded")
+    sel = {"layer": layer} if layer is not None else {"group": group}
+    suffix = "_layer" if layer is not None else ""
+
+    def get(v: str) -> float:
+        return float(ds[v + suffix].sel(sel).isel(step=i).values)
+
+    level = float(ds.attrs.get("level", 0.95))
+    return Estimate(get(name), get(name + "_low"), get(name + "_high"), level)
+
+
+def compare_with_probe(ds: Any, step: int, probe: Estimate, group: str = "all") -> dict[str, Any]:
+    """Whether the monitored B_noise at ``step`` and a probe's B_noise estimate agree (their intervals overlap)."""
+    mon = estimate_at(ds, "b_noise", step, group)
+    overlap = mon.has_interval and probe.has_interval and mon.low <= probe.high and probe.low <= mon.high
+    return {"step": int(step), "monitor": mon.to_dict(), "probe": probe.to_dict(), "agree": bool(overlap)}
+
+
+def summarize(ds: Any) -> dict[str, Any]:
+    """JSON-safe summary: steps, examples, the last smoothed estimates per group and tensor, missing steps."""
+    steps = np.asarray(ds["step"].values)
+    missing = np.asarray(ds["missing"].values)
+    out: dict[str, Any] = {
+        "gradlab_store": "monitor",
+        "recorded_steps": int(steps.size),
+        "last_step": int(steps[-1]) if steps.size else None,
+        "examples_seen": int(ds["examples_seen"].values[-1]) if steps.size else 0,
+        "estimator": ds.attrs.get("estimator"), "sampling": ds.attrs.get("sampling"),
+        "smoothing": ds.attrs.get("smoothing"), "interval": ds.attrs.get("interval"),
+        "missing": {MISSING[int(c)]: int((missing == c).sum()) for c in np.unique(missing) if int(c) != 0},
+        "nonfinite_steps": int((np.asarray(ds["nonfinite_count"].values) > 0).sum()),
+        "excluded_params": _json_attr(ds.attrs.get("excluded_params", [])),
+        "notes": list(_json_attr(ds.attrs.get("notes", []))),
+    }
+    if steps.size:
+        out["last"] = {g: {n: estimate_at(ds, n, None, g).to_dict()
+                           for n in ("b_noise", "grad_sq_norm_ema", "trace_cov_ema")} for g in GROUPS}
+        out["last_per_layer"] = {str(layer): estimate_at(ds, "b_noise", None, layer=str(layer)).to_dict()
+                                 for layer in ds["layer"].values}
+    return out
+
+
+def _json_attr(v: Any) -> Any:
+    return json.loads(v) if isinstance(v, str) else v
+
+
+def analyze_monitor(path: str | Path, out_dir: Path, *, figures: bool = True) -> dict[str, Any]:
+    """Summarise a monitor store and draw its figures into ``out_dir``; returns the JSON-safe summary."""
+    from gradlab.errors import UsageError
+
+    ds = open_monitor(path).load()
+    if ds.sizes["step"] == 0:
+        raise UsageError(f"{path} holds no recorded step yet: train longer (the monitor appends every "
+                         f"{ds.attrs.get('chunk_steps')} recorded steps, and at flush()/close())")
+    result = {"store": str(path), **summarize(ds)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figures:
+        result["figures"] = render(ds, out_dir)
+    return result
+
+
+def render(ds: Any, out: Path) -> list[str]:
+    """The two figures (PNG + SVG) and ``captions.json``."""
+    from matplotlib.figure import Figure
+
+    from gradlab.figures.monitor import CAPTION, plot_layers, plot_series
+
+    level = float(ds.attrs.get("level", 0.95))
+    files: list[str] = []
+    fig = Figure(figsize=(7, 9), layout="constrained")
+    a, b, c = fig.subplots(3, 1)
+    plot_series(ds, a, "b_noise", raw="b_simple")
+    plot_series(ds, b, "grad_sq_norm_ema")
+    plot_series(ds, c, "trace_cov_ema")
+    files += _save(fig, out, "monitor_noise")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    plot_layers(ds, fig.subplots())
+    files += _save(fig, out, "monitor_layers")
+    caption = CAPTION.format(level=level)
+    (out / "captions.json").write_text(json.dumps({"monitor_noise": caption, "monitor_layers": caption},
+                                                  ensure_ascii=False, indent=1))
+    return [*files, "captions.json"]
+
+
+def _save(fig: Any, out: Path, stem: str) -> list[str]:
+    names = []
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"{stem}.{ext}", dpi=110, bbox_inches="tight")
+        names.append(f"{stem}.{ext}")
+    return names
+
+
+__all__ = ["analyze_monitor", "compare_with_probe", "estimate_at", "summarize"]

@@ -1,0 +1,259 @@
+"""The Python API for notebooks: ``gradlab.probe``, ``gradlab.sharpness``, ``gradlab.train``, ``gradlab.analyze``.
+
+Each takes live objects -- a model (``nn.Module``) or a model factory, a dataset (``(x, y)`` tensors, a torch
+``Dataset``, a ``{"train": ..., "test": ...}`` dict), a per-example loss ``fn(model, batch) -> (B,)`` -- as well
+as the names and paths the command line takes, writes the same store as the CLI, and returns it opened with
+xarray (``analyze`` returns the summary dict).  Example (executed by ``tests/test_api.py``)::
+
+    import torch, torch.nn.functional as F
+    from torch import nn
+    import gradlab
+
+    x, y = torch.randn(256, 12), torch.randint(0, 4, (256,))
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    loss = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    ds = gradlab.probe(model, data=(x, y), loss=loss, out="norms.zarr", batch_sizes=[1, 4, 16, 64], budget=64)
+    print(ds.b_noise.values)
+
+Live objects are registered in this process under a name ``live:KIND:NAME-DIGEST`` recorded in the store (with a
+SHA-256 of the object's source where it has one, or of its tensors); a live model is saved as a checkpoint in
+``<out>.inputs/`` so that the store names real files.  They cannot travel to Dask workers in other processes:
+use ``pkg.module:factory`` names there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradlab.errors import UsageError
+
+PathLike = str | os.PathLike
+
+
+def _digest_tensors(obj: Any) -> str:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    h = hashlib.sha256()
+    if isinstance(obj, torch.utils.data.Dataset) and not isinstance(obj, torch.utils.data.TensorDataset):
+        h.update(type(obj).__qualname__.encode())
+        h.update(str(len(obj)).encode() if hasattr(obj, "__len__") else b"")  # type: ignore[arg-type]
+        return h.hexdigest()
+    leaves = tree_flatten(obj.tensors if isinstance(obj, torch.utils.data.TensorDataset) else obj)[0]
+    for t in leaves:
+        if isinstance(t, torch.Tensor):
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _name(obj: Any, default: str) -> str:
+    return getattr(obj, "__qualname__", None) or getattr(type(obj), "__name__", default)
+
+
+def _data_spec(data: Any) -> str:
+    """A name for ``data``: itself if a string, else a live registration returning the object."""
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    from gradlab.factory import register_live
+
+    if callable(data) and not hasattr(data, "__getitem__"):
+        from gradlab.task import source_sha256
+
+        return register_live("data", data, _name(data, "data"), source_sha256(data) or _digest_tensors(()))
+    return register_live("data", lambda: data, type(data).__name__, _digest_tensors(data))
+
+
+def _loss_spec(loss: Any) -> str | None:
+    if loss is None or isinstance(loss, str):
+        return loss
+    if not callable(loss):
+        raise UsageError(f"loss must be a name, 'pkg.module:fn' or a callable fn(model, batch), got {loss!r}")
+    from gradlab.factory import register_live
+    from gradlab.task import LOSSES, source_sha256
+
+    for name, fn in LOSSES.items():
+        if fn is loss:
+            return name
+    return register_live("loss", loss, _name(loss, "loss"), source_sha256(loss) or hashlib.sha256(
+        repr(loss).encode()).hexdigest())
+
+
+def _model_spec(model: Any) -> str | None:
+    """A model name/factory spec for ``model``: a zoo name or ``pkg.module:factory`` as is, a factory callable or
+    an ``nn.Module`` (its architecture: a deep copy is made per build) registered live."""
+    if model is None or isinstance(model, str):
+        return model
+    import copy
+
+    from torch import nn
+
+    from gradlab.factory import register_live
+    from gradlab.task import source_sha256
+
+    if isinstance(model, nn.Module):
+        return register_live("model", lambda: copy.deepcopy(model), type(model).__name__,
+                             source_sha256(type(model)) or hashlib.sha256(repr(model).encode()).hexdigest())
+    if callable(model):
+        return register_live("model", model, _name(model, "model"),
+                             source_sha256(model) or hashlib.sha256(repr(model).encode()).hexdigest())
+    raise UsageError(f"model must be a name, 'pkg.module:factory', a factory or an nn.Module, got {model!r}")
+
+
+def _checkpoint_args(checkpoints: Any, out: PathLike) -> tuple[list[str], Any]:
+    """CLI-style ``LABEL=PATH`` arguments for ``checkpoints`` (a path, an nn.Module, a sequence of those, or a
+    mapping label -> either); live modules are saved (state_dict, weights only) under ``<out>.inputs/``.  Returns
+    the arguments and the first live module (its architecture serves as the model when none is given)."""
+    import torch
+    from torch import nn
+
+    if isinstance(checkpoints, Mapping):
+        items = list(checkpoints.items())
+    elif isinstance(checkpoints, (str, os.PathLike, nn.Module)):
+        items = [(None, checkpoints)]
+    else:
+        items = [(None, c) for c in checkpoints]
+    args, first_module = [], None
+    for i, (label, ck) in enumerate(items):
+        if isinstance(ck, nn.Module):
+            first_module = first_module or ck
+            label = label or ("model" if len(items) == 1 else f"model{i}")
+            folder = Path(f"{out}.inputs")
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{label}.pt"
+            torch.save({k: v.detach().cpu() for k, v in ck.state_dict().items()}, path)
+            args.append(f"{label}={path}")
+        else:
+            args.append(f"{label}={ck}" if label else str(ck))
+    return args, first_module
+
+
+def _open(path: PathLike) -> Any:
+    import xarray as xr
+
+    return xr.open_zarr(path, consolidated=False)
+
+
+def probe(
+    checkpoints: Any,
+    *,
+    data: Any,
+    out: PathLike,
+    model: Any = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    loss: str | Callable[..., Any] | None = None,
+    collate: str | None = None,
+    init: PathLike | None = None,
+    protocol: str = "frozen",
+    batch_sizes: Sequence[int] | None = None,
+    budget: int | None = None,
+    trials: int = 20,
+    reduction: str = "mean",
+    lr: float = 0.01,
+    params: str = ".",
+    keep: str = "histograms",
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    replacement: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+) -> Any:
+    """``gradlab probe`` from Python; returns the store as an xarray Dataset.
+
+    Defaults differ from the CLI only where a notebook wants them to: the frozen protocol, 20 trials, and when
+    ``budget`` is not given the largest power of two up to min(1024, training examples), with batch sizes the
+    powers of two up to it.
+    """
+    from gradlab.probe.run import resolve_config, run_probe
+
+    data_spec, loss_spec = _data_spec(data), _loss_spec(loss)
+    ck_args, module = _checkpoint_args(checkpoints, out)
+    model_spec = _model_spec(model if model is not None else module)
+    if (workers or scheduler) and any(s and s.startswith("live:") for s in (data_spec, loss_spec, model_spec)):
+        raise UsageError("live objects (a model, data or loss given as Python objects) cannot travel to Dask "
+                         "workers; pass importable 'pkg.module:factory' names, or run without workers")
+    if budget is None:
+        from gradlab.datasets import load_data
+
+        n = len(load_data(data_spec, collate=collate).train)
+        budget = 1 << (min(n, 1024).bit_length() - 1)
+    if batch_sizes is None:
+        batch_sizes = [1 << k for k in range(budget.bit_length()) if budget % (1 << k) == 0]
+    config = resolve_config(ck_args, data=data_spec, init=None if init is None else str(init), model=model_spec,
+                            model_kwargs=model_kwargs, batch_sizes=batch_sizes, budget=budget, trials=trials,
+                            protocol=protocol, reduction=reduction, lr=lr, params=params, keep=keep, seed=seed,
+                            device=device, dtype=dtype, replacement=replacement, loss=loss_spec, collate=collate)
+    summary = run_probe(config, out, resume=resume, workers=workers, scheduler=scheduler, progress=progress)
+    return _open(summary.path)
+
+
+def sharpness(
+    checkpoints: Any,
+    *,
+    data: Any,
+    out: PathLike,
+    model: Any = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    loss: str | Callable[..., Any] | None = None,
+    collate: str | None = None,
+    samples: int | None = 512,
+    resume: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> Any:
+    """``gradlab sharpness`` from Python (``options``: the fields of
+    :class:`gradlab.curvature.run.SharpnessConfig`, e.g. ``top_k=3, eps=(1e-3,)``); returns the store."""
+    import sys
+
+    from gradlab.curvature.run import SharpnessConfig, run_sharpness
+    from gradlab.datasets import load_data
+    from gradlab.probe.run import parse_checkpoint_arg
+
+    data_spec, loss_spec = _data_spec(data), _loss_spec(loss)
+    ck_args, module = _checkpoint_args(checkpoints, out)
+    model_spec = _model_spec(model if model is not None else module)
+    n = len(load_data(data_spec, collate=collate).train)
+    cfg = SharpnessConfig(checkpoints=tuple(str(parse_checkpoint_arg(a)[1]) for a in ck_args), data=data_spec,
+                          samples=None if samples is None or samples >= n else int(samples), model=model_spec,
+                          model_kwargs=dict(model_kwargs) if model_kwargs is not None else None, loss=loss_spec,
+                          collate=collate, **options)
+    say = (lambda msg: print(f"gradlab sharpness: {msg}", file=sys.stderr, flush=True)) if progress else None
+    return _open(run_sharpness(cfg, out, resume=resume, progress=say))
+
+
+def train(
+    *,
+    model: Any,
+    data: Any,
+    out: PathLike,
+    loss: str | Callable[..., Any] | None = None,
+    batch_sizes: Sequence[int] = (32,),
+    lrs: Sequence[float] = (0.01,),
+    resume: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> Any:
+    """``gradlab train`` from Python (``options``: the fields of :class:`gradlab.train.TrainConfig`, e.g.
+    ``epochs=5, seeds=(0, 1)``); returns ``<out>/train.zarr`` opened with xarray.  ``model`` is a zoo name, a
+    ``pkg.module:factory``, a factory callable or an nn.Module (re-initialised per seed only if it is a factory:
+    a module is copied as it is, so every run of a module starts from its current weights)."""
+    from gradlab.train import TrainConfig, train_grid
+
+    tuples = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}
+    cfg = TrainConfig(model=_model_spec(model), data=_data_spec(data), loss=_loss_spec(loss),
+                      batch_sizes=tuple(batch_sizes), lrs=tuple(lrs), **tuples)
+    return _open(train_grid(cfg, out, resume=resume, show_progress=progress))
+
+
+def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = True, **options: Any) -> dict[str, Any]:
+    """``gradlab analyze`` from Python; returns the summary (the content of ``summary.json``)."""
+    from gradlab.analysis.run import analyze_store
+
+    return analyze_store(store, out_dir=out, figures=figures, **options)

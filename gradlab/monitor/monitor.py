@@ -1,0 +1,539 @@
+"""``NoiseMonitor``: the gradient noise scale of every (or every K-th) training step, recorded into a zarr store.
+
+Plain loop (the monitor hooks the backward pass you run; nothing is recomputed)::
+
+    monitor = NoiseMonitor(model, "cross-entropy", "run.zarr", optimizer=opt)
+    for x, y in loader:
+        opt.zero_grad()
+        monitor.loss((x, y)).backward()     # mean of the per-example losses ℓᵢ = fn(model, batch)
+        opt.step()                          # the monitor records this step (an optimizer step hook)
+    monitor.close()
+
+For loops you cannot change, ``monitor.observe(batch)`` runs its own forward/backward on the batch (with
+``torch.autograd.grad``: the model's ``.grad`` is not touched) -- one more forward/backward per recorded step.
+Without ``optimizer=`` call ``monitor.step()`` after each backward, before the parameters change (no learning
+rate or update norm is recorded then).  The user must zero the gradients before each step's first ``loss()``
+(S₁ is read from ``.grad``); examples must not interact (no batch norm in training mode: noted in the store).
+Gradient accumulation: call ``monitor.loss(micro_batch)`` for each micro-batch before the optimizer step; the
+per-example estimator pools the examples of all micro-batches, the two-batch estimator
+(``estimator="two-batch"``, McCandlish et al. 2018, App. A) uses the micro-batch gradients instead of per-example
+norms.  The estimators, their sampling model and the smoothing: :mod:`gradlab.monitor.estimators`; the store:
+:mod:`gradlab.monitor.store`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradlab.errors import UsageError
+from gradlab.monitor.estimators import EmaRatio, noise_estimates
+from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
+from gradlab.monitor.store import GROUPS, MonitorStore
+from gradlab.task import Batch, PerExampleLoss, batch_len, loss_name, resolve_loss, source_sha256
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("per-example", "two-batch")
+
+
+def _sqnorm(t: Tensor) -> Tensor:
+    """‖t‖² without a temporary (a dot product of the flattened tensor with itself)."""
+    v = t.reshape(-1)
+    return torch.dot(v, v)
+
+
+@dataclass
+class _Micro:
+    """One loss() call of a step: its size, the weights wᵢ = ∂L/∂ℓᵢ of the backpropagated loss, its batch."""
+
+    n: int
+    batch: Any
+    weights: list[Tensor] = field(default_factory=list)
+    norms: dict[str, Tensor] = field(default_factory=dict)   # per-example: (n,) ‖wᵢgᵢ‖²; two-batch: ‖Σ wᵢgᵢ‖²
+    unscaled: dict[str, Tensor] = field(default_factory=dict)  # fallback parameters: (n,) ‖gᵢ‖²
+    collected: bool = False
+
+
+@dataclass
+class _Pending:
+    step: int
+    record: bool
+    batch_size: int = 0
+    loss_sum: Tensor | float = 0.0
+    micros: list[_Micro] = field(default_factory=list)
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # ‖.grad‖² per tensor after the last backward
+    lr: float = math.nan
+    observed: bool = False
+
+
+class NoiseMonitor:
+    """Records per step ‖G‖², tr Σ, B_simple and the smoothed B_noise (overall, weights, biases, per tensor).
+
+    Parameters: ``model``; ``loss`` a per-example loss ``fn(model, batch) -> (B,)`` or a built-in name
+    (``gradlab.task.resolve_loss``); ``path`` the zarr store (created; refused if it holds anything else unless
+    ``resume``); ``optimizer`` (optional: step hooks record the learning rate, the update norm and close each
+    step); ``every`` record every K-th step; ``estimator`` ``"per-example"`` or ``"two-batch"``; ``reduction`` of
+    the loss :meth:`loss` returns (``"mean"`` or ``"sum"``); ``pool_size`` n for batches drawn without replacement
+    from n examples (None: with replacement); ``ema_decay`` β per recorded step; ``level`` of the intervals;
+    ``chunk_steps`` recorded steps per appended chunk; ``resume`` with ``start_step`` (the number of optimizer
+    steps the restored checkpoint had taken): the store keeps its steps < start_step and continues; ``config``
+    extra JSON-safe settings recorded in the store (seeds, data, ...); ``distances=False`` skips the update norm
+    and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
+    the monitor's cost on memory-bound CPUs; they are then recorded as NaN).
+    """
+
+    def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
+                 optimizer: torch.optim.Optimizer | None = None, every: int = 1, estimator: str = "per-example",
+                 reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
+                 level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
+                 distances: bool = True, config: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
+        if int(every) < 1:
+            raise UsageError(f"every must be ≥ 1 (record every K-th step), got {every}")
+        if estimator not in ESTIMATORS:
+            raise UsageError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        if reduction not in ("mean", "sum"):
+            raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise UsageError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if pool_size is not None and int(pool_size) < 2:
+            raise UsageError(f"pool_size must be the number of training examples (≥ 2), got {pool_size}")
+        if resume and start_step is None:
+            raise UsageError("resume=True needs start_step: the number of optimizer steps of the checkpoint you "
+                             "restored (the store keeps the steps before it)")
+        self.model = model
+        self.loss_fn = resolve_loss(loss)
+        self.every, self.estimator, self.reduction = int(every), estimator, reduction
+        self.pool_size = None if pool_size is None else int(pool_size)
+        self.optimizer = optimizer
+        self.distances = bool(distances)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise UsageError("the model has no trainable parameters to monitor")
+        names = list(self.params)
+        kinds = ["bias" if n.endswith("bias") else "weight" for n in names]
+        self.names = names
+        self._group_masks = np.array([[True] * len(names), [k == "weight" for k in kinds],
+                                      [k == "bias" for k in kinds]])
+        self.hooks = PerExampleNorms(model) if estimator == "per-example" else None
+        self.fallback = [n for n in (self.hooks.fallback if self.hooks else []) if n in self.params]
+        self.excluded: list[str] = []
+        interacting = [type(m).__name__ for m in model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        notes = []
+        if interacting and estimator == "per-example":
+            notes.append(f"batch norm in training mode ({interacting[0]}) couples the examples of a batch: the "
+                         "per-example gradients are not those of independent examples")
+            log.warning("NoiseMonitor: %s", notes[-1])
+        task = {"loss": loss_name(loss), "loss_source_sha256": source_sha256(self.loss_fn),
+                "model": f"{type(model).__module__}.{type(model).__qualname__}",
+                "model_source_sha256": source_sha256(type(model))}
+        cfg = {"every": self.every, "distances": self.distances, "estimator": estimator, "reduction": reduction, "pool_size": self.pool_size,
+               "ema_decay": float(ema_decay), "level": float(level), "task": task, **dict(config or {})}
+        attrs = {
+            "task": task, "estimator": estimator, "every": self.every, "reduction": reduction,
+            "sampling": ("with replacement (i.i.d. examples)" if self.pool_size is None else
+                         f"without replacement from a pool of {self.pool_size} examples (Σ with 1/n)"),
+            "smoothing": (f"exponential moving averages, decay {ema_decay} per recorded step, weights normalised "
+                          "(bias-corrected); b_noise = EMA(trace_cov) / EMA(grad_sq_norm), not an EMA of ratios"),
+            "interval": (f"{level:.0%}: t intervals for the EMAs and Fieller's interval for their ratio, variance from "
+                         "the EMA-weighted spread of the per-step estimates, t quantile with n_eff − 1 degrees of "
+                         "freedom; assumes the recorded steps of the window are independent draws at a slowly "
+                         "moving θ (upper end inf when ‖G‖² is not distinguishable from 0)"),
+            "fallback_params": self.fallback, "excluded_params": [], "notes": notes,
+            "ema_decay": float(ema_decay), "level": float(level),
+            "pool_size": -1 if self.pool_size is None else self.pool_size,
+        }
+        self.store = MonitorStore(path, layers=names, kinds=kinds, sizes=[p.numel() for p in self.params.values()],
+                                  config=cfg, attrs=attrs, chunk_steps=chunk_steps, resume=resume)
+        self.ema = EmaRatio(len(GROUPS) + len(names), decay=ema_decay, level=level)
+        self.t = 0
+        self.examples_seen = 0
+        self._rows: list[dict[str, Any]] = []
+        try:
+            self._init_state(resume, start_step)
+        except BaseException:
+            self.store.close()
+            raise
+        self._pending: _Pending | None = None
+        self._before: list[Tensor] | None = None
+        self._delta: list[Tensor] | None = None  # θ − θ₀
+        self._handles: list[Any] = []
+        for name, p in self.params.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(name)))
+            if estimator == "two-batch":
+                self._handles.append(p.register_hook(self._make_micro_hook(name)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        self.closed = False
+
+    # -- state: θ₀, resume ----------------------------------------------------------------------------------
+    def _init_state(self, resume: bool, start_step: int | None) -> None:
+        group = self.store.group
+        if "init" in group:
+            init = group["init"]
+            self.theta0 = [torch.as_tensor(np.asarray(init[n][...])).to(p.device, p.dtype).reshape(p.shape)
+                           for n, p in self.params.items()]
+        else:
+            self.theta0 = [p.detach().clone() for p in self.params.values()]
+            init = group.create_group("init", attributes={"long_name": "parameters θ₀ at the monitor's creation"})
+            for n, p in self.params.items():
+                values = p.detach().reshape(-1).cpu()
+                if values.dtype not in (torch.float64, torch.float32):
+                    values = values.float()
+                arr = init.create_array(n, shape=(p.numel(),), dtype=values.numpy().dtype,
+                                        chunks=(max(p.numel(), 1),))
+                arr[...] = values.numpy()
+        if not resume:
+            return
+        steps = self.store.read("step")
+        keep = int(np.searchsorted(steps, int(start_step), side="left"))
+        if keep < steps.size:
+            log.info("NoiseMonitor: dropping %d recorded steps ≥ %d (after the checkpoint)", steps.size - keep,
+                     start_step)
+        self.store.truncate(keep)
+        self.t = int(start_step)
+        if keep:
+            self.examples_seen = int(self.store.read("examples_seen")[-1])
+            last = int(steps[keep - 1])
+            expected_last = ((self.t - 1) // self.every) * self.every
+            if last != expected_last:
+                note = (f"steps {last + 1}..{self.t - 1} were not in the store when training resumed at step "
+                        f"{self.t} (not flushed before the checkpoint): they are missing")
+                log.warning("NoiseMonitor: %s", note)
+                self.store.set_attrs({"notes": [*self._notes(), note]})
+            # replay the EMA over the kept steps: the same float operations as an uninterrupted run
+            tr = np.concatenate([self.store.read("trace_cov"), self.store.read("trace_cov_layer")], axis=1)
+            g2 = np.concatenate([self.store.read("grad_sq_norm"), self.store.read("grad_sq_norm_layer")], axis=1)
+            for k in range(keep):
+                self.ema.update(tr[k], g2[k])
+
+    def _notes(self) -> list[str]:
+        raw = self.store.group.attrs.get("notes", [])
+        return list(json.loads(raw) if isinstance(raw, str) else raw)
+
+    # -- the user's calls -------------------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> Tensor:
+        """The reduced loss to backpropagate (mean or sum of ℓᵢ = fn(model, batch)), hooked for this step."""
+        self._check_open()
+        pending = self._start()
+        n = batch_len(batch)
+        if pending.record and self.hooks is not None:
+            self._collect(pending)
+            self.hooks.arm()
+        per = self._per_example(batch, n)
+        pending.batch_size += n
+        pending.loss_sum = pending.loss_sum + per.detach().sum()
+        if pending.record:
+            micro = _Micro(n, batch)
+            pending.micros.append(micro)
+            if per.requires_grad:
+                per.register_hook(lambda g, m=micro: m.weights.append(g.detach()))
+        return per.mean() if self.reduction == "mean" else per.sum()
+
+    def observe(self, batch: Batch) -> None:
+        """Run a forward/backward of the per-example losses on ``batch`` at the current θ and record this step.
+
+        The model's ``.grad`` is not touched (``torch.autograd.grad``).  With ``optimizer=`` the step is closed
+        by the next ``optimizer.step()``; without, at once.
+        """
+        self._check_open()
+        if self.estimator != "per-example":
+            raise UsageError("observe() measures per-example gradients; use estimator='per-example' (the two-batch "
+                             "estimator needs the micro-batches of your own backward passes: monitor.loss())")
+        pending = self._start()
+        n = batch_len(batch)
+        pending.batch_size += n
+        pending.observed = True
+        if pending.record:  # steps that are not recorded cost nothing but the count of examples
+            self._collect(pending)
+            self.hooks.arm()
+            with torch.enable_grad():
+                per = self._per_example(batch, n)
+                params = list(self.params.values())
+                grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
+            micro = _Micro(n, batch, weights=[torch.ones_like(per.detach())])
+            pending.micros.append(micro)
+            self._collect(pending)
+            for name, g in zip(self.params, grads):
+                if g is not None:
+                    pending.grad_sq[name] = _sqnorm(g.detach())
+            pending.loss_sum = pending.loss_sum + per.detach().sum()
+        if self.optimizer is None:
+            self._finish()
+
+    def step(self) -> None:
+        """Close the current step (loops without ``optimizer=``; with one, ``optimizer.step()`` does this)."""
+        self._check_open()
+        if self.optimizer is not None:
+            raise UsageError("this monitor closes each step at optimizer.step() (it was given optimizer=); remove "
+                             "the call to monitor.step()")
+        if self._pending is not None:
+            self._finish()
+
+    def flush(self) -> None:
+        """Append the buffered steps to the store now (call before saving a checkpoint)."""
+        if self._rows:
+            rows = {k: np.stack([r[k] for r in self._rows]) for k in self._rows[0]}
+            self.store.append(rows)
+            self._rows = []
+
+    def close(self) -> None:
+        """Flush, record the final attrs, remove every hook and release the store."""
+        if getattr(self, "closed", True):
+            return
+        try:
+            self.flush()
+            self.store.set_attrs({"excluded_params": self.excluded})
+        finally:
+            for h in self._handles:
+                h.remove()
+            if self.hooks is not None:
+                self.hooks.remove()
+            self.store.close()
+            self.closed = True
+
+    def __enter__(self) -> NoiseMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise UsageError("this NoiseMonitor is closed; create a new one (resume=True to continue its store)")
+
+    def _start(self) -> _Pending:
+        if self._pending is None:
+            self._pending = _Pending(self.t, self.t % self.every == 0)
+        return self._pending
+
+    def _per_example(self, batch: Batch, n: int, need_grad: bool = True) -> Tensor:
+        out = self.loss_fn(self.model, batch)
+        if not isinstance(out, Tensor):
+            raise UsageError(f"the loss returned {type(out).__name__}; it must return the per-example losses, a "
+                             f"tensor of shape ({n},)")
+        if out.dim() == 0:
+            raise UsageError(f"the loss returned a scalar (an already reduced loss); the monitor needs the "
+                             f"per-example losses of shape ({n},), e.g. F.cross_entropy(..., reduction='none')")
+        if tuple(out.shape) != (n,):
+            raise UsageError(f"the loss returned shape {tuple(out.shape)} for a batch of {n} examples; it must "
+                             f"return one loss per example, shape ({n},)")
+        if need_grad and torch.is_grad_enabled() and not out.requires_grad:
+            raise UsageError("the loss returned a tensor without grad (detached or computed under no_grad); "
+                             "compute it from the model's output")
+        return out
+
+    def _make_grad_hook(self, name: str) -> Any:
+        def hook(p: Tensor) -> None:
+            pend = self._pending
+            if pend is not None and pend.record and not pend.observed and p.grad is not None:
+                pend.grad_sq[name] = _sqnorm(p.grad.detach())
+        return hook
+
+    def _make_micro_hook(self, name: str) -> Any:
+        def hook(g: Tensor) -> None:
+            pend = self._pending
+            if pend is not None and pend.record and pend.micros:
+                pend.micros[-1].norms[name] = _sqnorm(g.detach())
+        return hook
+
+    def _collect(self, pending: _Pending) -> None:
+        """Per-example norms of the last loss() call's backward (its hooks have fired by now)."""
+        if self.hooks is None or not pending.micros or pending.micros[-1].collected:
+            return
+        micro = pending.micros[-1]
+        micro.collected = True
+        micro.norms = self.hooks.collect()
+        self.hooks.disarm()
+        todo = [n for n in self.fallback if n not in self.excluded]
+        if todo and micro.weights:
+            try:
+                try:
+                    micro.unscaled = vmap_sq_norms(self.model, self.loss_fn, micro.batch, todo)
+                except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
+                    micro.unscaled = loop_sq_norms(self.model, self.loss_fn, micro.batch, todo)
+            except Exception as exc:  # noqa: BLE001 - any failure: exclude those tensors, say so
+                self.excluded.extend(todo)
+                note = (f"no per-example gradients for {todo} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}): excluded from every group")
+                log.warning("NoiseMonitor: %s", note)
+                self.store.set_attrs({"excluded_params": self.excluded, "notes": [*self._notes(), note]})
+        micro.batch = None
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        pend = self._start()
+        pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
+        if pend.record:
+            self._collect(pend)  # before the update: the fallback parameters' gradients are taken at θ_t
+        if pend.record and self.distances:
+            with torch.no_grad():
+                if self._before is None:
+                    self._before = [p.detach().clone() for p in self.params.values()]
+                else:
+                    torch._foreach_copy_(self._before, [p.detach() for p in self.params.values()])
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._finish(updated=True)
+
+    def _distances(self, updated: bool) -> tuple[Any, Any]:
+        """Per-tensor ‖θ_{t+1} − θ_t‖ (None without an update) and ‖θ − θ₀‖, in preallocated buffers (computed
+        afresh at every recorded step, never carried forward: the numbers do not depend on resumes or flushes)."""
+        params = [p.detach() for p in self.params.values()]
+        upd = None
+        if not self.distances:
+            return None, None
+        with torch.no_grad():
+            if updated and self._before is not None:
+                torch._foreach_sub_(self._before, params)  # θ_t − θ_{t+1}
+                upd = torch._foreach_norm(self._before)
+            if self._delta is None:
+                self._delta = [p.clone() for p in params]
+            else:
+                torch._foreach_copy_(self._delta, params)
+            torch._foreach_sub_(self._delta, self.theta0)
+            dist = torch._foreach_norm(self._delta)
+        return upd, dist
+
+    def _finish(self, updated: bool = False) -> None:
+        pend = self._pending
+        self._pending = None
+        self.t += 1
+        self.examples_seen += pend.batch_size if pend else 0
+        if pend is None or not pend.record:
+            if self.hooks is not None:
+                self.hooks.disarm()
+            return
+        self._collect(pend)
+        if self.hooks is not None:
+            self.hooks.disarm()
+        n_layers = len(self.names)
+        vals = {"update": np.full(n_layers, np.nan), "dist": np.full(n_layers, np.nan)}
+        upd, dist = self._distances(updated)
+        s1, q, nonfinite_t, missing, k = self._sums(pend)
+        stacked = torch.stack([t.to(torch.float64).cpu() if isinstance(t, Tensor) else torch.tensor(float(t),
+                               dtype=torch.float64) for t in [*s1, *q, *(dist or []), *(upd or []), nonfinite_t,
+                                                              pend.loss_sum]])
+        arr = stacked.numpy()
+        nonfinite = int(arr[-2])
+        s1v, qv = arr[:n_layers], arr[n_layers:2 * n_layers]
+        if dist is not None:
+            vals["dist"] = arr[2 * n_layers:3 * n_layers]
+            if upd is not None:
+                vals["update"] = arr[3 * n_layers:4 * n_layers]
+        loss_value = float(arr[-1]) / max(pend.batch_size, 1)
+        excluded = np.array([n in self.excluded for n in self.names])
+        s1v = np.where(excluded, np.nan, s1v)
+        qv = np.where(excluded, np.nan, qv)
+        nonfinite += int((~np.isfinite(s1v[~excluded])).sum())
+        if self.estimator == "two-batch":
+            nonfinite += int((~np.isfinite(qv[~excluded])).sum())
+        if nonfinite and missing == 0:
+            missing = 2
+        inc = self._group_masks & ~excluded
+        s1g = np.where(inc, s1v, 0.0).sum(1)
+        qg = np.where(inc, qv, 0.0).sum(1)
+        if missing:
+            g2 = np.full(len(GROUPS) + n_layers, np.nan)
+            tr = g2.copy()
+        else:
+            g2, tr = noise_estimates(np.concatenate([s1g, s1v]), np.concatenate([qg, qv]), pend.batch_size, k,
+                                     self.pool_size)
+        self.ema.update(tr, g2)
+        sm = self.ema.current()
+        dsq_g = np.sqrt(np.where(self._group_masks, vals["dist"] ** 2, 0.0).sum(1))
+        usq_g = np.sqrt(np.where(self._group_masks, vals["update"] ** 2, 0.0).sum(1))
+        ng = len(GROUPS)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bs = tr / g2
+        row: dict[str, Any] = {
+            "step": np.int64(pend.step), "examples_seen": np.int64(self.examples_seen),
+            "batch_size": np.int64(pend.batch_size), "n_groups": np.int64(k), "loss": loss_value, "lr": pend.lr,
+            "n_eff": sm.n_eff[0], "nonfinite_count": np.int64(nonfinite), "missing": np.int8(missing),
+            "wall_time": time.time(),
+        }
+        parts = {"gram_sum": np.concatenate([s1g, s1v]),
+                 "gram_trace": np.concatenate([qg, qv]), "grad_sq_norm": g2, "trace_cov": tr, "b_simple": bs,
+                 "grad_sq_norm_ema": sm.grad_sq_norm, "grad_sq_norm_ema_low": sm.grad_sq_norm_low,
+                 "grad_sq_norm_ema_high": sm.grad_sq_norm_high, "trace_cov_ema": sm.trace_cov,
+                 "trace_cov_ema_low": sm.trace_cov_low, "trace_cov_ema_high": sm.trace_cov_high,
+                 "b_noise": sm.b_noise, "b_noise_low": sm.b_noise_low, "b_noise_high": sm.b_noise_high,
+                 "update_norm": np.concatenate([usq_g, vals["update"]]),
+                 "dist_init": np.concatenate([dsq_g, vals["dist"]])}
+        if upd is None:
+            parts["update_norm"][:] = np.nan
+        for name, v in parts.items():
+            row[name] = np.asarray(v[:ng], dtype=np.float64)
+            row[name + "_layer"] = np.asarray(v[ng:], dtype=np.float64)
+        self._rows.append(row)
+        if len(self._rows) >= self.store.chunk_steps:
+            self.flush()
+
+    def _sums(self, pend: _Pending) -> tuple[list[Any], list[Any], Any, int, int]:
+        """S₁ and Q per tensor (torch scalars), the count of non-finite per-example norms, the missing code, k."""
+        zero = torch.zeros((), dtype=torch.float64)
+        nan = torch.full((), math.nan, dtype=torch.float64)
+        names = self.names
+        micros = pend.micros
+        if not micros or not pend.grad_sq:
+            return [nan] * len(names), [nan] * len(names), 0, 5, 0
+        weights = [torch.cat(m.weights) if m.weights else None for m in micros]
+        if any(w is None for w in weights):
+            return [nan] * len(names), [nan] * len(names), 0, 5, 0
+        w_all = torch.cat(weights).to(torch.float64)
+        w0 = w_all[0]
+        if not bool(torch.isfinite(w_all).all()) or float(w0) == 0.0 or \
+                float((w_all - w0).abs().max()) > 1e-6 * abs(float(w0)):
+            return [nan] * len(names), [nan] * len(names), 0, 3, 0
+        w2 = w0 * w0
+        s1 = [pend.grad_sq[n].to(torch.float64) / w2 if n in pend.grad_sq else zero for n in names]
+        q: list[Any] = []
+        nonfinite: Any = 0
+        if self.estimator == "per-example":
+            k = pend.batch_size
+            for n in names:
+                tot = zero
+                for m in micros:
+                    v = m.norms[n] / w2.to(m.norms[n].dtype) if n in m.norms else m.unscaled.get(n)
+                    if v is not None:
+                        v = v.to(torch.float64)
+                        tot = tot + v.sum()
+                        nonfinite = nonfinite + (~torch.isfinite(v)).sum()
+                q.append(tot)
+            missing = 1 if pend.batch_size < 2 else 0
+        else:
+            k = len(micros)
+            for n in names:
+                q.append(sum((m.norms[n].to(torch.float64) / (w2 * m.n) for m in micros if n in m.norms), zero))
+            missing = 4 if k < 2 else (1 if pend.batch_size < 2 else 0)
+        return s1, q, nonfinite, missing, k
+
+
+def attach_for_train(model: nn.Module, optimizer: torch.optim.Optimizer, loss: str | PerExampleLoss,
+                     store_path: str | os.PathLike, *, every: int = 1, resume: bool = False, start_step: int = 0,
+                     pool_size: int | None = None, config: Mapping[str, Any] | None = None,
+                     reduction: str = "mean") -> NoiseMonitor:
+    """The monitor as ``gradlab train`` wires it: optimizer hooks close each step; ``monitor.loss(batch)`` replaces
+    the loss computation of the loop; ``monitor.flush()`` before each checkpoint; ``monitor.close()`` at the end.
+
+    ``pool_size``: the training-set size when every epoch is a shuffled pass (batches drawn without replacement).
+    ``resume`` with ``start_step`` (the optimizer steps of the restored checkpoint) continues the store, or starts one
+    at that step if there is none.
+    """
+    return NoiseMonitor(model, loss, store_path, optimizer=optimizer, every=every, resume=resume,
+                        start_step=start_step if resume else None, pool_size=pool_size, config=config,
+                        reduction=reduction)

@@ -1,0 +1,248 @@
+"""Per-example squared gradient norms ‖gᵢ‖² per parameter tensor, from the user's own backward pass.
+
+Forward hooks keep each supported module's input; a hook on its output receives the output gradient δ of the
+backward pass the user runs (nanoGNS; Goodfellow 2015; Li et al. 2021's ghost norms).  Nothing is re-run and no
+per-example gradient is materialised except where that is the cheaper way (long sequences are not):
+
+- ``nn.Linear`` on (B, d): gᵢ = δᵢ aᵢᵀ, so ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² (weight), ‖δᵢ‖² (bias).
+- ``nn.Linear`` on (B, T…, d) or called several times per forward (positions t): gᵢ = Σ_t δ_it a_itᵀ and
+  ‖gᵢ‖² = Σ_{t,s} (a_it·a_is)(δ_it·δ_is) (Gram of Grams, cost T²(d_in + d_out)) or ‖Σ_t δ_it a_itᵀ‖² materialised
+  (cost T·d_in·d_out), whichever is cheaper; bias ‖Σ_t δ_it‖².
+- ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is.
+- ``nn.LayerNorm``: weight gᵢ = Σ_t δ_it ⊙ x̂_it, bias Σ_t δ_it (x̂ the normalised input).
+- ``nn.Conv2d`` (groups = 1, zero padding): a Linear on the unfolded patches, T = output positions.
+
+Every other parameter (and one shared by two modules, e.g. tied embeddings) is a *fallback* parameter: its
+per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples (an extra forward/backward on the
+batch for those parameters only), or, where the loss cannot be vmapped (data-dependent checks), from one
+forward/backward per example; where both fail (batch norm in training mode, random ops) the parameter is
+*excluded* and the store says so.  The captured gradients are those of the backpropagated scalar L = Σᵢ wᵢℓᵢ
+(w from a hook on the per-example losses), so row i carries wᵢgᵢ -- exact provided examples do not interact
+(no batch norm in training mode).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _sq_rows(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).pow(2).sum(1)
+
+
+def linear_sq_norms(a: Tensor, d: Tensor) -> Tensor:
+    """‖Σ_t d_t a_tᵀ‖² per example for a (B, T, d_in), d (B, T, d_out) (T = 1: ‖a‖²‖d‖²)."""
+    if a.shape[1] == 1:
+        return _sq_rows(a) * _sq_rows(d)
+    t, din, dout = a.shape[1], a.shape[2], d.shape[2]
+    if t * (din + dout) <= din * dout:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+    return _sq_rows(torch.bmm(d.transpose(1, 2), a))
+
+
+def _as_btd(x: Tensor, d: int) -> Tensor:
+    return x.reshape(x.shape[0], -1, d)
+
+
+class _Capture:
+    """Inputs and output gradients of one module call."""
+
+    __slots__ = ("inp", "grad")
+
+    def __init__(self, inp: Any) -> None:
+        self.inp = inp
+        self.grad: Tensor | None = None
+
+
+def supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Embedding):
+        return not module.sparse and not module.scale_grad_by_freq
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return False
+
+
+class PerExampleNorms:
+    """Hooks on a model's supported modules; :meth:`collect` returns per-example ‖gᵢ‖² (unscaled by w) per tensor.
+
+    Only active between :meth:`arm` and :meth:`collect`; otherwise the hooks return at once.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        names = {id(p): n for n, p in model.named_parameters()}
+        owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for module in model.modules():
+            for role, p in module.named_parameters(recurse=False):
+                owners[id(p)].append((module, role))
+        self.modules: dict[nn.Module, dict[str, str]] = {}  # module -> role -> parameter name
+        self.fallback: list[str] = []
+        for pid, name in names.items():
+            own = owners[pid]
+            if len(own) == 1 and supported(own[0][0]) and own[0][1] in ("weight", "bias"):
+                self.modules.setdefault(own[0][0], {})[own[0][1]] = name
+            else:
+                self.fallback.append(name)
+        self.active = False
+        self._calls: dict[nn.Module, list[_Capture]] = defaultdict(list)
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def arm(self) -> None:
+        self._calls.clear()
+        self.active = True
+
+    def disarm(self) -> None:
+        self.active = False
+        self._calls.clear()
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not self.active or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        cap = _Capture(inputs[0])
+        self._calls[module].append(cap)
+
+        def hook(grad: Tensor, cap: _Capture = cap) -> None:
+            cap.grad = grad.detach()
+
+        output.register_hook(hook)
+
+    def collect(self) -> dict[str, Tensor]:
+        """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them).
+
+        A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent)."""
+        out: dict[str, Tensor] = {}
+        for module, calls in self._calls.items():
+            calls = [c for c in calls if c.grad is not None]
+            if calls:
+                out.update(self._module_norms(module, calls))
+        self._calls.clear()
+        return out
+
+    def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
+        roles = self.modules[module]
+        res: dict[str, Tensor] = {}
+        if isinstance(module, nn.Linear) and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
+            a, d = calls[0].inp.detach(), calls[0].grad
+            d2 = (d * d).sum(1)
+            if "weight" in roles:
+                res[roles["weight"]] = (a * a).sum(1) * d2
+            if "bias" in roles:
+                res[roles["bias"]] = d2
+        elif isinstance(module, nn.Linear):
+            a = torch.cat([_as_btd(c.inp.detach(), module.in_features) for c in calls], 1)
+            d = torch.cat([_as_btd(c.grad, module.out_features) for c in calls], 1)
+            if "weight" in roles:
+                res[roles["weight"]] = linear_sq_norms(a, d)
+            if "bias" in roles:
+                res[roles["bias"]] = _sq_rows(d.sum(1))
+        elif isinstance(module, nn.Embedding):
+            ids = torch.cat([c.inp.reshape(c.inp.shape[0], -1) for c in calls], 1)
+            d = torch.cat([_as_btd(c.grad, module.embedding_dim) for c in calls], 1)
+            if module.padding_idx is not None:
+                d = d * (ids != module.padding_idx).unsqueeze(-1).to(d.dtype)
+            if ids.shape[1] == 1:
+                res[roles["weight"]] = _sq_rows(d)
+            else:
+                same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d.dtype)
+                res[roles["weight"]] = (same * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+        elif isinstance(module, nn.LayerNorm):
+            shape = tuple(module.normalized_shape)
+            n = 1
+            for s in shape:
+                n *= s
+            gw, gb = 0, 0
+            for c in calls:
+                x = c.inp.detach()
+                xhat = F.layer_norm(x, shape, None, None, module.eps)
+                dd = c.grad.reshape(x.shape[0], -1, n)
+                gw = gw + (dd * xhat.reshape(x.shape[0], -1, n)).sum(1)
+                gb = gb + dd.sum(1)
+            if "weight" in roles:
+                res[roles["weight"]] = _sq_rows(gw)
+            if "bias" in roles:
+                res[roles["bias"]] = _sq_rows(gb)
+        elif isinstance(module, nn.Conv2d):
+            a_parts, d_parts = [], []
+            for c in calls:
+                x = c.inp.detach()
+                cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                stride=module.stride)  # (B, C k k, L)
+                a_parts.append(cols.transpose(1, 2))
+                d_parts.append(c.grad.reshape(x.shape[0], module.out_channels, -1).transpose(1, 2))
+            a, d = torch.cat(a_parts, 1), torch.cat(d_parts, 1)
+            if "weight" in roles:
+                res[roles["weight"]] = linear_sq_norms(a, d)
+            if "bias" in roles:
+                res[roles["bias"]] = _sq_rows(d.sum(1))
+        return res
+
+
+def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,
+                  names: list[str]) -> dict[str, Tensor]:
+    """Per-example ‖∂ℓᵢ/∂p‖² for the parameters ``names`` by ``torch.func.vmap(grad(...))`` over the examples.
+
+    Raises whatever torch.func raises for models it cannot map over (the caller excludes those parameters).
+    """
+    from torch.func import grad, vmap
+    from torch.utils._pytree import tree_map
+
+    params = dict(model.named_parameters())
+    fixed = {n: p.detach() for n, p in params.items() if n not in names}
+    fixed.update({n: b for n, b in model.named_buffers()})
+    wanted = {n: params[n].detach() for n in names}
+
+    def one(w: dict[str, Tensor], example: Any) -> Tensor:
+        ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+        with _swapped(model, {**fixed, **w}):
+            return loss(model, ex)[0]
+
+    grads = vmap(grad(one), in_dims=(None, 0))(wanted, batch)
+    return {n: _sq_rows(g) for n, g in grads.items()}
+
+
+def loop_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,
+                  names: list[str]) -> dict[str, Tensor]:
+    """The same as :func:`vmap_sq_norms` by one forward/backward per example (for losses that vmap cannot map:
+    data-dependent checks, ``.item()``); raises what the model raises on a batch of one example."""
+    from gradlab.task import batch_len, index_batch
+
+    params = dict(model.named_parameters())
+    wanted = [params[n] for n in names]
+    rows = []
+    for i in range(batch_len(batch)):
+        with torch.enable_grad():
+            li = loss(model, index_batch(batch, slice(i, i + 1)))[0]
+            gs = torch.autograd.grad(li, wanted, allow_unused=True)
+        rows.append([torch.zeros((), dtype=p.dtype, device=p.device) if g is None else g.detach().pow(2).sum()
+                     for p, g in zip(wanted, gs)])
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
+
+
+class _swapped:
+    """functional_call as a context: the model's parameters and buffers replaced by the given tensors."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        self._ctx = _reparametrize_module(model, tensors)
+
+    def __enter__(self) -> None:
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)

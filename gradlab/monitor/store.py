@@ -1,0 +1,366 @@
+"""The monitor store: one zarr v3 group per training run, appended along ``step`` in chunks (numpy + zarr only).
+
+Dims: ``step`` (the optimizer step index t of a recorded step; grows), ``layer`` (one entry per parameter tensor,
+coords ``param_kind`` weight/bias and ``layer_size``), ``group`` (``all``, ``weight``, ``bias``).  Variables are
+listed by :func:`monitor_variables`; per-tensor variants carry the suffix ``_layer`` (as in the probe and train
+stores).  Root attrs: ``gradlab_store = "monitor"``, ``schema_version``, ``config`` (JSON) and ``config_hash``,
+``provenance`` (JSON), ``task`` (JSON: loss name and source sha256, model class), ``estimator``, ``sampling``,
+``smoothing``, ``interval``, ``every``, ``chunk_steps``, ``fallback_params``, ``excluded_params``, ``notes``.
+
+Appending (:meth:`MonitorStore.append`) writes the new rows' chunk files of every variable first (each file is
+written to a temporary name and renamed: a chunk is old or new, never torn), beyond the arrays' visible length,
+and only then extends each array's length (its ``zarr.json``, also written by rename).  A process killed at any
+moment therefore leaves every appended chunk readable; the one thing a kill can leave is some arrays already
+extended and others not, if it lands inside the few milliseconds of metadata updates at the end of an append.
+:func:`open_monitor` reads such a store at the common length, and resuming (``NoiseMonitor(resume=True)``)
+truncates it to a consistent length, so neither ever sees a half-written step.  Readers see whole appends only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.errors import StoreError
+from gradlab.provenance import canonical_json, config_hash, provenance
+
+KIND = "monitor"
+SCHEMA_VERSION = 1
+GROUPS = ("all", "weight", "bias")
+SQ = "(loss / parameter unit)²"
+
+#: codes of the ``missing`` variable: why a recorded step has no noise estimate
+MISSING = {
+    0: "estimated",
+    1: "batch of 1 example: no variance estimate (needs ≥ 2 examples)",
+    2: "non-finite per-example gradient or gradient: step flagged, not estimated",
+    3: "examples weighted unequally in the backpropagated loss: not estimated",
+    4: "one micro-batch: the two-batch estimator needs ≥ 2 micro-batches",
+    5: "no backward pass reached the monitored parameters for this step",
+}
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    long_name: str
+    units: str
+    attrs: Mapping[str, Any] | None = None
+
+    def fill(self) -> Any:
+        kind = np.dtype(self.dtype).kind
+        return np.nan if kind == "f" else (False if kind == "b" else 0)
+
+
+def monitor_variables() -> list[Var]:
+    """Every variable of a monitor store (each per-part variable twice: dims (step, group) and (step, layer))."""
+    s = ("step",)
+    per_part = [
+        ("gram_sum", "squared norm of the summed gradient S₁ = ‖Σᵢ gᵢ‖²", SQ),
+        ("gram_trace", "Q = Σ_j ‖s_j‖²/b_j (per example: Σᵢ ‖gᵢ‖²)", SQ),
+        ("grad_sq_norm", "unbiased estimate of ‖G‖² from this step's batch", SQ),
+        ("trace_cov", "unbiased estimate of tr Σ from this step's batch", SQ),
+        ("b_simple", "B_simple of one step", "examples"),
+        ("grad_sq_norm_ema", "‖G‖², moving average", SQ),
+        ("grad_sq_norm_ema_low", "‖G‖², moving average, interval low", SQ),
+        ("grad_sq_norm_ema_high", "‖G‖², moving average, interval high", SQ),
+        ("trace_cov_ema", "tr Σ, moving average", SQ),
+        ("trace_cov_ema_low", "tr Σ, moving average, interval low", SQ),
+        ("trace_cov_ema_high", "tr Σ, moving average, interval high", SQ),
+        ("b_noise", "B_noise = EMA(tr Σ) / EMA(‖G‖²)", "examples"),
+        ("b_noise_low", "B_noise, interval low", "examples"),
+        ("b_noise_high", "B_noise, interval high", "examples"),
+        ("update_norm", "update norm ‖θ_{t+1} − θ_t‖", "parameter unit"),
+        ("dist_init", "distance from init ‖θ_{t+1} − θ₀‖", "parameter unit"),
+    ]
+    out = [
+        Var("examples_seen", s, "int64", "examples seen up to and including this step", "examples"),
+        Var("batch_size", s, "int64", "examples in this step's batch B", "examples"),
+        Var("n_groups", s, "int64", "groups k the estimator used (per example: k = B; two-batch: micro-batches)",
+            "1"),
+        Var("loss", s, "float64", "mean per-example loss of this step's batch", "loss"),
+        Var("lr", s, "float64", "learning rate used by this step (optimizer param group 0)", "1"),
+        Var("n_eff", s, "float64", "effective number of recorded steps in the moving average", "steps"),
+        Var("nonfinite_count", s, "int64", "non-finite per-example or gradient squared norms in this step", "count"),
+        Var("missing", s, "int8", "why this step has no noise estimate (0: it has one)", "1",
+            {"flag_values": list(MISSING), "flag_meanings": " | ".join(MISSING.values())}),
+        Var("wall_time", s, "float64", "wall-clock time at the end of the step (Unix time)", "s"),
+    ]
+    for name, long_name, units in per_part:
+        out.append(Var(name, ("step", "group"), "float64", long_name, units))
+        out.append(Var(name + "_layer", ("step", "layer"), "float64", long_name + " (per tensor)", units))
+    return out
+
+
+def lock_file(path: Path) -> Path:
+    p = path.absolute()
+    return p.parent / f".{p.name}.lock"
+
+
+def _is_monitor_store(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("attributes", {}).get("gradlab_store") == KIND
+
+
+class MonitorStore:
+    """The single writer of a monitor store: create or reopen, truncate for resume, append rows, lock."""
+
+    def __init__(self, path: str | os.PathLike, *, layers: Sequence[str], kinds: Sequence[str],
+                 sizes: Sequence[int], config: Mapping[str, Any], attrs: Mapping[str, Any], chunk_steps: int,
+                 resume: bool) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.chunk_steps = int(chunk_steps)
+        self.vars = {v.name: v for v in monitor_variables()}
+        exists = self.path.exists()
+        if exists and not resume:
+            what = "a gradlab monitor store" if _is_monitor_store(self.path) else "other data"
+            raise StoreError(f"{self.path} already holds {what}; pass resume=True to continue a monitor store, or "
+                             "choose a new store path")
+        if exists and not _is_monitor_store(self.path):
+            raise StoreError(f"{self.path} holds other data, not a gradlab monitor store; choose a new store path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(lock_file(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError(f"{self.path} is being written by another process; stop it or choose a new store "
+                             "path") from None
+        try:
+            if not exists:
+                self._create(layers, kinds, sizes, config, attrs)
+            self.group = zarr.open_group(self.path, mode="r+")
+            if exists:
+                stored = self.group.attrs.get("config_hash")
+                if stored != config_hash(dict(config)):
+                    raise StoreError(f"{self.path} was recorded with another monitor config; resume with the same "
+                                     f"settings or choose a new store path (stored: {self.group.attrs.get('config')})")
+                have = [str(x) for x in self.group["layer"][...]]
+                if have != list(layers):
+                    raise StoreError(f"{self.path} was recorded for parameters {have[:4]}…, not this model's "
+                                     f"{list(layers)[:4]}…; choose a new store path")
+            self.arrays = {name: self.group[name] for name in [*self.vars, "step"]}
+            self._meta = {name: json.loads((self.path / name / "zarr.json").read_text()) for name in self.arrays}
+            self._codecs = {name: _codec_of(meta) for name, meta in self._meta.items()}
+            self.length = consistent_length(self.group)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- creation -----------------------------------------------------------------------------------------
+    def _create(self, layers: Sequence[str], kinds: Sequence[str], sizes: Sequence[int],
+                config: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+        import shutil
+        import tempfile
+
+        import xarray as xr
+
+        data_vars, enc = {}, {}
+        n = {"group": len(GROUPS), "layer": len(layers)}
+        for v in self.vars.values():
+            shape = tuple(0 if d == "step" else n[d] for d in v.dims)
+            data_vars[v.name] = (v.dims, np.zeros(shape, dtype=v.dtype),
+                                 {"long_name": v.long_name, "units": v.units, **dict(v.attrs or {})})
+            enc[v.name] = {"chunks": tuple(self.chunk_steps if d == "step" else max(n[d], 1) for d in v.dims)}
+        coords = {
+            "step": ("step", np.zeros(0, dtype=np.int64), {"long_name": "optimizer step t", "units": "steps"}),
+            "layer": ("layer", np.asarray(list(layers), dtype=object), {"long_name": "parameter tensor"}),
+            "param_kind": ("layer", np.asarray(list(kinds), dtype=object), {"long_name": "parameter kind"}),
+            "layer_size": ("layer", np.asarray(list(sizes), dtype=np.int64), {"long_name": "entries", "units": "1"}),
+            "group": ("group", np.asarray(GROUPS, dtype=object), {"long_name": "parameter group"}),
+        }
+        enc["step"] = {"chunks": (self.chunk_steps,)}
+        ds = xr.Dataset(data_vars, coords=coords)
+        cfg = dict(config)
+        ds.attrs.update({"gradlab_store": KIND, "schema_version": SCHEMA_VERSION, "config": canonical_json(cfg),
+                         "config_hash": config_hash(cfg), "provenance": json.dumps(provenance()),
+                         "chunk_steps": self.chunk_steps, **{k: _attr(v) for k, v in attrs.items()}})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        try:
+            ds.to_zarr(tmp / "store.zarr", zarr_format=3, consolidated=False, encoding=enc, mode="w-")
+            os.rename(tmp / "store.zarr", self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def read(self, name: str) -> np.ndarray:
+        """The first ``length`` rows of a step variable (or the step coordinate)."""
+        import zarr
+
+        return np.asarray(zarr.open_array(self.path / name, mode="r")[: self.length])
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def truncate(self, length: int) -> None:
+        """Make every step array ``length`` long (resume: drop steps recorded after the checkpoint).  Chunk files
+        beyond it stay until overwritten: they are outside every array's shape, so nothing reads them."""
+        for name in self.arrays:
+            self._set_length(name, length)
+        self.length = length
+
+    def append(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Append ``rows`` (name -> array with a leading axis of r new steps; ``step`` included).
+
+        Chunk data first (beyond the visible length), then each array's length: see the module docstring.
+        """
+        r = int(np.asarray(rows["step"]).shape[0])
+        if r == 0:
+            return
+        unknown = set(rows) - set(self.arrays)
+        if unknown:
+            raise ValueError(f"unknown monitor variables {sorted(unknown)}")
+        n0, n1 = self.length, self.length + r
+        for name, arr in self.arrays.items():
+            if name in rows:
+                values = np.asarray(rows[name], dtype=arr.dtype)
+            else:
+                values = np.full((r, *arr.shape[1:]), self._fill(name), dtype=arr.dtype)
+            self._write_rows(name, n0, values)
+        for name in self.arrays:
+            self._set_length(name, n1)
+        self.length = n1
+
+    def _fill(self, name: str) -> Any:
+        return self.vars[name].fill() if name in self.vars else 0
+
+    def _write_rows(self, name: str, n0: int, values: np.ndarray) -> None:
+        """Write rows n0.. of ``name``: whole chunks, each to a temporary file renamed into place."""
+        arr = self.arrays[name]
+        k = self.chunk_steps
+        n1 = n0 + values.shape[0]
+        c0 = n0 // k
+        if n0 % k:  # the visible partial chunk: its rows are rewritten together with the new ones
+            import zarr
+
+            head = np.asarray(zarr.open_array(self.path / name, mode="r")[c0 * k:n0])
+            values = np.concatenate([head, values])
+        start = c0 * k
+        for c in range(c0, (n1 - 1) // k + 1):
+            rows = values[c * k - start:(c + 1) * k - start]
+            chunk = np.full((k, *arr.shape[1:]), self._fill(name), dtype=arr.dtype)
+            chunk[: rows.shape[0]] = rows
+            self._put_chunk(name, (c, *([0] * (arr.ndim - 1))), chunk)
+
+    def _put_chunk(self, name: str, index: tuple[int, ...], chunk: np.ndarray) -> None:
+        codec = self._codecs[name]
+        if codec is None:  # an unexpected codec pipeline: let zarr encode (slower, same result)
+            import zarr
+
+            arr = self.arrays[name]
+            aa = arr._async_array
+            big_shape = (max(arr.shape[0], (index[0] + 1) * self.chunk_steps), *arr.shape[1:])
+            big = zarr.Array(zarr.AsyncArray(metadata=aa.metadata.update_shape(big_shape),
+                                             store_path=aa.store_path, config=aa.config))
+            k = self.chunk_steps
+            big[index[0] * k:(index[0] + 1) * k] = chunk
+            return
+        data = np.ascontiguousarray(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False)).tobytes()
+        if codec != "raw":
+            data = codec.encode(data)
+        target = self.path / name / "c" / "/".join(str(i) for i in index)
+        _atomic_write(target, bytes(data))
+
+    def _set_length(self, name: str, n: int) -> None:
+        meta = self._meta[name]
+        meta["shape"][0] = int(n)
+        _atomic_write(self.path / name / "zarr.json", json.dumps(meta, indent=2).encode())
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        self.group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def close(self) -> None:
+        if getattr(self, "_lock_fd", -1) >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _codec_of(meta: Mapping[str, Any]) -> Any:
+    """"raw" or a numcodecs Zstd for the pipelines xarray writes ([bytes little-endian] (+ zstd)); None otherwise."""
+    codecs = meta.get("codecs", [])
+    enc = meta.get("chunk_key_encoding", {})
+    if enc.get("name") != "default" or enc.get("configuration", {}).get("separator", "/") != "/":
+        return None
+    if not codecs or codecs[0].get("name") != "bytes" or \
+            codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    if len(codecs) == 1:
+        return "raw"
+    if len(codecs) == 2 and codecs[1].get("name") == "zstd":
+        from numcodecs import Zstd
+
+        cfg = codecs[1].get("configuration", {})
+        return Zstd(level=int(cfg.get("level", 0)), checksum=bool(cfg.get("checksum", False)))
+    return None
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)) and not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+        return json.dumps(v, default=str)
+    return list(v) if isinstance(v, tuple) else v
+
+
+def consistent_length(group: Any) -> int:
+    """The number of steps every step array holds (the minimum of their lengths)."""
+    lengths = [group[name].shape[0] for name, arr in group.arrays() if "step" in (arr.metadata.dimension_names or ())
+               and (arr.metadata.dimension_names or ())[0] == "step"]
+    return int(min(lengths)) if lengths else 0
+
+
+def open_monitor(path: str | os.PathLike, retries: int = 20) -> Any:
+    """Open a monitor store with xarray (lazily), also while it is being written or after a crash.
+
+    Plain ``xr.open_zarr(path, consolidated=False)`` works on any store a completed append left; this function
+    also reads a store caught between the metadata updates of an append (live readers, or a kill at that moment)
+    at the common length of its arrays.
+    """
+    import xarray as xr
+    import zarr
+
+    p = Path(path)
+    if not (p / "zarr.json").exists():
+        raise StoreError(f"{p} is not a zarr v3 store (no zarr.json); give the store path of a NoiseMonitor")
+    if not _is_monitor_store(p):
+        raise StoreError(f"{p} is not a gradlab monitor store")
+    for attempt in range(retries):
+        try:
+            return xr.open_zarr(p, consolidated=False)
+        except ValueError as exc:
+            if "conflicting sizes" not in str(exc) and "size" not in str(exc):
+                raise
+            time.sleep(0.05)
+    import dask.array as da
+
+    group = zarr.open_group(p, mode="r")
+    n = consistent_length(group)
+    ds = xr.Dataset(attrs=dict(group.attrs))
+    for name, arr in group.arrays():
+        dims = tuple(arr.metadata.dimension_names)
+        data = da.from_zarr(arr)
+        if dims and dims[0] == "step":
+            data = data[:n]
+        attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
+        ds[name] = (dims, data, attrs)
+    return ds.set_coords([c for c in ("step", "layer", "param_kind", "layer_size", "group") if c in ds])

@@ -1,0 +1,144 @@
+"""Each recorded step's ‖Σgᵢ‖² and Σ‖gᵢ‖² equal a float64 per-example autograd loop on the same batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from gradlab.monitor import NoiseMonitor
+from gradlab.monitor.estimators import noise_estimates
+from gradlab.task import cross_entropy
+from .conftest import per_example_sums
+
+
+def _run_steps(model, batches, path, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    refs = []
+    with NoiseMonitor(model, "cross-entropy", path, optimizer=opt, chunk_steps=2, **kw) as mon:
+        for batch in batches:
+            refs.append(per_example_sums(model, cross_entropy, batch))
+            opt.zero_grad()
+            (mon.loss(batch) / 3.0).backward()  # any scaling of the reduced loss is undone exactly
+            opt.step()
+    return refs, xr.open_zarr(path, consolidated=False)
+
+
+def test_every_layer_family_matches_per_example_autograd(seq_task, tmp_path):
+    model, (ids, y) = seq_task
+    batches = [(ids, y), (ids.flip(0), y.flip(0)), (ids[:4], y[:4])]
+    refs, ds = _run_steps(model, batches, tmp_path / "m.zarr")
+    assert ds.attrs["fallback_params"] == ["scale"] and ds.attrs["excluded_params"] == []
+    layers = [str(v) for v in ds.layer.values]
+    for k, (s1, s2) in enumerate(refs):
+        got1 = ds.gram_sum_layer.isel(step=k).values
+        got2 = ds.gram_trace_layer.isel(step=k).values
+        np.testing.assert_allclose(got1, [s1[n] for n in layers], rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(got2, [s2[n] for n in layers], rtol=1e-12, atol=1e-300)
+        b = len(batches[k][1])
+        g2, tr = noise_estimates(sum(s1.values()), sum(s2.values()), b, b)
+        assert ds.grad_sq_norm.sel(group="all").values[k] == pytest.approx(float(g2), rel=1e-12)
+        assert ds.trace_cov.sel(group="all").values[k] == pytest.approx(float(tr), rel=1e-12)
+    assert (ds.batch_size.values == [9, 9, 4]).all() and (ds.missing.values == 0).all()
+
+
+@pytest.mark.parametrize("t,d_in,d_out", [(40, 2, 3), (3, 16, 12)], ids=["materialised", "gram-of-grams"])
+def test_both_sequence_paths_match(tmp_path, t, d_in, d_out):
+    """T(d_in + d_out) > d_in·d_out: per-example gradients are materialised, else the Gram of Grams -- same numbers."""
+    from gradlab.monitor.norms import linear_sq_norms
+
+    a, d = torch.randn(5, t, d_in, dtype=torch.float64), torch.randn(5, t, d_out, dtype=torch.float64)
+    brute = torch.einsum("bto,bti->boi", d, a).pow(2).sum((1, 2))
+    torch.testing.assert_close(linear_sq_norms(a, d), brute, rtol=1e-12, atol=0)
+    torch.manual_seed(1)
+    lin = nn.Linear(d_in, d_out).double()
+    model = nn.Sequential(lin, nn.Tanh(), nn.Flatten(), nn.Linear(d_out * t, 2)).double()
+    x = torch.randn(6, t, d_in, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    refs, ds = _run_steps(model, [(x, y)], tmp_path / "m.zarr")
+    s1, s2 = refs[0]
+    layers = [str(v) for v in ds.layer.values]
+    np.testing.assert_allclose(ds.gram_trace_layer.isel(step=0).values, [s2[n] for n in layers], rtol=1e-12)
+    np.testing.assert_allclose(ds.gram_sum_layer.isel(step=0).values, [s1[n] for n in layers], rtol=1e-12)
+
+
+def test_the_vmap_fallback_matches_too(seq_task, tmp_path, caplog):
+    """A loss torch.func can map (no data-dependent checks): the fallback tensor goes through vmap(grad)."""
+    import logging
+
+    import torch.nn.functional as F
+
+    model, batch = seq_task
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    s1, s2 = per_example_sums(model, loss, batch)
+    import gradlab.monitor.monitor as monitor_mod
+
+    calls = []
+    orig = monitor_mod.loop_sq_norms
+    norms_loop = lambda *a: calls.append(1) or orig(*a)  # noqa: E731 - counts the slow path
+
+    monitor_mod.loop_sq_norms = norms_loop
+    try:
+        with caplog.at_level(logging.WARNING), NoiseMonitor(model, loss, tmp_path / "v.zarr") as mon:
+            mon.loss(batch).backward()
+            mon.step()
+    finally:
+        monitor_mod.loop_sq_norms = orig
+    assert not calls and not caplog.records
+    ds = xr.open_zarr(tmp_path / "v.zarr", consolidated=False)
+    got = float(ds.gram_trace_layer.sel(layer="scale").values[0])
+    assert got == pytest.approx(s2["scale"], rel=1e-12)
+
+
+def test_observe_equals_the_hooked_backward_and_leaves_grad_alone(seq_task, tmp_path):
+    model, batch = seq_task
+    s1, s2 = per_example_sums(model, cross_entropy, batch)
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "o.zarr") as mon:
+        mon.observe(batch)
+    assert all(p.grad is None for p in model.parameters())
+    ds = xr.open_zarr(tmp_path / "o.zarr", consolidated=False)
+    layers = [str(v) for v in ds.layer.values]
+    np.testing.assert_allclose(ds.gram_trace_layer.isel(step=0).values, [s2[n] for n in layers], rtol=1e-12)
+    np.testing.assert_allclose(ds.gram_sum_layer.isel(step=0).values, [s1[n] for n in layers], rtol=1e-12)
+    assert np.isnan(ds.update_norm.values).all() and np.isnan(ds.lr.values).all()
+
+
+def test_gradient_accumulation_pools_the_micro_batches(seq_task, tmp_path):
+    model, (ids, y) = seq_task
+    s1, s2 = per_example_sums(model, cross_entropy, (ids, y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "a.zarr", optimizer=opt, reduction="sum") as mon:
+        opt.zero_grad()
+        for sl in (slice(0, 4), slice(4, 9)):
+            mon.loss((ids[sl], y[sl])).backward()
+        opt.step()
+    ds = xr.open_zarr(tmp_path / "a.zarr", consolidated=False)
+    assert int(ds.batch_size[0]) == 9 and int(ds.n_groups[0]) == 9
+    assert float(ds.gram_sum.sel(group="all")[0]) == pytest.approx(sum(s1.values()), rel=1e-12)
+    assert float(ds.gram_trace.sel(group="all")[0]) == pytest.approx(sum(s2.values()), rel=1e-12)
+
+
+def test_update_norm_distance_and_lr_are_the_optimizer_s(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    before = None
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "u.zarr", optimizer=opt) as mon:
+        for _ in range(3):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            mon.loss((x, y)).backward()
+            opt.step()
+    ds = xr.open_zarr(tmp_path / "u.zarr", consolidated=False)
+    upd = np.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(model.parameters(), before)))
+    dist = np.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(model.parameters(), theta0)))
+    assert float(ds.update_norm.sel(group="all")[-1]) == pytest.approx(upd, rel=1e-12)
+    assert float(ds.dist_init.sel(group="all")[-1]) == pytest.approx(dist, rel=1e-12)
+    assert (ds.lr.values == 0.3).all() and list(ds.examples_seen.values) == [8, 16, 24]

@@ -1,0 +1,71 @@
+"""The Lightning and Hugging Face callbacks (skipped where the package does not import)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from gradlab.task import cross_entropy
+from .conftest import per_example_sums
+
+
+def _lightning():
+    try:
+        import lightning.pytorch as pl
+    except Exception as exc:  # noqa: BLE001 - any import failure: skip with its reason
+        pytest.skip(f"lightning does not import here ({type(exc).__name__}: {exc}); "
+                    "pip install --no-deps lightning lightning-utilities torchmetrics")
+    return pl
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's own advice (workers, loggers) is not under test
+def test_lightning_callback_records_every_step_exactly(tmp_path):
+    pl = _lightning()
+    from gradlab.monitor.lightning import NoiseMonitorCallback
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+        def forward(self, inp):
+            return self.net(inp)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Module()
+    s1, s2 = per_example_sums(module, cross_entropy, (x[:8], y[:8]))
+    cb = NoiseMonitorCallback("cross-entropy", tmp_path / "run.zarr")
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    ds = xr.open_zarr(tmp_path / "run.zarr", consolidated=False)
+    assert list(ds.step.values) == [0, 1, 2, 3] and (ds.lr.values == 0.1).all()
+    layers = [str(v) for v in ds.layer.values]
+    np.testing.assert_allclose(ds.gram_trace_layer.isel(step=0).values, [s2[n] for n in layers], rtol=1e-12)
+    np.testing.assert_allclose(ds.gram_sum_layer.isel(step=0).values, [s1[n] for n in layers], rtol=1e-12)
+    assert np.isfinite(ds.update_norm.values).all() and (ds.update_norm.values > 0).all()
+
+
+def test_hf_trainer_callback_imports_when_transformers_is_installed():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (optional extra: pip install transformers)")
+    from gradlab.monitor.hf import NoiseMonitorTrainerCallback, causal_lm_loss
+
+    assert callable(causal_lm_loss) and NoiseMonitorTrainerCallback("x.zarr").every == 1

@@ -1,0 +1,160 @@
+"""Bad input and misuse: a reduced loss, a batch of one, non-finite gradients, two-batch micro-batches, BN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from gradlab.errors import UsageError
+from gradlab.monitor import NoiseMonitor
+from gradlab.monitor.estimators import noise_estimates
+from gradlab.monitor.store import MISSING
+
+
+def _data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_an_already_reduced_loss_is_one_clear_error(tmp_path):
+    model = nn.Linear(4, 3).double()
+    mon = NoiseMonitor(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), tmp_path / "m.zarr")
+    with pytest.raises(UsageError, match=r"scalar \(an already reduced loss\).*reduction='none'"):
+        mon.loss(_data())
+    mon.close()
+
+
+def test_batch_of_one_is_recorded_as_missing_with_the_reason(tmp_path):
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt) as mon:
+        for sl in (slice(0, 1), slice(0, 8)):
+            opt.zero_grad()
+            mon.loss((x[sl], y[sl])).backward()
+            opt.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(ds.missing.values) == [1, 0] and "batch of 1" in MISSING[1]
+    assert ds.missing.attrs["flag_meanings"].split(" | ")[1] == MISSING[1]
+    assert np.isnan(ds.grad_sq_norm.values[0]).all() and np.isfinite(ds.grad_sq_norm.values[1]).all()
+    assert np.isfinite(ds.update_norm.values).all() and np.isfinite(ds.loss.values).all()
+
+
+def test_non_finite_gradients_are_counted_flagged_and_training_goes_on(tmp_path):
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    bad = x.clone()
+    bad[2, 1] = float("inf")
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr") as mon:
+        for xb in (x, bad, x):
+            opt.zero_grad()
+            mon.loss((xb, y)).backward()
+            mon.step()
+            if torch.isfinite(model.weight.grad).all():
+                opt.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(ds.missing.values) == [0, 2, 0]
+    assert ds.nonfinite_count.values[1] > 0 and ds.nonfinite_count.values[0] == 0
+    # the flagged step leaves the moving average alone: it decays but gets no term
+    assert np.isfinite(ds.b_noise.values[2]).all()
+
+
+def test_two_batch_estimator_from_micro_batches_equals_its_formula(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = _data(12)
+    micro = [slice(0, 4), slice(4, 8), slice(8, 12)]
+    sums = []
+    for sl in micro:
+        model.zero_grad()
+        F.cross_entropy(model(x[sl]), y[sl], reduction="sum").backward()
+        sums.append([p.grad.clone() for p in model.parameters()])
+    total = [sum(s[j] for s in sums) for j in range(4)]
+    s1 = sum(float((t ** 2).sum()) for t in total)
+    q = sum(sum(float((g ** 2).sum()) for g in s) / 4 for s in sums)
+    g2, tr = noise_estimates(s1, q, 12, 3)
+
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, estimator="two-batch") as mon:
+        opt.zero_grad()
+        for sl in micro:
+            (mon.loss((x[sl], y[sl])) / 3).backward()  # mean per micro-batch, averaged over micro-batches
+        opt.step()
+        opt.zero_grad()
+        mon.loss((x, y)).backward()  # one micro-batch: no two-batch estimate
+        opt.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert float(ds.grad_sq_norm.sel(group="all")[0]) == pytest.approx(float(g2), rel=1e-12)
+    assert float(ds.trace_cov.sel(group="all")[0]) == pytest.approx(float(tr), rel=1e-12)
+    assert int(ds.n_groups[0]) == 3 and list(ds.missing.values) == [0, 4]
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "o.zarr", estimator="two-batch") as mon:
+        with pytest.raises(UsageError, match="observe"):
+            mon.observe((x, y))
+
+
+def test_every_k_records_every_kth_step_and_counts_all_examples(tmp_path):
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, every=3) as mon:
+        for _ in range(7):
+            opt.zero_grad()
+            mon.loss((x, y)).backward()
+            opt.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(ds.step.values) == [0, 3, 6] and list(ds.examples_seen.values) == [8, 32, 56]
+
+
+def test_batch_norm_in_training_mode_is_noted_and_its_parameters_are_handled(tmp_path, caplog):
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr") as mon:
+        mon.loss(_data()).backward()
+        mon.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert "couples the examples" in ds.attrs["notes"][0]
+    assert set(ds.attrs["excluded_params"]) == {"1.weight", "1.bias"}
+    assert np.isnan(ds.gram_trace_layer.sel(layer="1.weight").values).all()
+    assert np.isfinite(ds.gram_trace.sel(group="all").values).all()
+
+
+def test_step_with_an_optimizer_attached_is_refused(tmp_path):
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt) as mon:
+        with pytest.raises(UsageError, match="optimizer.step"):
+            mon.step()
+
+
+def test_attach_for_train_wires_the_loop_and_resumes(tmp_path):
+    from gradlab.monitor import attach_for_train
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(32)
+    path = tmp_path / "runs" / "monitor.zarr"
+    mon = attach_for_train(model, opt, "cross-entropy", path, every=1, pool_size=32, config={"seed": 0})
+    for t in range(4):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        opt.zero_grad(set_to_none=True)
+        mon.loss((x[idx], y[idx])).backward()
+        opt.step()
+    mon.flush()  # before saving a checkpoint at step 4
+    mon.close()
+    mon = attach_for_train(model, opt, "cross-entropy", path, every=1, pool_size=32, config={"seed": 0},
+                           resume=True, start_step=4)
+    opt.zero_grad()
+    mon.loss((x[:8], y[:8])).backward()
+    opt.step()
+    mon.close()
+    ds = xr.open_zarr(path, consolidated=False)
+    assert list(ds.step.values) == [0, 1, 2, 3, 4] and "32 examples" in ds.attrs["sampling"]
+    assert json.loads(ds.attrs["config"])["seed"] == 0

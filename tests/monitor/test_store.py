@@ -1,0 +1,155 @@
+"""The monitor store: chunked appends readable while training, kill -9 at any moment, resume without gaps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from gradlab.errors import UsageError
+from gradlab.monitor import NoiseMonitor, open_monitor
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), str(steps), *extra], capture_output=True,
+                          text=True, env=env, timeout=300, check=True)
+
+
+@pytest.mark.slow
+def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    from .train_script import main
+
+    main([str(ref_dir), "20"])  # the uninterrupted reference, in this process
+    ref = xr.open_zarr(ref_dir / "run.zarr", consolidated=False).load()
+    assert list(ref.step.values) == list(range(20))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), "20", "--sleep", "0.15"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # kill while training, after the second checkpoint (step 12) and one more step
+        if int(line) >= 13:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    mid = xr.open_zarr(run_dir / "run.zarr", consolidated=False)  # opens as is, with whole chunks only
+    n = mid.sizes["step"]
+    assert n >= 12 and list(mid.step.values) == list(range(n))
+    assert np.isfinite(mid.grad_sq_norm.values).all()
+
+    _run(run_dir, 20, "--resume")
+    got = xr.open_zarr(run_dir / "run.zarr", consolidated=False).load()
+    assert list(got.step.values) == list(range(20))  # no step missing, none twice
+    for name in ("grad_sq_norm", "trace_cov", "b_noise", "b_noise_low", "update_norm", "dist_init", "loss"):
+        np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=name)
+
+
+def test_readable_while_training_and_after_partial_flush(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=3)
+    for t in range(7):
+        opt.zero_grad()
+        mon.loss((x, y)).backward()
+        opt.step()
+        ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+        assert ds.sizes["step"] == 3 * ((t + 1) // 3)
+    mon.flush()  # a partial chunk
+    assert xr.open_zarr(tmp_path / "m.zarr", consolidated=False).sizes["step"] == 7
+    for _ in range(2):
+        opt.zero_grad()
+        mon.loss((x, y)).backward()
+        opt.step()
+    mon.close()
+    ds = open_monitor(tmp_path / "m.zarr")
+    assert list(ds.step.values) == list(range(9)) and ds.attrs["gradlab_store"] == "monitor"
+
+
+def test_a_store_caught_between_metadata_updates_is_read_at_the_common_length(tmp_path):
+    import zarr
+
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", chunk_steps=2) as mon:
+        for _ in range(4):
+            mon.loss((x, y)).backward()
+            mon.step()
+    g = zarr.open_group(tmp_path / "m.zarr", mode="r+")
+    g["loss"].resize((2,))  # as if killed inside the metadata updates of the second append
+    ds = open_monitor(tmp_path / "m.zarr", retries=1)
+    assert ds.sizes["step"] == 2 and list(ds.step.values) == [0, 1]
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", resume=True, start_step=2, chunk_steps=2)
+    mon.close()
+    assert xr.open_zarr(tmp_path / "m.zarr", consolidated=False).sizes["step"] == 2
+
+
+def test_refuses_other_data_and_an_existing_store(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    model = nn.Linear(3, 2)
+    with pytest.raises(UsageError, match="holds other data"):
+        NoiseMonitor(model, "cross-entropy", tmp_path / "other")
+    with pytest.raises(UsageError, match="holds other data"):
+        NoiseMonitor(model, "cross-entropy", tmp_path / "other", resume=True, start_step=0)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr").close()
+    with pytest.raises(UsageError, match="already holds a gradlab monitor store"):
+        NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr")
+    with pytest.raises(UsageError, match="another monitor config"):
+        NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", every=2, resume=True, start_step=0)
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_replays_the_averages(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(12)]
+
+    def train(mon, steps):
+        for t in steps:
+            opt.zero_grad()
+            mon.loss(data[t]).backward()
+            opt.step()
+
+    ref_model = nn.Linear(3, 2).double()
+    ref_model.load_state_dict(model.state_dict())
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=4)
+    train(mon, range(6))
+    mon.flush()
+    state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+    train(mon, range(6, 9))
+    mon.flush()  # steps 6..8 reach the store, then the run dies (no close)
+    mon.store.close()
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=4, resume=True,
+                       start_step=6)
+    train(mon, range(6, 12))
+    mon.close()
+    got = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(got.step.values) == list(range(12))
+
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    model, opt = ref_model, ref_opt
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "ref.zarr", optimizer=opt, chunk_steps=4) as ref_mon:
+        train(ref_mon, range(12))
+    ref = xr.open_zarr(tmp_path / "ref.zarr", consolidated=False)
+    for name in ("grad_sq_norm", "b_noise", "b_noise_high", "dist_init", "examples_seen"):
+        np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=name)

@@ -6,7 +6,9 @@ Modules (imported on use; this package file only makes ``gradlab.probe(...)`` ca
   result type ``StepResult``.
 - ``gradlab.probe.naive``: the blog's per-trial ``torch.optim.SGD`` loop for the step protocol
   (``naive_step_trials``), kept as the reference the engine is tested and benchmarked against.
-- ``gradlab.probe.gram``: per-example gradient Gram matrices without per-example gradients.
+- ``gradlab.probe.gram``: exact per-example gradient Gram matrices for any model and per-example loss
+  (``GramEngine``), from layer identities in ``gram_layers`` (Linear, Conv1d/2d, Embedding, norms) where they
+  apply and per-example gradients from ``gram_fallback`` (torch.func) elsewhere.
 - ``gradlab.probe.frozen``: the frozen protocol: every minibatch gradient norm of every partition, from Gram matrices.
 - ``gradlab.probe.sampling``: per-trial draws of training examples from explicit seeds.
 - ``gradlab.probe.distance``: where the weights went (distance from init / origin, cosine to init).

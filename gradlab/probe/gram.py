@@ -1,82 +1,70 @@
-"""Per-example gradient Gram matrices Kᵢⱼ = gᵢ·gⱼ, one per parameter tensor, without per-example gradients.
+"""Per-example gradient Gram matrices Kᵢⱼ = gᵢ·gⱼ, one per parameter tensor, exact, for any model and loss.
 
-For an ``nn.Linear`` applied once per forward to inputs of shape (N, in), example i's weight gradient is the outer
-product gᵢ = δᵢ aᵢᵀ of its output gradient δᵢ = ∂ℓᵢ/∂zᵢ and its input aᵢ, so
+A task is (model, batch, per-example loss ``loss(model, batch) -> (B,)``, ``gradlab.task``); gᵢ = ∇ℓᵢ.  The engine
+runs the loss on the batch in chunks of ``chunk_size`` examples, with forward hooks on the layers it knows, and takes
+one ``torch.autograd.grad`` of the *sum* Σᵢ ℓᵢ with respect to those layers' outputs, so row i of each output
+gradient δ is example i's own (examples must not interact: the engine's private copy of the model is in eval mode,
+so batch norm uses its running statistics and dropout is off; ``model_mode = "eval"`` in the store attrs).  From a
+layer's inputs and δ, ``gradlab.probe.gram_layers`` forms K without per-example autograd; per family and cost
+(per pair of examples, T positions per example):
 
-    gᵢ·gⱼ = (aᵢ·aⱼ)(δᵢ·δⱼ)          (weights)          gᵢ·gⱼ = δᵢ·δⱼ          (biases)
+=================================  =====================================================================
+layer                              exact form (chosen per layer)
+=================================  =====================================================================
+Linear (B, d) / (B, T…, d)         ghost Σ_{t,s}(a_it·a_js)(δ_it·δ_js): T²(d_in+d_out) per pair, or
+Conv1d/2d (unfold, any groups)     materialised Γ_i = Σ_t δ_it a_itᵀ, K = ΓΓᵀ: d_in·d_out per pair;
+                                   ghost iff T²(d_in + d_out) < d_in·d_out or Γ exceeds the memory budget
+Embedding (ids (B, T…))            ghost Σ_{t,s}[id_it = id_js](δ_it·δ_js): T²(d+1), or scatter-summed
+                                   Γ_i (V·d per pair); padding_idx rows get no gradient
+LayerNorm, RMSNorm, GroupNorm,     Γ_i = Σ_positions δ_i∘x̂_i (weight), Σ δ_i (bias): always materialised
+BatchNorm1d/2d (eval, running)
+=================================  =====================================================================
 
-i.e. K_W = (A Aᵀ) ∘ (D Dᵀ) and K_b = D Dᵀ (Goodfellow 2015, "Efficient per-example gradient computations";
-Rochette et al. 2019; SCIENCE.md "The two probe protocols").  A and D come from forward hooks on a private copy of
-the model and one ``torch.autograd.grad`` of the *sum* of per-example losses, which makes row i of D example i's
-own output gradient -- provided examples do not interact.  The copy is therefore put in eval mode: batch norm uses
-its running statistics and dropout is off (``model_mode = "eval"`` in the store attrs).  The caller's model is
-never touched.
+A layer takes this fast path when it is called exactly once per forward, owns its parameters alone, sees the
+examples on its input's first dimension (an Embedding may also see ids shared by the batch, (T,) or (1, T), as
+position ids are: its output is then expanded to one copy per example so that δ is per example), and passes a
+self-check on the first call: the Gram matrices of the first 3 examples must equal those of 3 single-example
+backward passes (this catches, e.g., a weight also used outside the module's forward, ``F.linear(x, wte.weight)``).
+Shared tensors fall back, except language-model weight tying (one matrix that is an Embedding's weight and a
+Linear head's): both users materialise and add their per-example gradients into one Γ.  A model that is itself one
+layer (module name "") is no exception.  Every other selected tensor falls back to per-example gradients from
+``torch.func.vmap(grad(...))`` (``gradlab.probe.gram_fallback``; memory bounded by ``max_fallback_bytes``), listed
+in ``GramResult.fallback``.
 
-Parameters outside such linear layers (convolutions, norms, embeddings, a linear layer called twice or on
-non-2-D inputs, or whose weight is tied to another module) fall back to per-example gradients from ``torch.func.vmap(grad(...))`` in chunks, then K = Γ Γᵀ
-with Γ the (N, p) matrix of that tensor's per-example gradients (memory N·p for those tensors only; above
-``max_fallback_bytes``, 2 GiB by default, K is assembled from blocks of rows, recomputing per-example gradients
-block by block, so memory stays bounded for ResNet-sized models at the cost of more backward passes).
-
-Forward/backward passes run in chunks of ``chunk_size`` examples, so autograd memory is bounded by a chunk; the
-stored A and D are what one forward pass of N examples holds, and each K is N×N.
+``copy=True`` (default) works on a private eval-mode copy in the engine's dtype and device; the caller's model is
+never touched.  ``copy=False`` runs on the caller's model as it is (a training-time monitor): hooks are attached
+only during the call, ``requires_grad`` flags are restored, the train/eval mode is left alone -- a batch norm that
+normalises with batch statistics makes examples interact and is refused.
 """
 
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils._pytree import tree_map
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
-from gradlab.task import Batch, PerExampleLoss, batch_len, index_batch, to_run
-from gradlab.task import cross_entropy as task_ce
+from gradlab import task
+from gradlab.errors import UsageError
+from gradlab.task import PerExampleLoss, batch_len, index_batch, inputs_targets, to_run
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .gram_fallback import VMAP_SAFE, fallback_grams
+from .gram_layers import SYM_BLOCK, EmbeddingGram, LayerGram, LinearGram, family, sym_gram
+
+__all__ = ["GramEngine", "GramResult", "LossFn", "SYM_BLOCK", "cross_entropy_sum", "sym_gram"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+SELF_CHECK_EXAMPLES = 3  # odd: a sequence length rarely equals it
 
 
-def cross_entropy_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σᵢ ℓᵢ with ℓᵢ the cross-entropy of example i (a sum, so that ∂/∂zᵢ is example i's own gradient)."""
+def cross_entropy_sum(output: Tensor, target: Tensor) -> Tensor:
+    """Σᵢ ℓᵢ with ℓᵢ the cross-entropy of example i (a legacy ``loss_fn``: (output, target) -> summed loss)."""
     return F.cross_entropy(output, target, reduction="sum")
-
-
-def _join(module: str, attr: str) -> str:
-    """The parameter name of ``attr`` in module ``module`` ("" is the model itself: a bare nn.Linear)."""
-    return f"{module}.{attr}" if module else attr
-
-
-class _SummedLoss(nn.Module):
-    """Σᵢ ℓᵢ of a per-example loss as a module, so ``torch.func.functional_call`` can swap ``model``'s tensors."""
-
-    def __init__(self, model: nn.Module, loss: PerExampleLoss) -> None:
-        super().__init__()
-        self.model = model
-        self.loss = loss
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.loss(self.model, batch).sum()
-
-
-SYM_BLOCK = 256  # below this many rows a Gram matrix is one GEMM
-
-
-def sym_gram(x: torch.Tensor) -> torch.Tensor:
-    """X Xᵀ for X (N, d), computing only the blocks on and below the diagonal (recursively halved down to
-    ``SYM_BLOCK`` rows) and mirroring the rest: about 5/8 of the GEMM work for N = 1024."""
-    n = x.shape[0]
-    if n <= SYM_BLOCK:
-        return x @ x.T
-    h = n // 2
-    out = x.new_empty(n, n)
-    out[:h, :h] = sym_gram(x[:h])
-    out[h:, h:] = sym_gram(x[h:])
-    torch.mm(x[h:], x[:h].T, out=out[h:, :h])
-    out[:h, h:] = out[h:, :h].T
-    return out
 
 
 @dataclass(frozen=True)
@@ -85,186 +73,256 @@ class GramResult:
 
     ``gram[name]``: (N, N) float64, Kᵢⱼ = gᵢ·gⱼ restricted to parameter tensor ``name``;
     ``grad_sum[name]``: Σᵢ gᵢ for that tensor (its shape, compute dtype; empty dict when the engine was built with
-    ``grad_sum=False``, which saves the D^T A products); ``fallback``: names computed with
-    torch.func per-example gradients instead of the linear-layer identity.
+    ``grad_sum=False``); ``fallback``: names computed with torch.func per-example gradients instead of a layer
+    identity.
     """
 
-    gram: dict[str, torch.Tensor]
-    grad_sum: dict[str, torch.Tensor]
+    gram: dict[str, Tensor]
+    grad_sum: dict[str, Tensor]
     fallback: tuple[str, ...]
 
 
 class GramEngine:
     """Computes :class:`GramResult` for draws of examples at fixed parameters θ (the frozen protocol).
 
-    Not thread-safe (calls hook its private model): use one engine per thread.
+    Not thread-safe (calls hook its model): use one engine per thread.
 
     Example (checked in ``tests/probe/test_gram.py`` against per-example autograd)::
 
         engine = GramEngine(model, ["layers.0.weight", "layers.0.bias"], dtype=torch.float64)
-        res = engine(x, y)       # res.gram["layers.0.weight"][i, j] == g_i · g_j
+        res = engine((x, y))     # or engine(x, y); res.gram["layers.0.weight"][i, j] == g_i · g_j
     """
 
-    def __init__(self, model: nn.Module, selected: Sequence[str], *, loss_fn: LossFn | None = None,
-                 loss: PerExampleLoss | None = None, chunk_size: int = 256, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", grad_sum: bool = True,
-                 max_fallback_bytes: int = 2 * 2**30) -> None:
-        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, model: nn.Module, selected: Sequence[str], *, loss: PerExampleLoss = task.cross_entropy,
+                 chunk_size: int = 256, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 grad_sum: bool = True, max_fallback_bytes: int = 2 * 2**30, copy: bool = True,
+                 loss_fn: LossFn | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.copy = bool(copy)
+        if self.copy:
+            self.model = copy_module.deepcopy(model).to(device=device, dtype=dtype).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        else:
+            self.model = model
         self.selected = tuple(selected)
         names = {n for n, _ in self.model.named_parameters()}
         unknown = [n for n in self.selected if n not in names]
         if unknown:
             raise ValueError(f"parameters {unknown} are not in the model (it has {sorted(names)})")
-        if loss is not None and loss_fn is not None:
+        if loss_fn is not None and loss is not task.cross_entropy:
             raise ValueError("pass either loss (per-example, fn(model, batch)) or loss_fn (summed, fn(output, y))")
-        if loss is None:  # the legacy summed loss of (output, target) as a per-example contract
-            fn = loss_fn or cross_entropy_sum
-            loss = (lambda model, batch: fn(model(batch[0]), batch[1])) if loss_fn is not None else task_ce
-        self.loss = loss
+        if loss_fn is not None:  # legacy (output, target) -> Σᵢ ℓᵢ on batches (x, y)
+            self._total = self._vmap_total = _legacy_total(loss_fn)
+        else:
+            self._total = lambda m, b: loss(m, b).sum()
+            self._vmap_total = VMAP_SAFE.get(loss, self._total)
         self.chunk_size = int(chunk_size)
-        self.dtype = dtype
-        self.device = torch.device(device)
         self.want_grad_sum = bool(grad_sum)
         self.max_fallback_bytes = int(max_fallback_bytes)
-        self._linear: dict[str, nn.Linear] | None = None  # module name -> module, decided on first call
+        self._layers: dict[str, LayerGram] | None = None  # module name -> handler, decided on the first call
         self._fallback: tuple[str, ...] = ()
+        self._use_vmap = True
 
-    # -- which tensors take the linear-layer identity -------------------------------------------------------------
-    def _classify(self, batch1: Batch) -> None:
-        linears = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
-        calls: dict[str, list[int]] = {name: [] for name in linears}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: calls[name].append(inp[0].dim()))
-                 for name, m in linears.items()]
+    # -- the call ---------------------------------------------------------------------------------------------------
+    def __call__(self, *batch: Any) -> GramResult:
+        """Gram matrices and summed gradients of the N examples of ``batch`` (a pytree of tensors with leading dim
+        N, or the legacy ``engine(x, y)``); floating tensors are moved to the engine's dtype, all to its device."""
+        if len(batch) not in (1, 2):
+            raise TypeError(f"GramEngine takes one batch (or x, y), got {len(batch)} arguments")
+        data = to_run(batch[0] if len(batch) == 1 else tuple(batch), device=self.device, dtype=self.dtype)
+        n = batch_len(data)
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
-            with torch.no_grad():
-                self.loss(self.model, batch1)
+            self._prepare()
+            if self._layers is None:
+                self._plan(data, n)
+            gram: dict[str, Tensor] = {}
+            grad_sum: dict[str, Tensor] = {}
+            if self._layers:
+                self._layer_grams(data, n, gram, grad_sum)
+            if self._fallback:
+                with torch.no_grad():  # per-example gradients are values (torch.func.grad ignores an outer no_grad)
+                    k, s, self._use_vmap = fallback_grams(self.model, self._vmap_total, data, n, self._fallback,
+                                                          chunk_size=self.chunk_size,
+                                                          max_bytes=self.max_fallback_bytes, use_vmap=self._use_vmap)
+                gram.update(k)
+                grad_sum.update(s)
         finally:
-            for h in hooks:
-                h.remove()
-        owners: dict[int, int] = {}  # a tensor shared by several modules (tied weights) takes the fallback
-        for mod in self.model.modules():
-            for p in mod._parameters.values():
-                if p is not None:
-                    owners[id(p)] = owners.get(id(p), 0) + 1
-        eligible = {name: m for name, m in linears.items() if calls[name] == [2]
-                    and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))}
-        owned = {_join(name, attr) for name, m in eligible.items() for attr in ("weight", "bias")
-                 if getattr(m, attr, None) is not None}
-        self._linear = {name: m for name, m in eligible.items()
-                        if any(_join(name, a) in self.selected for a in ("weight", "bias"))}
-        self._fallback = tuple(n for n in self.selected if n not in owned)
-
-    def __call__(self, batch: Batch, y: torch.Tensor | None = None) -> GramResult:
-        """Gram matrices and summed gradients of the N examples of ``batch`` (a batch pytree, or inputs ``x`` with
-        targets ``y``); floating tensors are moved to the engine's dtype, every tensor to its device."""
-        batch = to_run(batch if y is None else (batch, y), device=self.device, dtype=self.dtype)
-        if self._linear is None:
-            self._classify(index_batch(batch, slice(0, 1)))
-        gram: dict[str, torch.Tensor] = {}
-        grad_sum: dict[str, torch.Tensor] = {}
-        if self._linear:
-            self._linear_grams(batch, gram, grad_sum)
-        if self._fallback:
-            self._fallback_grams(batch, gram, grad_sum)
+            for p, flag in flags:
+                p.requires_grad_(flag)
         return GramResult({n: gram[n] for n in self.selected},
                           {n: grad_sum[n] for n in self.selected} if self.want_grad_sum else {}, self._fallback)
 
-    # -- linear-layer identity ------------------------------------------------------------------------------------
-    def _linear_grams(self, batch: Batch, gram: dict[str, torch.Tensor],
-                      grad_sum: dict[str, torch.Tensor]) -> None:
-        linears = self._linear or {}
-        acts: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        deltas: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        outs: dict[str, torch.Tensor] = {}
+    def _prepare(self) -> None:
+        """Only the selected tensors require grad (restored after the call); copy=False checks the model."""
+        if not self.copy:
+            for name, m in self.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+                    raise UsageError(f"batch norm {name!r} normalises with batch statistics (training mode or no "
+                                     "running statistics), so examples interact and per-example gradients are "
+                                     "undefined; call model.eval() around the engine or build it with copy=True")
+            wrong = [n for n, p in self.model.named_parameters()
+                     if p.is_floating_point() and (p.dtype != self.dtype or p.device.type != self.device.type)]
+            if wrong:
+                p = dict(self.model.named_parameters())[wrong[0]]
+                raise UsageError(f"copy=False runs on the model as it is, but parameter {wrong[0]!r} is {p.dtype} "
+                                 f"on {p.device}, not {self.dtype} on {self.device}; build the engine with the "
+                                 "model's dtype and device")
+        chosen = set(self.selected)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(n in chosen)
 
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, name: str) -> None:
-            acts[name].append(inp[0].detach())
-            outs[name] = out
+    # -- which tensors take a layer identity ------------------------------------------------------------------------
+    def _plan(self, data: Any, n: int) -> None:
+        chosen = set(self.selected)
+        owners: dict[int, list[nn.Module]] = {}  # a tensor shared by several modules (tied weights)
+        for mod in self.model.modules():
+            for p in mod._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(mod)
+        canonical = {id(p): name for name, p in self.model.named_parameters()}
+        stores: dict[int, dict[str, Any]] = {}
+        candidates: dict[str, LayerGram] = {}
+        for name, m in self.model.named_modules():
+            cls = family(m)
+            own = list(m.named_parameters(recurse=False))
+            if cls is None or not own or not all(len(owners[id(p)]) == 1 or self._lm_tie(a, p, owners[id(p)], n)
+                                                 for a, p in own):
+                continue
+            handler = cls(m, name, chosen, canonical)
+            handler.tied = {a: stores.setdefault(id(p), {}) for a, p in own if len(owners[id(p)]) > 1}
+            if handler.names:
+                candidates[name] = handler
+        self._layers = {}
+        if candidates:
+            try:
+                self._layers = self._checked(candidates, data, n, broadcast=True)
+            except Exception:  # the model rejected an expanded (per-example) position embedding: plain hooks only
+                self._layers = self._checked(candidates, data, n, broadcast=False)
+        owned = {p for h in self._layers.values() for p in h.names.values()}
+        self._fallback = tuple(p for p in self.selected if p not in owned)
 
-        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: hook(mod, inp, out, name))
-                 for name, m in linears.items()]
-        # the layers' outputs must be part of a graph even when the inputs are integer ids or data
-        weights = [m.weight for m in linears.values()]
-        for w in weights:
-            w.requires_grad_(True)
-        try:
-            for start in range(0, batch_len(batch), self.chunk_size):
-                chunk = index_batch(batch, slice(start, start + self.chunk_size))
-                outs.clear()
-                with torch.enable_grad():
-                    loss = self.loss(self.model, chunk).sum()
-                    names = list(outs)
-                    grads = torch.autograd.grad(loss, [outs[n] for n in names])
-                for n, g in zip(names, grads):
-                    deltas[n].append(g.detach())
-        finally:
-            for h in hooks:
-                h.remove()
-            for w in weights:
-                w.requires_grad_(False)
-        for name, mod in linears.items():
-            a = torch.cat(acts[name])
-            d = torch.cat(deltas[name])
-            dd = sym_gram(d)  # in the compute dtype; the Hadamard product's rounding is that of the Grams' own
-            wname, bname = _join(name, "weight"), _join(name, "bias")
-            if wname in self.selected:
-                gram[wname] = (sym_gram(a) * dd).double()
-                if self.want_grad_sum:
-                    grad_sum[wname] = d.T @ a
-            if bname in self.selected and mod.bias is not None:
-                gram[bname] = dd.double()
-                grad_sum[bname] = d.sum(0)
+    def _lm_tie(self, attr: str, p: Tensor, users: list[nn.Module], n: int) -> bool:
+        """Language-model weight tying: one (V, d) matrix that is an Embedding's weight and a Linear head's.  Its
+        per-example gradient is the sum of both uses' (materialised, N·V·d within the memory budget)."""
+        return (attr == "weight" and len(users) == 2 and {family(u) for u in users} == {EmbeddingGram, LinearGram}
+                and n * p.numel() * p.element_size() <= self.max_fallback_bytes)
 
-    # -- generic fallback: torch.func per-example gradients -------------------------------------------------------
-    def _fallback_grams(self, batch: Batch, gram: dict[str, torch.Tensor],
-                        grad_sum: dict[str, torch.Tensor]) -> None:
-        from torch.func import functional_call, grad, vmap
+    def _checked(self, candidates: dict[str, LayerGram], data: Any, n: int, broadcast: bool
+                 ) -> dict[str, LayerGram]:
+        """The candidates called once per forward, on batched inputs, whose Gram matrices of the first k examples
+        equal those of k single-example backward passes (the self-check)."""
+        k = min(n, SELF_CHECK_EXAMPLES)
+        calls = {name: 0 for name in candidates}
+        ok = {name: True for name in candidates}
+        for h in candidates.values():
+            h.broadcast = False
 
+        def observe(name: str, x: Any, out: Any) -> None:
+            h = candidates[name]
+            calls[name] += 1
+            if not (isinstance(x, Tensor) and isinstance(out, Tensor)):
+                ok[name] = False
+                return
+            if broadcast and isinstance(h, EmbeddingGram) and k > 1 and x.shape[:1] != (k,) \
+                    and (x.dim() == 1 or x.shape[0] == 1):
+                h.broadcast = True  # position ids shared by the batch: (T,) or (1, T)
+            ok[name] &= (h.broadcast or (x.shape[:1] == (k,) and out.shape[:1] == (k,))) \
+                and type(h).accepts(h.module, x, out)
+
+        self._layers = candidates
+        first = index_batch(data, slice(0, k))
+        fast = self._run(first, k, observe=observe)
+        reached = {name: h for name, h in candidates.items() if calls[name] == 1 and ok[name]}
+        tensors = list(dict.fromkeys(p for h in reached.values() for p in h.names.values()))  # tied: once
+        if not tensors:
+            return {}
         params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        fixed = {n: p for n, p in params.items() if n not in self._fallback}
-        objective = _SummedLoss(self.model, self.loss)
+        rows: dict[str, list[Tensor]] = {p: [] for p in tensors}
+        for i in range(k):  # the definition: gᵢ = ∇ℓᵢ from a batch of one
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self._total(self.model, index_batch(first, slice(i, i + 1))),
+                                            [params[p] for p in tensors], allow_unused=True)
+            for p, g in zip(tensors, grads):
+                rows[p].append(torch.zeros_like(params[p]).flatten() if g is None else g.flatten())
+        ref = {p: (lambda g: (g @ g.T).double())(torch.stack(v)) for p, v in rows.items()}
+        floor = max(float(r.norm()) for r in ref.values())
+        passed = {name: h for name, h in reached.items()
+                  if all(_close(fast[p], ref[p], floor) for p in h.names.values())}
+        tied = [h for h in passed.values() if h.tied]  # both users of a tied tensor, or neither
+        return {name: h for name, h in passed.items()
+                if all(sum(store is o.tied.get(a) for o in tied) == 2 for a, store in h.tied.items())}
 
-        def loss_one(free: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
-            state = {f"model.{n}": t for n, t in {**fixed, **free, **buffers}.items()}
-            return functional_call(objective, state, (tree_map(lambda t: t[None], example),))
+    # -- layer identities -------------------------------------------------------------------------------------------
+    def _layer_grams(self, data: Any, n: int, gram: dict[str, Tensor], grad_sum: dict[str, Tensor]) -> None:
+        self._run(data, n)
+        for h in (self._layers or {}).values():
+            h.finish(gram, grad_sum, self.want_grad_sum)
 
-        per_example = vmap(grad(loss_one), in_dims=(None, 0))
-        free = {n: params[n] for n in self._fallback}
-        n_ex = batch_len(batch)
+    def _run(self, data: Any, n: int, *, observe: Callable[[str, Any, Any], None] | None = None
+             ) -> dict[str, Tensor]:
+        """Forward/backward in chunks, handing each hooked layer its input and output gradient.  With ``observe``
+        (the plan, one chunk), return the Gram matrices of the layers reached."""
+        layers = self._layers or {}
+        seen: dict[str, tuple[Tensor, Any, Tensor]] = {}
+        rows = 0
 
-        def block_rows(i0: int, i1: int) -> dict[str, torch.Tensor]:
-            """Per-example gradients Γ[i0:i1] of every fallback tensor, (i1 − i0, numel) each."""
-            rows = {n: torch.empty((i1 - i0, params[n].numel()), dtype=self.dtype, device=self.device)
-                    for n in self._fallback}
-            for start in range(i0, i1, self.chunk_size):
-                stop = min(start + self.chunk_size, i1)
-                g = per_example(free, index_batch(batch, slice(start, stop)))
-                for n in self._fallback:
-                    rows[n][start - i0:stop - i0] = g[n].reshape(stop - start, -1)
-            return rows
+        def hook(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, name: str) -> Any:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if observe is not None:
+                observe(name, x, out)
+            if not (isinstance(x, Tensor) and isinstance(out, Tensor) and out.requires_grad) or name in seen:
+                return None
+            if layers[name].broadcast:  # ids shared by the batch: give each example its own copy, so δ is its own
+                out = out.unsqueeze(0) if x.dim() == 1 else out
+                out = out.expand(rows, *out.shape[1:])
+            seen[name] = (x.detach(), get_gradient_edge(out), out)
+            return out
 
-        # Γ of all N examples must fit max_fallback_bytes; otherwise K is built from row blocks, two at a time
-        # (block J's gradients are recomputed for every earlier block I: more passes, bounded memory)
-        row_bytes = sum(params[n].numel() for n in self._fallback) * torch.finfo(self.dtype).bits // 8
-        block = n_ex if n_ex * row_bytes <= self.max_fallback_bytes else max(1, self.max_fallback_bytes // (2 * row_bytes))
-        k = {n: torch.empty((n_ex, n_ex), dtype=self.dtype, device=self.device) for n in self._fallback}
-        total = {n: torch.zeros(params[n].numel(), dtype=self.dtype, device=self.device) for n in self._fallback}
-        starts = list(range(0, n_ex, block))
-        for b, i0 in enumerate(starts):
-            i1 = min(i0 + block, n_ex)
-            gi = block_rows(i0, i1)
-            for n in self._fallback:
-                k[n][i0:i1, i0:i1] = sym_gram(gi[n])
-                total[n] += gi[n].sum(0)
-            for j0 in starts[b + 1:]:
-                j1 = min(j0 + block, n_ex)
-                gj = block_rows(j0, j1)
-                for n in self._fallback:
-                    torch.mm(gj[n], gi[n].T, out=k[n][j0:j1, i0:i1])
-                    k[n][i0:i1, j0:j1] = k[n][j0:j1, i0:i1].T
-        for n in self._fallback:
-            gram[n] = k[n].double()
-            grad_sum[n] = total[n].reshape(params[n].shape)
+        handles = [h.module.register_forward_hook(
+            lambda mod, args, kwargs, out, name=name: hook(args, kwargs, out, name), with_kwargs=True)
+            for name, h in layers.items()]
+        for h in layers.values():
+            h.begin(n, self.max_fallback_bytes)
+        gram: dict[str, Tensor] = {}
+        try:
+            for start in range(0, n, self.chunk_size):
+                chunk = index_batch(data, slice(start, start + self.chunk_size))
+                rows = batch_len(chunk)
+                seen.clear()
+                with torch.enable_grad():
+                    total = self._total(self.model, chunk)
+                    names = list(seen)
+                    grads = torch.autograd.grad(total, [seen[m][1] for m in names], allow_unused=True)
+                if observe is None and len(names) != len(layers):
+                    missing = sorted(set(layers) - set(names))
+                    raise RuntimeError(f"layers {missing} were not reached on examples {start}.. although they were "
+                                       "on the first examples; build the engine for this batch's model path")
+                for m, g in zip(names, grads):
+                    x, _, out = seen[m]
+                    layers[m].collect(x, torch.zeros_like(out) if g is None else g)
+                seen.clear()
+                if observe is not None:
+                    for m in names:
+                        layers[m].finish(gram, {}, False)
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+        return gram
+
+
+def _close(fast: Tensor, ref: Tensor, floor: float) -> bool:
+    """Agreement of two Gram matrices up to rounding (relative to their size and to the largest Gram checked)."""
+    tol = 1e-9 if fast.dtype == torch.float64 else 1e-4
+    return fast.shape == ref.shape and float((fast - ref).norm()) <= tol * (float(ref.norm() + fast.norm()) + floor)
+
+
+def _legacy_total(loss_fn: LossFn) -> Callable[[nn.Module, Any], Tensor]:
+    def total(model: nn.Module, batch: Any) -> Tensor:
+        x, y = inputs_targets(batch)
+        return loss_fn(model(x), y)
+
+    return total

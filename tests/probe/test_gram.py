@@ -45,16 +45,29 @@ def test_linear_identity_matches_per_example_autograd(digits):
     assert _check(net, x, y, chunk_size=16) == ()  # every tensor via (aᵢ·aⱼ)(δᵢ·δⱼ), weights and biases
 
 
-def test_fallback_for_batch_norm_and_convolutions_matches_per_example_autograd(digits):
+def test_batch_norm_and_convolutions_match_per_example_autograd(digits):
+    """Issue 12 gave eval-mode batch norm and convolutions their own identities (they used the fallback)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
         mlp = build_model("mlp", (1, 8, 8), 10, widths=[8], batch_norm=True)
         cnn = build_model("cnn", (1, 8, 8), 10, channels=[3], hidden=8)
     mlp.layers[1].running_mean.uniform_(-0.5, 0.5)  # eval-mode batch norm uses running statistics
     x, y = digits.train.x[:24], digits.train.y[:24]
-    assert set(_check(mlp, x, y, chunk_size=10)) == {"layers.1.weight", "layers.1.bias"}
-    fb = _check(cnn, x, y, chunk_size=7)
-    assert any("weight" in n for n in fb) and not any("classifier" in n for n in fb)
+    assert _check(mlp, x, y, chunk_size=10) == ()
+    assert _check(cnn, x, y, chunk_size=7) == ()
+
+
+def fallback_net() -> nn.Module:
+    """Transposed convolution and PReLU: layers without an identity, so every one of their tensors falls back."""
+    return nn.Sequential(nn.ConvTranspose2d(1, 2, 3, stride=2), nn.PReLU(2), nn.Flatten(), nn.Linear(2 * 17 * 17, 10))
+
+
+def test_fallback_for_layers_without_an_identity_matches_per_example_autograd(digits):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = fallback_net()
+    x, y = digits.train.x[:24], digits.train.y[:24]
+    assert _check(net, x, y, chunk_size=7) == ("0.weight", "0.bias", "1.weight")
 
 
 def test_linear_called_twice_falls_back():
@@ -125,10 +138,11 @@ def test_sym_gram_equals_the_full_product(n, d):
 def test_fallback_in_row_blocks_under_a_memory_budget_matches_per_example_autograd(digits, budget_rows):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
-        cnn = build_model("cnn", (1, 8, 8), 10, channels=[3], hidden=8)
+        cnn = fallback_net()
     names = [n for n, _ in cnn.named_parameters()]
     x, y = digits.train.x[:24], digits.train.y[:24]
     full = GramEngine(cnn, names, dtype=torch.float64, chunk_size=7)(x, y)
+    assert len(full.fallback) == 3
     row_bytes = 8 * sum(p.numel() for n, p in cnn.named_parameters() if n in full.fallback)
     blocked = GramEngine(cnn, names, dtype=torch.float64, chunk_size=7, max_fallback_bytes=budget_rows * row_bytes)
     res = blocked(x, y)

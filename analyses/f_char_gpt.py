@@ -195,8 +195,19 @@ for label, (lo_m, hi_m) in hill.items():
 #
 # λ_max of the training-loss Hessian on the fixed sample (Lanczos), its trace (Hutchinson, ± standard error) and
 # Keskar's ε-sharpness; λ_max·η/2 is the edge-of-stability ratio (1 is the edge for full-batch GD at step η).
+# The figure draws λ_max (left) and the trace with ± 1 standard error bars (right) against the training epoch of
+# the checkpoint; the dashed line on the left is 2/η, the edge of stability of full-batch GD at the run's step η.
 
 # %%
+epochs = np.array([c["epoch"] for c in ssum["checkpoints"]], dtype=float)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+axes[0].plot(epochs, sharp.lambda_max.values, "o-")
+axes[0].axhline(2 / ssum["checkpoints"][0]["train_lr"], ls="--", color="grey", lw=1, label="2/η")
+axes[0].set(xlabel="epoch of the checkpoint", ylabel="λ_max of the training-loss Hessian")
+axes[0].legend(fontsize=7)
+axes[1].errorbar(epochs, sharp.hessian_trace.values, yerr=sharp.hessian_trace_stderr.values, fmt="o-", capsize=3)
+axes[1].set(xlabel="epoch of the checkpoint", ylabel="Hessian trace (Hutchinson)")
+fig.tight_layout()
 for c in ssum["checkpoints"]:
     i = [str(x) for x in sharp.checkpoint.values].index(c["checkpoint"])
     eps = ", ".join(f"ε = {float(e):g}: {float(sharp.eps_sharpness.isel(checkpoint=i).sel(space='full', eps=e)):.3g}"

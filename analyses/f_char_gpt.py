@@ -68,6 +68,10 @@ def interval(e):
     return tuple(np.nan if e[k] is None else float(e[k]) for k in ("value", "low", "high"))
 
 
+def num(x):
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3g}"
+
+
 def direction(name, e_lo, e_hi, l_lo, l_hi):
     """'grew' / 'fell' when the two intervals do not overlap, else 'did not change measurably'."""
     if l_lo > e_hi:
@@ -182,7 +186,7 @@ for label in labels:
     ms = sorted(t, key=int)
     hill[label] = (interval(t[ms[0]]["hill"]), interval(t[ms[-1]]["hill"]))
     print(f"{label}: Hill tail index {fmt(t[ms[0]]['hill'])} at m = {ms[0]}, {fmt(t[ms[-1]]['hill'])} at "
-          f"m = {ms[-1]} (KS distance of the tail fit {t[ms[0]]['hill_ks']:.3g}, {t[ms[-1]]['hill_ks']:.3g})")
+          f"m = {ms[-1]} (KS distance of the tail fit {num(t[ms[0]]['hill_ks'])}, {num(t[ms[-1]]['hill_ks'])})")
 for label, (lo_m, hi_m) in hill.items():
     have_ci = all(np.isfinite(x) for x in (*lo_m, *hi_m))
     verdict = (direction("the Hill index", *lo_m[1:], *hi_m[1:]).replace("grew", "grew (lighter tails)")
@@ -224,3 +228,20 @@ tr_change = ("grew" if tr[-1] - tr[0] > 2 * np.hypot(tr_se[0], tr_se[-1]) else
              "fell" if tr[0] - tr[-1] > 2 * np.hypot(tr_se[0], tr_se[-1]) else "did not change beyond 2 standard errors")
 print(f"Finding: from the first to the last checkpoint λ_max went {lam[0]:.3g} → {lam[-1]:.3g} (×{lam[-1] / lam[0]:.2g})"
       f" and the Hessian trace {tr_change} ({tr[0]:.3g} → {tr[-1]:.3g}).")
+
+# %% [markdown]
+# ## Reading the findings
+#
+# The lines starting with "Finding" above are this run's findings; each is chosen by the numbers of the stores it
+# reads (a change is called a change only when the two intervals do not overlap), so they hold for whatever stores
+# `GRADLAB_STUDIES` points at. Two things hold by construction and are asserted: the store's ‖G‖² and tr Σ are the
+# means of the per-trial unbiased estimates, and B_noise is their ratio. Three things to keep in mind:
+#
+# - One example is a window of 64 characters whose loss is the mean over its 64 next-character predictions, so gᵢ
+#   already averages 64 correlated token gradients: B_noise here counts windows, not tokens, and is not comparable
+#   to a token-level noise scale without a model of the correlation between tokens of one window.
+# - With mean reduction the frozen ‖S‖ is c_m‖Σᵢgᵢ‖ over the same N examples, so its exponent is −1 by
+#   construction; the √m law is read on ‖s_B‖, the summed gradient of one minibatch.
+# - λ_max, the trace and ε-sharpness are of the loss on the fixed sample of windows recorded in the sharpness store,
+#   not of the whole training set; λ_max·η/2 compares them with the edge of stability of full-batch GD at the run's
+#   step, which SGD at batch size 64 need not respect.

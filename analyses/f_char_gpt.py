@@ -216,18 +216,20 @@ for c in ssum["checkpoints"]:
     i = [str(x) for x in sharp.checkpoint.values].index(c["checkpoint"])
     eps = ", ".join(f"ε = {float(e):g}: {float(sharp.eps_sharpness.isel(checkpoint=i).sel(space='full', eps=e)):.3g}"
                     for e in sharp.eps.values)
+    at = sharp.isel(checkpoint=i)
     print(f"epoch {c['epoch']:g}: λ_max = {c['lambda_max']:.4g} (Lanczos converged: "
-          f"{bool(sharp.lanczos_converged.isel(checkpoint=i))}), trace = {float(sharp.hessian_trace.isel(checkpoint=i)):.4g}"
-          f" ± {float(sharp.hessian_trace_stderr.isel(checkpoint=i)):.2g}, ε-sharpness {eps}, "
-          f"λ_max·η/2 = {c['eos_ratio']:.3g}, train loss {float(sharp.train_loss.isel(checkpoint=i)):.4g}, "
+          f"{bool(at.lanczos_converged)}), trace = {float(at.hessian_trace):.4g}"
+          f" ± {float(at.hessian_trace_stderr):.2g}, ε-sharpness {eps}, "
+          f"λ_max·η/2 = {c['eos_ratio']:.3g}, train loss {float(at.train_loss):.4g}, "
           f"generalisation gap {c['generalization_gap']:.3g}")
 tr = sharp.hessian_trace.values
 tr_se = sharp.hessian_trace_stderr.values
 lam = sharp.lambda_max.values
-tr_change = ("grew" if tr[-1] - tr[0] > 2 * np.hypot(tr_se[0], tr_se[-1]) else
-             "fell" if tr[0] - tr[-1] > 2 * np.hypot(tr_se[0], tr_se[-1]) else "did not change beyond 2 standard errors")
-print(f"Finding: from the first to the last checkpoint λ_max went {lam[0]:.3g} → {lam[-1]:.3g} (×{lam[-1] / lam[0]:.2g})"
-      f" and the Hessian trace {tr_change} ({tr[0]:.3g} → {tr[-1]:.3g}).")
+two_se = 2 * np.hypot(tr_se[0], tr_se[-1])
+tr_change = ("grew" if tr[-1] - tr[0] > two_se else "fell" if tr[0] - tr[-1] > two_se else
+             "did not change beyond 2 standard errors")
+print(f"Finding: from the first to the last checkpoint λ_max went {lam[0]:.3g} → {lam[-1]:.3g} "
+      f"(×{lam[-1] / lam[0]:.2g}) and the Hessian trace {tr_change} ({tr[0]:.3g} → {tr[-1]:.3g}).")
 
 # %% [markdown]
 # ## Reading the findings

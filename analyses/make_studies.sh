@@ -30,4 +30,15 @@ gradlab sharpness "${CK[@]}" --data digits --samples 1024 --top-k 3 --hutchinson
   --minibatch-sizes 16,64,256 --minibatch-trials 4 --dtype float32 --no-progress \
   --interpolate "$S/weights_grid/runs/bs16_lr0.05_seed0_sgd/epoch030.pt" "$S/weights_grid/runs/bs256_lr0.05_seed0_sgd/epoch030.pt" \
   --out "$S/keskar/sharpness.zarr" $(resume_if "$S/keskar/sharpness.zarr")
+# f: the zoo gpt (2 layers, 4 heads, width 64) on the embedded shakespeare-char corpus (loss lm), 4 epochs of SGD at
+# batch size 64 (about a minute per epoch on one free CPU thread); frozen probe and sharpness at epochs 1 and 4
+gradlab train --model gpt --data shakespeare-char --batch-sizes 64 --lr 0.5 --epochs 4 --checkpoint-epochs 1,4 \
+  --out "$S/char_gpt" --no-progress $(resume_if "$S/char_gpt")
+R="$S/char_gpt/runs/bs64_lr0.5_seed0_sgd"
+gradlab probe --checkpoint "early=$R/epoch001.pt" --checkpoint "late=$R/epoch004.pt" --data shakespeare-char \
+  --batch-sizes 1,2,4,8,16,32,64,128,256 --budget 256 --trials 64 --protocol frozen --keep histograms --no-progress \
+  --out "$S/char_gpt/frozen.zarr" $(resume_if "$S/char_gpt/frozen.zarr")
+gradlab sharpness --checkpoint "$R/epoch001.pt" --checkpoint "$R/epoch004.pt" --data shakespeare-char --samples 256 \
+  --top-k 3 --hutchinson-probes 30 --eps 1e-3 --no-progress \
+  --out "$S/char_gpt/sharpness.zarr" $(resume_if "$S/char_gpt/sharpness.zarr")
 echo "studies written to $S; open the notebooks in analyses/ (jupytext py:percent)"

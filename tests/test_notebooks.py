@@ -1,7 +1,8 @@
 """Every study notebook in analyses/ is executed on small stores the tests make; a failing cell fails the suite.
 
 The stores are real: `gradlab train`, `gradlab probe` and `gradlab sharpness` runs on the embedded digits with a
-narrow MLP and few epochs/trials.  Notebooks find them through GRADLAB_STUDIES (see analyses/README.md).
+narrow MLP and few epochs/trials, and (for f_char_gpt) on the first 512 windows of the embedded shakespeare-char
+corpus with a one-layer, width-16 `gpt`.  Notebooks find them through GRADLAB_STUDIES (see analyses/README.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from gradlab.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "analyses").glob("[a-z]_*.py"))
 TINY = ["--model", "mlp", "--data", "digits", "--no-progress"]
+# a data factory for the tiny gpt stores: the first 512 training (64 test) windows of shakespeare-char, so one epoch
+# of the tiny model takes about a second; written beside the stores and imported as `tinytext:data`
+TINY_TEXT = """
+from gradlab.datasets import DataBundle, Split
+from gradlab.datasets.text import load_shakespeare_char
+
+
+def data():
+    full = load_shakespeare_char()
+    return DataBundle(name="shakespeare-char[:512]", train=Split(full.train.x[:512], full.train.y[:512]),
+                      test=Split(full.test.x[:64], full.test.y[:64]), n_classes=full.n_classes,
+                      provenance=full.provenance, loss=full.loss)
+"""
 
 
 def _train(out: Path, *args: str) -> None:
@@ -57,12 +71,32 @@ def studies(tmp_path_factory) -> Path:
                  "--top-k", "2", "--hutchinson-probes", "8", "--eps", "1e-3", "--minibatch-sizes", "16,64",
                  "--minibatch-trials", "2", "--interpolate", ckpts[0], ckpts[-1], "--alpha-points", "7",
                  "--out", str(s / "keskar" / "sharpness.zarr")]) == 0
+    _char_gpt(s)
     return s
+
+
+def _char_gpt(s: Path) -> None:
+    """f_char_gpt's stores: a tiny gpt trained 3 epochs on 512 windows, frozen probe and sharpness at epochs 1 and 3."""
+    (s / "tinytext.py").write_text(TINY_TEXT)
+    data = ["--data", "tinytext:data", "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(s))
+        assert main(["train", "--model", "gpt", "--model-kwargs", '{"n_layer": 1, "n_head": 2, "n_embd": 16}', *data,
+                     "--batch-sizes", "16", "--lr", "0.5", "--epochs", "3", "--checkpoint-epochs", "1,3",
+                     "--out", str(s / "char_gpt")]) == 0
+        run = s / "char_gpt" / "runs" / "bs16_lr0.5_seed0_sgd"
+        assert main(["probe", *data, "--checkpoint", f"early={run / 'epoch001.pt'}", "--checkpoint",
+                     f"late={run / 'epoch003.pt'}", "--batch-sizes", "1,4,16,64", "--budget", "64", "--trials", "8",
+                     "--protocol", "frozen", "--keep", "histograms", "--out", str(s / "char_gpt" / "frozen.zarr")]) == 0
+        assert main(["sharpness", *data, "--checkpoint", str(run / "epoch001.pt"), "--checkpoint",
+                     str(run / "epoch003.pt"), "--samples", "32", "--top-k", "1", "--hutchinson-probes", "4",
+                     "--eps", "1e-3", "--lbfgs-iters", "2", "--out", str(s / "char_gpt" / "sharpness.zarr")]) == 0
 
 
 def test_every_study_has_a_notebook():
     assert [p.name for p in NOTEBOOKS] == ["a_gradient_competition.py", "b_where_the_weights_go.py",
-                                           "c_masters_luschi.py", "d_vgg13_remedies.py", "e_keskar_sharpness.py"]
+                                           "c_masters_luschi.py", "d_vgg13_remedies.py", "e_keskar_sharpness.py",
+                                           "f_char_gpt.py"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

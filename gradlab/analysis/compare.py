@@ -35,6 +35,13 @@ class Change:
     def describe(self) -> str:
         """One line such as ``b_noise grew ×3.1 [2.6, 3.7] (early → late)``."""
         e = self.change
+        null = 1.0 if self.kind == "ratio" else 0.0
+        if e.low is not None and e.high is not None and np.isfinite(e.low) and np.isfinite(e.high) \
+                and e.low <= null <= e.high:  # the interval holds "no change": no direction is claimed
+            body = f"×{e.format(2)}" if self.kind == "ratio" else f"{e.format(2)}"
+            return (f"{self.quantity}: no change distinguishable at {e.level:.0%} "
+                    f"({'ratio' if self.kind == 'ratio' else 'difference'} {body}, {self.early_label} → "
+                    f"{self.late_label})")
         if self.kind == "ratio":
             verb = "grew" if e.value > 1 else "shrank"
             body = f"×{e.format(2)}"

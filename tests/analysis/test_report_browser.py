@@ -75,6 +75,9 @@ def test_every_figure_has_a_caption_and_no_overlapping_text(reports, name):
 def test_table_and_changes_read_as_sentences():
     ch = Change("beta", "difference", "early", "late", 0.5, 0.4, Estimate(-0.096, -0.14, -0.05), True)
     assert ch.describe() == "beta fell by 0.096 [0.05, 0.14] (early → late)"
+    # an interval that holds "no change" claims no direction (not "b_noise grew ×1 [0.93, 1.1]")
+    flat = Change("b_noise", "ratio", "early", "late", 1.0, 1.0, Estimate(1.02, 0.93, 1.1), True)
+    assert flat.describe() == "b_noise: no change distinguishable at 95% (ratio ×1 [0.93, 1.1], early → late)"
     inf = {"value": "inf", "low": "inf", "high": "inf", "level": 0.95, "note": None}
     res = {"checkpoints": {"c": {"power_law": {"x": {"beta": {"value": 0.5, "low": 0.4, "high": 0.6}, "p_beta_half": 1,
                                                      "sqrt_law_max_batch_size": None, "crossover": inf}}}}}

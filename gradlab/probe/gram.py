@@ -250,7 +250,7 @@ class GramEngine:
         ref = {p: (lambda g: (g @ g.T).double())(torch.stack(v)) for p, v in rows.items()}
         floor = max(float(r.norm()) for r in ref.values())
         passed = {name: h for name, h in reached.items()
-                  if all(_close(fast[p], ref[p], floor) for p in h.names.values())}
+                  if all(_close(fast[p], ref[p], floor, self.dtype) for p in h.names.values())}
         tied = [h for h in passed.values() if h.tied]  # both users of a tied tensor, or neither
         return {name: h for name, h in passed.items()
                 if all(sum(store is o.tied.get(a) for o in tied) == 2 for a, store in h.tied.items())}
@@ -314,9 +314,10 @@ class GramEngine:
         return gram
 
 
-def _close(fast: Tensor, ref: Tensor, floor: float) -> bool:
-    """Agreement of two Gram matrices up to rounding (relative to their size and to the largest Gram checked)."""
-    tol = 1e-9 if fast.dtype == torch.float64 else 1e-4
+def _close(fast: Tensor, ref: Tensor, floor: float, dtype: torch.dtype) -> bool:
+    """Agreement of two Gram matrices up to the rounding of the compute ``dtype`` (relative to their size and to the
+    largest Gram checked).  Both are float64 tensors; their rounding is that of ``dtype``."""
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
     return fast.shape == ref.shape and float((fast - ref).norm()) <= tol * (float(ref.norm() + fast.norm()) + floor)
 
 

@@ -294,3 +294,14 @@ def test_integer_inputs_are_not_cast_and_the_callers_model_is_not_touched():
     res = GramEngine(net, ["wte.weight", "head.weight"], loss=lm)((ids, labels))
     assert res.gram["wte.weight"].dtype == torch.float64 and ids.dtype == torch.int64
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_float32_engine_keeps_the_fast_path_on_an_mlp(digits, tiny_mlp):
+    """Regression: the first-call self-check compared float32 Grams (stored as float64) at float64 tolerance, so
+    every float32 run of the frozen protocol fell back to per-example gradients (a digits probe: 0.2 -> 111 s per
+    trial)."""
+    from gradlab.probe.gram import GramEngine
+
+    names = [n for n, _ in tiny_mlp.named_parameters()]
+    res = GramEngine(tiny_mlp, names, dtype=torch.float32)(digits.train.x[:16], digits.train.y[:16])
+    assert res.fallback == ()

@@ -256,12 +256,6 @@ def checked_losses(loss: PerExampleLoss, model: nn.Module, batch: Batch, *, name
     return check_loss_output(out, batch_len(batch), name=name, need_grad=need_grad, model=model)
 
 
-def sum_loss(loss: PerExampleLoss) -> Callable[[nn.Module, Batch], Tensor]:
-    """Σᵢ ℓᵢ over a batch (its gradient row i w.r.t. an activation is example i's own, for independent examples)."""
-    return lambda model, batch: loss(model, batch).sum()
-
-
-
 def check_task(model: nn.Module, loss: PerExampleLoss, data: Any, *, name: str = "loss",
                dtype: torch.dtype | None = None, device: torch.device | str | None = None, n: int = 2) -> None:
     """Check a task before anything is written: the loss contract on the first ``n`` examples of ``data`` (a

@@ -29,8 +29,9 @@ from torch import nn
 
 from gradlab._callable import make_callable
 from gradlab.checkpoint import Recipe, save_checkpoint
-from gradlab.datasets import DataBundle, Split, load_data
+from gradlab.datasets import DataBundle, Split, load_data, sparse_labels
 from gradlab.errors import UsageError
+from gradlab.factory import is_factory_spec
 from gradlab.lr_rules import LRRule
 from gradlab.models import build_model
 from gradlab.schema import GROUPS
@@ -158,6 +159,9 @@ def expand_grid(cfg: TrainConfig) -> list[RunSpec]:
 def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     """Refuse an empty or invalid grid (and an unknown model) before anything is written; returns the model of
     seed 0, built once here so callers can read its layout."""
+    problem = None if is_factory_spec(cfg.model) else sparse_labels(data)
+    if problem:
+        raise UsageError(problem)
     model = init_model(cfg, data, 0)
     check_task(model, resolve_loss(cfg.loss or data.loss), data.train, name=loss_name(cfg.loss or data.loss))
     n = len(data.train)
@@ -242,7 +246,8 @@ def recipe_for(cfg: TrainConfig, data: DataBundle) -> Recipe:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, chunk: int = 2048, loss: PerExampleLoss = cross_entropy) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, chunk: int = 2048,
+             loss: PerExampleLoss = cross_entropy) -> tuple[float, float]:
     """Mean per-example loss and accuracy (classification with logits (B, C) only, else NaN) of ``model`` (in eval
     mode) on ``split``; restores the training flag."""
     was_training = model.training
@@ -446,8 +451,10 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
                 "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
                 "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
             },
-            variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1}, config=config,
-            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss_name(cfg.loss or data.loss),
+            variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1},
+            config=config,
+            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling,
+                   "loss": loss_name(cfg.loss or data.loss),
                    "task": task_record(data=cfg.data, loss=loss_name(cfg.loss or data.loss), model=cfg.model,
                                        collate=cfg.collate),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},

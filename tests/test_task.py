@@ -286,14 +286,19 @@ def test_resolve_loss_accepts_names_specs_and_callables(user):
 
 def test_sparse_labels_do_not_silently_make_a_hundred_class_model(tmp_path, monkeypatch, capsys):
     # issue 16 item 10: labels 0 and 99 from a user factory used to build a 100-class zoo model without a word
-    (tmp_path / "sparse.py").write_text("import torch\ndef data():\n"
-                                        "    return torch.randn(20, 5), torch.tensor([0, 99] * 10)\n")
+    (tmp_path / "gl_sparse_labels.py").write_text("import torch\ndef data():\n"
+                                        "    return torch.randn(20, 5), torch.tensor([0, 99] * 10)\n"
+                                        "def model():\n    return torch.nn.Linear(5, 100)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    rc = main(["train", "--model", "mlp", "--data", "sparse:data", "--epochs", "1", "--batch-sizes", "4",
+    rc = main(["train", "--model", "mlp", "--data", "gl_sparse_labels:data", "--epochs", "1", "--batch-sizes",
+               "4",
                "--no-progress", "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert rc == 2 and "2 distinct values ranging up to 99" in err and "0..1" in err, err
     assert not (tmp_path / "t").exists()
+    # a user's own model with 100 outputs is taken as it is: only zoo models are sized from the labels
+    assert main(["train", "--model", "gl_sparse_labels:model", "--data", "gl_sparse_labels:data", "--epochs", "1",
+                 "--batch-sizes", "4", "--no-progress", "--out", str(tmp_path / "own")]) == 0
 
 
 def test_train_records_the_noise_monitor_on_request(user, tmp_path):

@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gradlab.errors import EnvironmentProblem, UsageError, UserCodeError
+from gradlab.errors import EnvironmentProblem, UsageError
 
 # An explicit registry: subcommand -> (module, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -87,27 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradlab: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130
-    except UserCodeError as exc:
+    except (UsageError, EnvironmentProblem, OSError) as exc:  # UserCodeError is a UsageError
         if args.debug:
             raise
-        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)  # the line names the user's frames
-        return 2
-    except UsageError as exc:
-        if args.debug:
-            raise
-        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except EnvironmentProblem as exc:
-        if args.debug:
-            raise
-        print(f"gradlab: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        if args.debug:
-            raise
-        print(f"gradlab: error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
-        return 1
-
+        problem = describe_os_error(exc) if isinstance(exc, OSError) else exc
+        print(f"gradlab: error: {_one_line(problem)}", file=sys.stderr)  # a user's error names the user's frames
+        return 2 if isinstance(exc, UsageError) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -152,7 +152,7 @@ def top_eigenvalues(
             break
         theta, u = _deflated_top(counted, vecs, n, check_steps, rng)
         n_check += counted.count - c2
-        missed = bool(theta > vals[0] + residuals[0] + 1e-12 * abs(vals[0]))
+        missed = _missed_top(theta, vals, residuals)
         if not missed or attempt == 1:
             break
         log.warning("Lanczos missed an eigenvalue above %.6g (a deflated check run found %.6g): restarting from "
@@ -188,6 +188,12 @@ def _residuals(counted: _Counted, vals: np.ndarray, vecs: np.ndarray) -> np.ndar
         if np.isfinite(vals[j]):
             residuals[j] = float(np.linalg.norm(counted(vecs[:, j]) - vals[j] * vecs[:, j]))
     return residuals
+
+
+def _missed_top(theta: float, vals: np.ndarray, residuals: np.ndarray) -> bool:
+    """Whether the deflated check's Ritz value θ lies above the reported λ₁ by more than λ₁'s residual bound: an
+    eigenvalue above the reported top one exists (Ritz values are lower bounds of the spectrum's top)."""
+    return bool(theta > vals[0] + residuals[0] + 1e-12 * abs(vals[0]))
 
 
 def _deflated_top(counted: _Counted, vecs: np.ndarray, n: int, steps: int,
@@ -257,7 +263,7 @@ def lanczos_full_reorth(
             break
         theta, u = _deflated_top(counted, vecs, n, check_steps, rng)
         n_check += counted.count - c1
-        missed = bool(theta > vals[0] + residuals[0] + 1e-12 * abs(vals[0]))
+        missed = _missed_top(theta, vals, residuals)
         if not missed or attempt == 1:
             break
         log.warning("Lanczos missed an eigenvalue above %.6g (a deflated check run found %.6g): restarting",

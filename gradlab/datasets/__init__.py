@@ -143,11 +143,22 @@ def n_classes_of(split: Split, test: Split | None, spec: str) -> int:
     if int(y.min()) < 0:
         return 0
     k = int(y.max()) + 1
-    present = int(torch.unique(y).numel())
-    if present < k and present <= k // 2:
-        raise UsageError(f"data factory {spec!r} returned labels with {present} distinct values ranging up to "
-                         f"{k - 1}, which would make a {k}-class model; number the classes 0..{present - 1}")
     return k
+
+
+def sparse_labels(data: DataBundle) -> str | None:
+    """Why building a zoo model of ``data.n_classes`` outputs would be wrong (labels taking at most half of
+    0..K-1, e.g. 0 and 99 making a 100-class model), or None.  Only zoo models are sized from the labels; a user's
+    own model is taken as it is."""
+    if not data.n_classes:
+        return None
+    ys = [data.train.y] + ([data.test.y] if data.test is not None else [])
+    present = int(torch.unique(torch.cat(ys)).numel())
+    k = data.n_classes
+    if present < k and present <= k // 2:
+        return (f"data {data.name!r} has labels with {present} distinct values ranging up to {k - 1}, which would "
+                f"make a {k}-class model; number the classes 0..{present - 1}")
+    return None
 
 
 def _from_factory(spec: str, collate: Callable[[list[Any]], Any] | None = None) -> DataBundle:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probe"))
+from probe_cases import make_run  # noqa: E402
 
 # a tiny but real training grid: two runs of a small MLP on the embedded digits, 2 epochs
 TRAIN_ARGS = ["train", "--model-kwargs", '{"widths": [16]}', "--batch-sizes", "256,512", "--epochs", "2",
@@ -13,23 +15,8 @@ TRAIN_ARGS = ["train", "--model-kwargs", '{"widths": [16]}', "--batch-sizes", "2
 
 
 def tiny_run(folder: Path, *, widths: list[int] | None = None, seed: int = 0) -> dict[str, Path]:
-    """``init.pt`` (tag init), ``early.pt`` and ``late.pt`` of a small MLP (perturbed weights), via save_checkpoint."""
-    from gradlab.checkpoint import Recipe, save_checkpoint
-    from gradlab.models import build_model
-
-    widths = list(widths or [16, 12])
-    g = torch.Generator().manual_seed(seed)
-    recipe = Recipe("mlp", {"widths": widths}, (1, 8, 8), 10)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_model("mlp", (1, 8, 8), 10, widths=widths)
-    out = {"init": save_checkpoint(folder / "init.pt", net, recipe, {"tag": "init", "epoch": 0})}
-    with torch.no_grad():
-        for epoch, name in ((2, "early"), (30, "late")):
-            for p in net.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            out[name] = save_checkpoint(folder / f"{name}.pt", net, recipe, {"tag": name, "epoch": epoch})
-    return out
+    """``init.pt`` (tag init), ``early.pt`` and ``late.pt`` of a small MLP: the probe tests' :func:`make_run`."""
+    return make_run(folder, widths=widths, seed=seed)
 
 
 def probe_argv(paths: dict[str, Path], out: Path, *extra: str, protocol: str = "frozen") -> list[str]:

@@ -1,0 +1,39 @@
+"""Same command, same store: the stores of every kind that the CLI writes today equal the ones the code wrote before
+the runner redesign (issue 11, outcome 6): data bitwise, attrs equal apart from provenance.
+
+The fixtures in ``tests/golden/stores/`` were written by ``python -m tests.golden.write_fixtures`` at the commit
+that added them (before any orchestration moved); see ``tests/golden/snapshot.py`` for what is compared.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.golden.make_golden import STORES, write_all
+from tests.golden.snapshot import load_snapshot, snapshot
+from tests.golden.write_fixtures import EXTRA, FIXTURES, fixture_name
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("golden")
+    write_all(folder)
+    return folder
+
+
+@pytest.mark.parametrize("store", [*STORES, *EXTRA])
+def test_store_equals_the_one_written_before_the_redesign(written, store):
+    arrays, attrs = snapshot(written / store, written)
+    want_arrays, want_attrs = load_snapshot(FIXTURES / fixture_name(store))
+    assert sorted(arrays) == sorted(want_arrays)
+    for name, want in want_arrays.items():
+        got = arrays[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert np.array_equal(got, want, equal_nan=got.dtype.kind in "fc"), f"{store}: {name} differs"
+    got_attrs = json.loads(json.dumps(attrs, sort_keys=True, default=str))
+    assert sorted(got_attrs) == sorted(want_attrs)
+    for key, want in want_attrs.items():
+        assert got_attrs[key] == want, f"{store}: attrs of {key!r} differ"

@@ -1,0 +1,256 @@
+"""Branches advanced in lock-step: T continuations of one checkpoint at one batch size m, as batched matmuls.
+
+A *branch* starts at θ (a checkpoint), takes K = N/m optimizer steps on the consecutive minibatches of its own
+example stream ``stream[t]`` (N examples), with its own learning rate ``lrs[t]``, and records the mean
+per-example loss on a fixed training subset and on the held-out split after the steps in ``eval_steps``::
+
+    θ_1 = θ,   g_k = ∇ (1/m) Σ_{i∈B_k} ℓᵢ(θ_k),   θ_{k+1} = update(θ_k, g_k; η_t),
+
+with ``update`` PyTorch's SGD (momentum μ, dampening 0, weight decay λ: b_k = μ b_{k−1} + g_k + λθ_k,
+θ_{k+1} = θ_k − η b_k, b_0 = 0) or Adam (β = (0.9, 0.999), ε = 1e-8, bias-corrected; weight decay added to g).
+Optimizer state starts at zero: checkpoints carry weights only, so a branch restarts the momentum buffers.
+
+Two engines compute the same numbers (``tests/cbs/test_engine.py`` compares them in float64):
+
+- ``chain``: a chain of ``nn.Linear``/``nn.ReLU`` (gradlab's MLP without batch norm) with the cross-entropy loss.
+  Per-branch weight copies (T, out, in), forward and a hand-written backward with ``baddbmm``/``bmm``, the
+  optimizer update on all T branches at once, evaluation as one batched product over the shared eval inputs.
+  The probe's step engine (:mod:`gradlab.probe.step`) does the same for trials; the idea, not the code, is reused
+  because branches need per-branch learning rates, optimizer state and loss curves.
+- ``loop``: any model and any per-example loss: branch after branch on a private copy with ``torch.optim``,
+  evaluated with :func:`gradlab.train.evaluate` in eval mode.  This is also the "each branch its own training run"
+  baseline of ``benchmarks/bench_cbs.py``.
+
+A branch *diverges* when an evaluated loss is non-finite or exceeds ``diverge_factor`` times the loss at θ;
+``diverged_step`` records the first such eval step (−1: never).  Its later losses are recorded as computed
+(non-finite values included); the estimators exclude it and say why.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradlab.errors import UsageError
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How branches step: the optimizer and its hyperparameters (learning rates are per branch)."""
+
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class BranchCurves:
+    """Loss curves of T branches: ``train_loss``/``test_loss`` (T, J) at the J eval steps, ``diverged_step`` (T,)."""
+
+    train_loss: np.ndarray
+    test_loss: np.ndarray
+    diverged_step: np.ndarray
+
+
+def eval_plan(eval_steps: Sequence[int], n_steps: int) -> list[int]:
+    steps = [int(s) for s in eval_steps]
+    if steps != sorted(steps) or (steps and (steps[0] < 0 or steps[-1] > n_steps)):
+        raise UsageError(f"eval steps must be sorted within 0..{n_steps}, got {steps}")
+    return steps
+
+
+def _diverged(train: np.ndarray, eval_steps: Sequence[int], factor: float) -> np.ndarray:
+    """First eval step whose training loss is non-finite or above ``factor`` × the loss at step 0 (−1: none)."""
+    ref = train[:, :1]
+    bad = ~np.isfinite(train) | (train > factor * np.abs(ref))
+    first = np.where(bad.any(1), bad.argmax(1), -1)
+    steps = np.asarray(eval_steps, dtype=np.int64)
+    return np.where(first >= 0, steps[np.maximum(first, 0)], -1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loop engine: every branch its own training run
+
+
+def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any, eval_test: Any,
+                  stream: np.ndarray, lrs: Sequence[float], batch_size: int, eval_steps: Sequence[int],
+                  recipe: Recipe, *, dtype: torch.dtype = torch.float32, diverge_factor: float = 10.0) -> BranchCurves:
+    """Each branch as its own training run (``torch.optim`` on a private copy of ``model``); see module docs."""
+    from gradlab.probe.step import minibatch_loss
+    from gradlab.task import index_batch, to_run
+    from gradlab.train import evaluate, Split
+
+    m = int(batch_size)
+    n_steps = stream.shape[1] // m
+    steps = eval_plan(eval_steps, n_steps)
+    train_split, test_split = Split(to_run(eval_train, dtype=dtype)), Split(to_run(eval_test, dtype=dtype))
+    pool = to_run(train_batch, dtype=dtype)
+    T = stream.shape[0]
+    tr, te = np.full((T, len(steps)), np.nan), np.full((T, len(steps)), np.nan)
+    for t in range(T):
+        net = copy.deepcopy(model).to(dtype=dtype)
+        params = list(net.parameters())
+        if recipe.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=float(lrs[t]), momentum=recipe.momentum,
+                                                         weight_decay=recipe.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=float(lrs[t]), betas=ADAM_BETAS, eps=ADAM_EPS,
+                                   weight_decay=recipe.weight_decay)
+        idx = torch.as_tensor(stream[t], dtype=torch.long)
+        j = 0
+        for k in range(n_steps + 1):
+            while j < len(steps) and steps[j] == k:
+                tr[t, j] = evaluate(net, train_split, loss=loss)[0]
+                te[t, j] = evaluate(net, test_split, loss=loss)[0]
+                j += 1
+            if k == n_steps or j == len(steps):
+                break
+            net.train()
+            opt.zero_grad(set_to_none=True)
+            value = minibatch_loss(net, index_batch(pool, idx[k * m:(k + 1) * m]), loss, "mean")
+            value.backward()
+            opt.step()
+    return BranchCurves(tr, te, _diverged(tr, steps, diverge_factor))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chain engine: T branches of a Linear/ReLU chain in lock-step
+
+
+class _Optim:
+    """SGD with momentum / Adam over per-branch tensors (T, ...) with per-branch learning rates, as torch.optim
+    computes them (same operation order, so float64 results agree to rounding)."""
+
+    def __init__(self, params: list[Tensor], lrs: Tensor, recipe: Recipe) -> None:
+        self.params, self.recipe, self.t = params, recipe, 0
+        self.lr = [lrs.view(-1, *([1] * (p.ndim - 1))) for p in params]
+        if recipe.optimizer == "adam":
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+        else:
+            self.buf: list[Tensor | None] = [None] * len(params)
+
+    def step(self, grads: list[Tensor]) -> None:
+        r = self.recipe
+        self.t += 1
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if r.weight_decay:
+                g = g.add(p, alpha=r.weight_decay)
+            if r.optimizer == "adam":
+                b1, b2 = ADAM_BETAS
+                self.m[i].lerp_(g, 1 - b1)
+                self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+                bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+                denom = (self.v[i].sqrt() / math.sqrt(bc2)).add_(ADAM_EPS)
+                p.sub_(self.lr[i] / bc1 * self.m[i] / denom)
+                continue
+            if r.momentum:
+                buf = self.buf[i]
+                if buf is None:
+                    buf = self.buf[i] = g.clone()
+                else:
+                    buf.mul_(r.momentum).add_(g)
+                g = buf
+            p.sub_(self.lr[i] * g)
+
+
+def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool) -> list[Tensor]:
+    """Activations of every op; x (T, n, d) per branch, or (n, d) shared by all branches (``shared``)."""
+    acts = [x]
+    for op in ops:
+        h = acts[-1]
+        if op is None:
+            h = torch.relu(h)
+        elif h.ndim == 2:  # the shared eval inputs: one (n, d) @ (T, d, out) product
+            h = torch.matmul(h, w[op.weight].transpose(1, 2))
+            if op.bias is not None:
+                h = h + w[op.bias]
+        elif op.bias is None:
+            h = torch.bmm(h, w[op.weight].transpose(1, 2))
+        else:
+            h = torch.baddbmm(w[op.bias], h, w[op.weight].transpose(1, 2))
+        acts.append(h)
+    return acts
+
+
+def _chain_eval(ops: list[Any], w: dict[str, Tensor], x: Tensor, y: Tensor, chunk: int = 4096) -> np.ndarray:
+    """Mean cross-entropy of every branch on (x, y), (T,) float64."""
+    total = None
+    for s in range(0, x.shape[0], chunk):
+        z = _chain_forward(ops, w, x[s:s + chunk], True)[-1]  # (T, n, C)
+        yy = y[s:s + chunk]
+        lp = torch.log_softmax(z, dim=-1)
+        part = -lp.gather(2, yy.view(1, -1, 1).expand(z.shape[0], -1, 1)).squeeze(2).sum(1)
+        total = part if total is None else total + part
+    assert total is not None
+    return (total / x.shape[0]).double().cpu().numpy()
+
+
+def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Tensor, Tensor],
+                   eval_test: tuple[Tensor, Tensor], stream: np.ndarray, lrs: Sequence[float], batch_size: int,
+                   eval_steps: Sequence[int], recipe: Recipe, *, dtype: torch.dtype = torch.float32,
+                   diverge_factor: float = 10.0) -> BranchCurves:
+    """All branches in lock-step (see module docs); ``model`` must be a Linear/ReLU chain (:func:`chain_ops`)."""
+    from gradlab.probe.step import chain_ops
+
+    ops = chain_ops(model)
+    if ops is None:
+        raise UsageError(f"the chain engine needs a chain of nn.Linear/nn.ReLU, not {type(model).__name__}; "
+                         "use engine='loop'")
+    m, T = int(batch_size), stream.shape[0]
+    n_steps = stream.shape[1] // m
+    steps = eval_plan(eval_steps, n_steps)
+    flat = lambda t: t.reshape(t.shape[0], -1).to(dtype)  # noqa: E731
+    x, ex, tx = flat(x), flat(eval_train[0]), flat(eval_test[0])
+    ey, ty = eval_train[1].long(), eval_test[1].long()
+    theta = dict(model.named_parameters())
+    w = {n: (p.detach().to(dtype).unsqueeze(0) if p.ndim == 2 else p.detach().to(dtype).view(1, 1, -1))
+         .repeat(T, 1, 1) for n, p in theta.items()}
+    names = list(w)
+    opt = _Optim([w[n] for n in names], torch.as_tensor(np.asarray(lrs, dtype=np.float64)).to(dtype), recipe)
+    n_classes = w[next(op for op in reversed(ops) if op is not None).weight].shape[1]
+    idx = torch.as_tensor(stream, dtype=torch.long)
+    tr, te = np.full((T, len(steps)), np.nan), np.full((T, len(steps)), np.nan)
+    j = 0
+    with torch.no_grad():
+        for k in range(n_steps + 1):
+            while j < len(steps) and steps[j] == k:
+                tr[:, j], te[:, j] = _chain_eval(ops, w, ex, ey), _chain_eval(ops, w, tx, ty)
+                j += 1
+            if k == n_steps or j == len(steps):
+                break
+            rows = idx[:, k * m:(k + 1) * m]
+            acts = _chain_forward(ops, w, x[rows.reshape(-1)].view(T, m, -1), False)
+            g = torch.softmax(acts[-1], dim=-1).sub_(F.one_hot(y[rows], n_classes).to(dtype)).mul_(1.0 / m)
+            grads: dict[str, Tensor] = {}
+            for i in range(len(ops) - 1, -1, -1):
+                op = ops[i]
+                if op is None:
+                    g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
+                    continue
+                grads[op.weight] = torch.bmm(g.transpose(1, 2), acts[i])
+                if op.bias is not None:
+                    grads[op.bias] = g.sum(1, keepdim=True)
+                if i:
+                    g = torch.bmm(g, w[op.weight])
+            opt.step([grads[n] for n in names])
+    return BranchCurves(tr, te, _diverged(tr, steps, diverge_factor))
+
+
+def supports_chain(model: nn.Module, loss_name: str, x: Any) -> bool:
+    """Whether :func:`chain_branches` applies: a Linear/ReLU chain, the cross-entropy loss, tensor inputs."""
+    from gradlab.probe.step import _is_flat_chain, chain_ops
+
+    return (loss_name == "cross-entropy" and isinstance(x, Tensor) and chain_ops(model) is not None
+            and (x.ndim == 2 or _is_flat_chain(model)))

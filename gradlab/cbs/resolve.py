@@ -1,0 +1,182 @@
+"""Resolve and validate a ``gradlab cbs`` config into a :class:`~gradlab.cbs.job.CbsJob`; nothing is written.
+
+Every check runs here, before the runner creates a store: unknown names, batch sizes larger than the training
+set, a budget smaller than the largest batch size or not divisible by every batch size, learning rates,
+momentum, the checkpoints (load, finite weights, one architecture, a recipe naming the optimizer and rate, or
+the flags that override it), data with a held-out split, dropout (branches must be reproducible).  Each problem
+is one :class:`~gradlab.errors.UsageError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradlab.cbs.job import ENGINES, LR_SCALINGS, OPTIMIZERS, BranchPoint, CbsJob, tokens_per_example
+from gradlab.errors import UsageError
+
+DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+
+
+def _finite(name: str, v: float, *, low: float | None = None, strict: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UsageError(f"{name} must be a finite number, got {v!r}")
+    if low is not None and (v <= low if strict else v < low):
+        raise UsageError(f"{name} must be {'>' if strict else '>='} {low:g}, got {v!r}")
+    return float(v)
+
+
+def _int(name: str, v: Any, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {v!r}")
+    return int(v)
+
+
+def resolve_cbs(
+    checkpoints: Sequence[str],
+    *,
+    data: str,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    budget: int = 4096,
+    lr_scaling: str = "constant",
+    lr_factors: Sequence[float] = (1.0,),
+    seeds: int = 4,
+    seed: int = 0,
+    lr: float | None = None,
+    base_batch_size: int | None = None,
+    optimizer: str | None = None,
+    momentum: float | None = None,
+    weight_decay: float = 0.0,
+    n_evals: int = 32,
+    eval_examples: int = 1024,
+    dtype: str = "float32",
+    engine: str = "auto",
+    diverge_factor: float = 10.0,
+    model: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    loss: str | None = None,
+    collate: str | None = None,
+) -> CbsJob:
+    """Check every input and return the job; see the module docs.  ``lr``/``base_batch_size``/``optimizer``/
+    ``momentum`` override the checkpoints' recipes (None: from each checkpoint's meta)."""
+    import torch
+
+    from gradlab.checkpoint import build_model_from, checkpoint_sha256, load_checkpoint, require_finite
+    from gradlab.datasets import load_data
+    from gradlab.probe.run import parse_checkpoint_arg
+    from gradlab.task import check_task, loss_name, resolve_loss
+
+    if lr_scaling not in LR_SCALINGS:
+        raise UsageError(f"unknown --lr-scaling {lr_scaling!r}; choose one of {list(LR_SCALINGS)}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown --optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    if dtype not in ("float32", "float64"):
+        raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if not checkpoints:
+        raise UsageError("no checkpoint given; pass --checkpoint PATH (repeatable, or LABEL=PATH)")
+    sizes = [int(m) if not isinstance(m, bool) else 0 for m in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if len(set(sizes)) != len(sizes):
+        raise UsageError(f"batch sizes repeat: {sizes}; give each once")
+    sizes.sort()
+    budget = _int("--budget", budget, 1)
+    if budget < sizes[-1]:
+        raise UsageError(f"--budget {budget} is smaller than the largest batch size {sizes[-1]}: every branch takes "
+                         f"budget/m steps; raise --budget to at least {sizes[-1]} or drop the larger batch sizes")
+    bad = [m for m in sizes if budget % m]
+    if bad:
+        raise UsageError(f"batch sizes {bad} do not divide --budget {budget}: every branch sees exactly the budget "
+                         "in examples; pick divisors of the budget (e.g. powers of two)")
+    seeds = _int("--seeds", seeds, 1)
+    seed = _int("--seed", seed, 0)
+    factors = [_finite("--lr-factors", f, low=0.0, strict=True) for f in lr_factors]
+    if not factors or len(set(factors)) != len(factors):
+        raise UsageError(f"--lr-factors must be distinct positive numbers, got {list(lr_factors)}")
+    n_evals = _int("--evals", n_evals, 1)
+    eval_examples = _int("--eval-examples", eval_examples, 1)
+    weight_decay = _finite("--weight-decay", weight_decay, low=0.0)
+    diverge_factor = _finite("--diverge-factor", diverge_factor, low=1.0, strict=True)
+    if lr is not None:
+        lr = _finite("--lr", lr, low=0.0, strict=True)
+    if base_batch_size is not None:
+        base_batch_size = _int("--base-batch-size", base_batch_size, 1)
+    if momentum is not None:
+        momentum = _finite("--momentum", momentum, low=0.0)
+        if momentum >= 1:
+            raise UsageError(f"--momentum must be below 1, got {momentum}")
+
+    if loss is not None:
+        resolve_loss(loss)
+    bundle = load_data(data, collate=collate)
+    loss = loss_name(loss or bundle.loss)
+    loss_fn = resolve_loss(loss)
+    n = len(bundle.train)
+    big = [m for m in sizes if m > n]
+    if big:
+        raise UsageError(f"batch sizes {big} are larger than the {n} training examples of {data!r}; use batch "
+                         f"sizes <= {n}")
+    if bundle.test is None or len(bundle.test) == 0:
+        raise UsageError(f"{data!r} has no held-out split; cbs records held-out losses: give data with a test split "
+                         "(a factory returning {'train': ..., 'test': ...})")
+
+    points: list[BranchPoint] = []
+    layout = None
+    labels: set[str] = set()
+    for arg in checkpoints:
+        label, path = parse_checkpoint_arg(arg)
+        if label in labels:
+            raise UsageError(f"checkpoint label {label!r} is used twice; name them with LABEL=PATH")
+        labels.add(label)
+        ckpt = load_checkpoint(path)
+        require_finite(ckpt.state_dict, str(path))
+        net = build_model_from(ckpt, model=model, model_kwargs=model_kwargs, input_shape=bundle.input_shape,
+                               n_classes=bundle.n_classes)
+        this = [(k, tuple(p.shape)) for k, p in net.named_parameters()]
+        if layout is None:
+            layout = this
+            for mod in net.modules():
+                if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
+                    raise UsageError(f"the model has active dropout ({type(mod).__name__}, p={mod.p}); branches must "
+                                     "be reproducible: build it with dropout 0")
+            check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
+        elif this != layout:
+            raise UsageError(f"{path} has parameters {this}, unlike the first checkpoint's; branch checkpoints of "
+                             "one architecture per store")
+        meta = ckpt.meta or {}
+        opt = optimizer or meta.get("optimizer")
+        if opt not in OPTIMIZERS:
+            raise UsageError(f"{path} records no optimizer (meta {sorted(meta)}); pass --optimizer sgd|adam")
+        mom = momentum if momentum is not None else float(meta.get("momentum") or 0.0)
+        eta = lr if lr is not None else meta.get("lr_applied")
+        if not isinstance(eta, (int, float)) or not eta > 0:
+            raise UsageError(f"{path} records no learning rate (lr_applied); pass --lr (the rate at --base-batch-size)")
+        if lr is None and meta.get("reduction") == "sum":  # η̃ of a sum-reduced run: η = η̃·m for mean reduction
+            eta = float(eta) * float(meta.get("batch_size") or 1)
+        m_c = base_batch_size or meta.get("batch_size")
+        if not isinstance(m_c, int) or m_c < 1:
+            raise UsageError(f"{path} records no training batch size; pass --base-batch-size")
+        epoch = meta.get("epoch")
+        points.append(BranchPoint(label, str(Path(path).resolve()), checkpoint_sha256(path),
+                                  float(epoch) if isinstance(epoch, (int, float)) else math.nan, str(opt), float(mom),
+                                  float(eta), int(m_c)))
+    if engine == "chain":
+        from gradlab.cbs.engine import supports_chain
+
+        x = bundle.train.batch[0] if isinstance(bundle.train.batch, (tuple, list)) else bundle.train.batch
+        if not supports_chain(net, loss, x):
+            raise UsageError("engine 'chain' needs a chain of nn.Linear/nn.ReLU (gradlab's MLP without batch norm) "
+                             "with the cross-entropy loss; use engine 'auto'")
+    return CbsJob(
+        checkpoints=tuple(points), data=data, model=model,
+        model_kwargs_json=json.dumps(dict(model_kwargs) if model_kwargs is not None else None, sort_keys=True),
+        loss=loss, collate=collate, batch_sizes=tuple(sizes), budget=budget, lr_scaling=lr_scaling,
+        lr_factors=tuple(factors), seeds=seeds, seed=seed, weight_decay=weight_decay, n_evals=n_evals,
+        eval_examples=eval_examples, dtype=dtype, engine=engine, diverge_factor=diverge_factor,
+        input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), pool_size=n,
+        tokens_per_example=tokens_per_example(bundle, loss))

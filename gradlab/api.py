@@ -259,3 +259,22 @@ def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = Tru
     from gradlab.analysis.run import analyze_store
 
     return analyze_store(store, out_dir=out, figures=figures, **options)
+
+
+def cbs_job(checkpoints: Sequence[str] | str, *, data: str, **options: Any) -> Any:
+    """The validated :class:`gradlab.cbs.job.CbsJob` of ``gradlab cbs`` (``options``: the keyword arguments of
+    :func:`gradlab.cbs.resolve.resolve_cbs`); checkpoints are paths or ``LABEL=PATH``, data a name or factory."""
+    from gradlab.cbs.resolve import resolve_cbs
+
+    return resolve_cbs([checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else [str(c) for c in checkpoints],
+                       data=str(data), **options)
+
+
+def cbs(checkpoints: Sequence[str] | str, *, data: str, out: PathLike, resume: bool = False,
+        workers: int | None = None, scheduler: str | None = None, progress: bool = False, **options: Any) -> Any:
+    """``gradlab cbs`` from Python: branches from checkpoints at every batch size; returns the store (xarray)."""
+    from gradlab.cbs import run_cbs
+
+    summary = run_cbs(cbs_job(checkpoints, data=data, **options), out, resume=resume, workers=workers,
+                      scheduler=scheduler, progress=progress)
+    return _open(summary.path)

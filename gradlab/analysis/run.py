@@ -57,6 +57,7 @@ def analyze_store(
     figures: bool = True,
     level: float = 0.95,
     write_store: bool = True,
+    cbs_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Analyse a probe (or sharpness) store and return the JSON-safe summary (also written to ``summary.json``).
 
@@ -79,6 +80,12 @@ def analyze_store(
         from gradlab.analysis.monitor import analyze_monitor
 
         result = analyze_monitor(path, out, figures=figures)
+        _write_summary(out, result)
+        return result
+    if kind == "cbs":  # critical batch size (gradlab.analysis.cbs); cbs_options: epsilon, target_loss, noise_store...
+        from gradlab.analysis.cbs import analyze_cbs
+
+        result = analyze_cbs(path, out, n_boot=n_boot, seed=seed, figures=figures, **(cbs_options or {}))
         _write_summary(out, result)
         return result
     if kind == "sharpness":

@@ -53,6 +53,7 @@ class BranchPoint:
     momentum: float
     base_lr: float  # η_c: the rate applied at the checkpoint (mean reduction)
     base_batch_size: int  # m_c
+    step: int = -1  # the training step of the checkpoint (meta "step"; -1 unknown): matches monitor stores
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class CbsJob(Job):
             "checkpoint": ("checkpoint", [c.label for c in self.checkpoints], {"long_name": "checkpoint"}),
             "checkpoint_epoch": ("checkpoint", [c.epoch for c in self.checkpoints],
                                  {"long_name": "epoch of the checkpoint", "units": "epoch"}),
+            "checkpoint_step": ("checkpoint", [c.step for c in self.checkpoints],
+                                {"long_name": "training step of the checkpoint (-1: unknown)", "units": "steps"}),
             "batch_size": ("batch_size", list(self.batch_sizes), {"long_name": "batch size", "units": "examples"}),
             "lr_factor": ("lr_factor", list(self.lr_factors),
                           {"long_name": "learning-rate factor f (η = f · rule(η_c, m))", "units": "1"}),
@@ -137,6 +140,7 @@ class CbsJob(Job):
                     f"{self.diverge_factor:g}× the checkpoint's (-1: never)", "steps", fill=-2),
         ]
         attrs = {"dataset": self.data, "loss": self.loss, "budget": self.budget, "lr_scaling": self.lr_scaling,
+                 "diverge_factor": self.diverge_factor,
                  "tokens_per_example": self.tokens_per_example, "n_train": self.pool_size,
                  "seed_derivation": "example stream of seed s: permutations from SeedSequence([seed, s])"}
         return Template(sizes={"checkpoint": C, "batch_size": M, "lr_factor": F, "seed": R, "eval": J},

@@ -164,7 +164,8 @@ def resolve_cbs(
         epoch = meta.get("epoch")
         points.append(BranchPoint(label, str(Path(path).resolve()), checkpoint_sha256(path),
                                   float(epoch) if isinstance(epoch, (int, float)) else math.nan, str(opt), float(mom),
-                                  float(eta), int(m_c)))
+                                  float(eta), int(m_c),
+                                  int(meta["step"]) if isinstance(meta.get("step"), int) else -1))
     if engine == "chain":
         from gradlab.cbs.engine import supports_chain
 

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("gradlab.cli.probe", "summed-gradient norms for every batch size into a resumable zarr store"),
     "analyze": ("gradlab.cli.analyze", "statistics, law fits with intervals, and figures from stores"),
     "sharpness": ("gradlab.cli.sharpness", "Hessian eigenvalues, trace and epsilon-sharpness of checkpoints"),
+    "cbs": ("gradlab.cli.cbs", "critical batch size: branch from checkpoints at every batch size of a grid"),
     "demo": ("gradlab.cli.demo", "the whole study on the embedded digits: train, probe, sharpness, analyze"),
 }
 

@@ -23,6 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for every interval (default 999; 0: no intervals)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the bootstrap (default 0)")
     parser.add_argument("--no-figures", action="store_true", help="skip figures and the HTML report")
+    cbs = parser.add_argument_group("cbs stores (critical batch size)")
+    cbs.add_argument("--noise-store", metavar="STORE", help="frozen probe or monitor store at the same checkpoints: "
+                     "reports B_crit / B_noise")
+    cbs.add_argument("--epsilon", type=float, default=0.05, help="relative loss tolerance of the branching "
+                     "estimator (default 0.05)")
+    cbs.add_argument("--target-loss", type=float, help="target loss of the steps-examples fit (default: halfway "
+                     "from the checkpoint's loss to the smallest batch size's after the budget)")
+    cbs.add_argument("--cbs-loss", choices=("test_loss", "train_loss"), default="test_loss",
+                     help="the loss both estimators read (default test_loss, held-out)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from gradlab.analysis.table import fit_rows, format_table
 
     result = analyze_store(args.store, out_dir=args.out, ref_batch_size=args.ref_batch_size, n_boot=args.n_boot,
-                           seed=args.seed, figures=not args.no_figures)
+                           seed=args.seed, figures=not args.no_figures,
+                           cbs_options={"epsilon": args.epsilon, "target_loss": args.target_loss,
+                                        "noise_store": args.noise_store, "loss": args.cbs_loss})
     for note in result.get("notes", []):
         print(f"gradlab analyze: note: {note}", file=sys.stderr)
     if args.json:
@@ -43,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
               f"{'with' if result['replacement'] else 'without'} replacement, "
               f"trials " + ", ".join(f"{k}={v['n_trials']}" for k, v in result["checkpoints"].items()))
         print(format_table(fit_rows(result)))
+    elif result.get("gradlab_store") == "cbs":
+        from gradlab.analysis.cbs import summary_lines
+
+        print("\n".join(summary_lines(result)))
     elif result.get("gradlab_store") == "monitor":
         from gradlab.analysis.output import jsonable
 

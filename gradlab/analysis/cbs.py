@@ -1,0 +1,258 @@
+"""Analysis of a cbs store (numpy/xarray only): both critical-batch-size estimators per checkpoint, and
+B_crit / B_noise against a probe or monitor store at the same checkpoints.
+
+Per checkpoint (``gradlab.cbs.estimators``; docs/science.md "Critical batch size"):
+
+- the learning-rate factor is chosen per batch size from the store's grid: the lowest mean held-out loss after the
+  budget for the branching estimator, the fewest steps to the target for the trade-off fit.  The choice is made on
+  the same seeds the intervals resample (a small optimistic bias with a handful of factors; said in the notes);
+- branching (Merrill et al. 2025): B_crit from the losses after the budget, tolerance ε;
+- steps–examples trade-off (McCandlish et al. 2018): S(m), E(m) to the target loss L* (default: the checkpoint's
+  loss minus ``target_fraction`` of the improvement the smallest batch size achieves within the budget) and the
+  fit of S = S_min + E_min/m, B_crit = E_min/S_min;
+- diverged branches (``diverged_step`` ≥ 0) are left out with the reason; units not done are missing.
+
+B_noise: from a probe store (``trace_cov``/``grad_sq_norm`` with standard errors; interval of the ratio by the
+delta method in log space, covariance ignored) or a monitor store (its smoothed B_noise and interval at the
+checkpoint's training step).  The ratio B_crit/B_noise gets an interval by adding the log half-widths of the two
+independent intervals in quadrature (each side separately: the intervals are asymmetric).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.analysis.interval import Estimate
+from gradlab.cbs import estimators as est
+from gradlab.errors import UsageError
+
+DEFAULT_EPSILON = 0.05
+DEFAULT_TARGET_FRACTION = 0.5
+
+
+def _curves(ds: Any, loss: str) -> tuple[np.ndarray, list[str]]:
+    """``loss`` (C, M, F, R, J) with diverged branches and units not done as NaN, and the notes saying so."""
+    L = np.asarray(ds[loss].values, dtype=np.float64).copy()
+    div = np.asarray(ds["diverged_step"].values)
+    done = np.asarray(ds["done"].values, dtype=bool)
+    notes = []
+    labels, bs, fac = (list(ds[k].values) for k in ("checkpoint", "batch_size", "lr_factor"))
+    for c, i in zip(*np.nonzero(~done)):
+        notes.append(f"{labels[c]}: batch size {bs[i]} not computed yet (resume the store): missing")
+    L[~done] = np.nan
+    for c, i, f in sorted({(c, i, f) for c, i, f, _ in zip(*np.nonzero(div >= 0))}):
+        n = int((div[c, i, f] >= 0).sum())
+        notes.append(f"{labels[c]}: batch size {bs[i]}, lr factor {fac[f]:g}: {n} diverged branch(es) excluded "
+                     f"(loss non-finite or above {ds.attrs.get('diverge_factor', 'the limit')}× the checkpoint's)")
+    L[div >= 0] = np.nan
+    return L, notes
+
+
+def _pick(values: np.ndarray) -> np.ndarray:
+    """Index of the smallest finite value along the last axis (0 where none is finite)."""
+    v = np.where(np.isfinite(values), values, np.inf)
+    return v.argmin(-1)
+
+
+def analyze_checkpoint(ds: Any, c: int, L: np.ndarray, *, epsilon: float, target_loss: float | None,
+                       target_fraction: float, n_boot: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Both estimators at checkpoint ``c`` from curves ``L`` (C, M, F, R, J)."""
+    bs = np.asarray(ds["batch_size"].values, dtype=np.float64)
+    steps = np.asarray(ds["steps"].values)
+    fac = np.asarray(ds["lr_factor"].values, dtype=np.float64)
+    Lc = L[c]  # (M, F, R, J)
+    M = bs.size
+    notes: list[str] = []
+    with np.errstate(invalid="ignore"), est._quiet():
+        final_mean = np.nanmean(Lc[..., -1], axis=-1)  # (M, F)
+    f_branch = _pick(final_mean)
+    final = Lc[np.arange(M), f_branch, :, -1]  # (M, R)
+    branching = est.branching_estimate(final, bs, epsilon, n_boot=n_boot, rng=rng)
+    with np.errstate(invalid="ignore"), est._quiet():
+        start = float(np.nanmean(Lc[..., 0]))
+    if target_loss is None:
+        best_small = float(np.nanmin(final_mean[0])) if np.isfinite(final_mean[0]).any() else math.nan
+        target = start - target_fraction * (start - best_small)
+        if not (best_small < start):
+            notes.append("the smallest batch size does not improve on the checkpoint's loss within the budget: "
+                         "no default target (give --target-loss)")
+    else:
+        target = float(target_loss)
+    if math.isfinite(target):
+        with np.errstate(invalid="ignore"), est._quiet():
+            S_all = est.steps_to_target(steps[:, None, :], np.nanmean(Lc, axis=2), target)  # (M, F)
+        f_trade = _pick(S_all)
+        curves = Lc[np.arange(M), f_trade]  # (M, R, J)
+        tradeoff = est.tradeoff_estimate(steps, curves, bs, target, n_boot=n_boot, rng=rng)
+    else:
+        f_trade = f_branch
+        tradeoff = None
+    if fac.size > 1:
+        notes.append("learning-rate factor chosen per batch size on the same seeds as the intervals (optimistic "
+                     "by a little with a few factors)")
+    return {"checkpoint": str(ds["checkpoint"].values[c]), "epoch": float(ds["checkpoint_epoch"].values[c]),
+            "step": int(ds["checkpoint_step"].values[c]) if "checkpoint_step" in ds.coords else -1,
+            "loss_at_checkpoint": start, "lr_factor_branching": [float(fac[i]) for i in f_branch],
+            "lr_factor_tradeoff": [float(fac[i]) for i in f_trade],
+            "branching": branching.to_dict(), "tradeoff": tradeoff.to_dict() if tradeoff else None,
+            "target_loss": target, "notes": notes}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B_noise at the same checkpoints
+
+
+def b_noise_from_probe(path: str | Path, level: float = 0.95) -> dict[str, tuple[Estimate, str]]:
+    """Per probe checkpoint: (B_noise with a delta-method interval, sha256), keyed by label."""
+    import json
+
+    from gradlab.store import open_store
+
+    ds = open_store(path, kind="probe")
+    if "b_noise" not in ds:
+        raise UsageError(f"{path} has no b_noise (a frozen probe store has it); probe with --protocol frozen")
+    cfg = json.loads(ds.attrs["config"])
+    shas = [c.get("sha256", "") for c in cfg.get("checkpoints", [])]
+    from scipy import stats
+
+    z = float(stats.norm.ppf((1 + level) / 2))
+    out = {}
+    for k, label in enumerate(ds["checkpoint"].values):
+        t, g = float(ds["trace_cov"].values[k]), float(ds["grad_sq_norm"].values[k])
+        st, sg = float(ds["trace_cov_se"].values[k]), float(ds["grad_sq_norm_se"].values[k])
+        if not (t > 0 and g > 0):
+            out[str(label)] = (Estimate(math.nan, note="‖G‖² or tr Σ not positive: no B_noise"), shas[k])
+            continue
+        half = z * math.hypot(st / t, sg / g)
+        b = t / g
+        out[str(label)] = (Estimate(b, b * math.exp(-half), b * math.exp(half), level,
+                                    "delta method in log space, covariance of tr Σ and ‖G‖² ignored"), shas[k])
+    return out
+
+
+def b_noise_from_monitor(path: str | Path, steps: dict[str, int]) -> dict[str, tuple[Estimate, str]]:
+    """The monitor's smoothed B_noise at each checkpoint's training step (``steps``: label -> step)."""
+    from gradlab.analysis.monitor import estimate_at
+    from gradlab.monitor.store import open_monitor
+
+    ds = open_monitor(path).load()
+    out = {}
+    for label, step in steps.items():
+        try:
+            out[label] = (estimate_at(ds, "b_noise", step), "")
+        except KeyError:
+            out[label] = (Estimate(math.nan, note=f"the monitor did not record step {step}"), "")
+    return out
+
+
+def ratio(num: Estimate, den: Estimate) -> Estimate:
+    """num/den with the log half-widths of two independent intervals added in quadrature, side by side."""
+    if not (num.value > 0 and den.value > 0 and math.isfinite(den.value)):
+        return Estimate(math.nan, note="B_crit or B_noise missing")
+    value = num.value / den.value
+    if not (num.has_interval and den.has_interval and num.low > 0 and den.low > 0):
+        return Estimate(value, note="no interval (B_crit or B_noise has none)")
+    lo = math.hypot(math.log(num.value / num.low), math.log(den.high / den.value))
+    hi = (math.inf if math.isinf(num.high) else
+          math.hypot(math.log(num.high / num.value), math.log(den.value / den.low)))
+    return Estimate(value, value * math.exp(-lo), value * math.exp(hi) if math.isfinite(hi) else math.inf,
+                    num.level, "independent intervals combined in log space")
+
+
+def _noise_section(ds: Any, per: list[dict[str, Any]], noise_store: str | Path) -> dict[str, Any]:
+    from gradlab.store import open_store
+
+    kind = open_store(noise_store).attrs.get("gradlab_store")
+    shas = [c["sha256"] for c in __import__("json").loads(ds.attrs["config"])["checkpoints"]]
+    if kind == "probe":
+        noise = b_noise_from_probe(noise_store)
+    elif kind == "monitor":
+        noise = b_noise_from_monitor(noise_store, {p["checkpoint"]: p["step"] for p in per})
+    else:
+        raise UsageError(f"{noise_store} is a gradlab {kind!r} store; give a frozen probe or a monitor store")
+    by_sha = {sha: (label, e) for label, (e, sha) in noise.items() if sha}
+    rows = {}
+    for p, sha in zip(per, shas):
+        label = p["checkpoint"]
+        hit = by_sha.get(sha) or ((label, noise[label][0]) if label in noise else None)
+        if hit is None:
+            rows[label] = {"note": f"no checkpoint {label!r} (or with its SHA-256) in {noise_store}"}
+            continue
+        b_noise = hit[1]
+        row: dict[str, Any] = {"matched": hit[0], "by": "sha256" if sha in by_sha else "label",
+                               "b_noise": b_noise.to_dict()}
+        for name in ("branching", "tradeoff"):
+            sec = p.get(name)
+            if sec:
+                row[f"{name}_over_b_noise"] = ratio(Estimate.from_dict(sec["b_crit"]), b_noise).to_dict()
+        rows[label] = row
+    return {"store": str(noise_store), "kind": kind, "per_checkpoint": rows}
+
+
+def early_vs_late(per: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """late/early of B_crit (estimator ``name``) between the first and last checkpoints."""
+    if len(per) < 2 or not per[0].get(name) or not per[-1].get(name):
+        return None
+    e, la = Estimate.from_dict(per[0][name]["b_crit"]), Estimate.from_dict(per[-1][name]["b_crit"])
+    r = ratio(la, e)
+    claim = ("grew" if r.has_interval and r.low > 1 else "shrank" if r.has_interval and r.high < 1 else
+             "no change distinguishable")
+    return {"early": per[0]["checkpoint"], "late": per[-1]["checkpoint"], "ratio": r.to_dict(), "claim": claim}
+
+
+def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON, target_loss: float | None = None,
+                target_fraction: float = DEFAULT_TARGET_FRACTION, loss: str = "test_loss", n_boot: int = 999,
+                seed: int = 0, noise_store: str | Path | None = None, figures: bool = True) -> dict[str, Any]:
+    """The summary of a cbs store (see the module docs); figures and report into ``out``."""
+    from gradlab.store import open_store
+
+    if not epsilon > 0:
+        raise UsageError(f"--epsilon must be > 0 (a relative tolerance, e.g. 0.05), got {epsilon}")
+    if not 0 < target_fraction < 1:
+        raise UsageError(f"--target-fraction must lie in (0, 1), got {target_fraction}")
+    if loss not in ("test_loss", "train_loss"):
+        raise UsageError(f"--cbs-loss must be test_loss or train_loss, got {loss!r}")
+    ds = open_store(path, kind="cbs").load()
+    if not np.asarray(ds["done"].values).any():
+        raise UsageError(f"{path} has no finished unit yet; run gradlab cbs (with --resume) first")
+    L, notes = _curves(ds, loss)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCB5]))
+    per = [analyze_checkpoint(ds, c, L, epsilon=epsilon, target_loss=target_loss, target_fraction=target_fraction,
+                              n_boot=n_boot, rng=rng) for c in range(ds.sizes["checkpoint"])]
+    result: dict[str, Any] = {
+        "store": str(path), "gradlab_store": "cbs", "loss": loss, "epsilon": epsilon, "budget": int(ds.attrs["budget"]),
+        "batch_sizes": [int(m) for m in ds["batch_size"].values], "seeds": int(ds.sizes["seed"]),
+        "checkpoints": {p["checkpoint"]: p for p in per}, "notes": notes,
+        "early_vs_late": {n: early_vs_late(per, n) for n in ("branching", "tradeoff")},
+    }
+    if noise_store is not None:
+        result["b_noise"] = _noise_section(ds, per, noise_store)
+    if figures:
+        from gradlab.figures.cbs import render
+
+        out.mkdir(parents=True, exist_ok=True)
+        result["figures"] = render(ds, L, result, out)
+    return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What ``gradlab analyze`` prints for a cbs store: B_crit of both estimators (and B_noise) per checkpoint."""
+    from gradlab.analysis.interval import format_estimate
+
+    noise = result.get("b_noise", {}).get("per_checkpoint", {})
+    lines = [f"{result['store']}: budget {result['budget']} examples, batch sizes {result['batch_sizes']}, "
+             f"{result['seeds']} seeds, loss {result['loss']}"]
+    for label, p in result["checkpoints"].items():
+        line = (f"  {label}: B_crit branching (ε = {result['epsilon']:g}) {format_estimate(p['branching']['b_crit'])}"
+                f"; steps-examples {format_estimate((p['tradeoff'] or {}).get('b_crit'))}")
+        if label in noise and "b_noise" in noise[label]:
+            n = noise[label]
+            line += (f"; B_noise {format_estimate(n['b_noise'])}; ratios "
+                     f"{format_estimate(n.get('branching_over_b_noise'))}, "
+                     f"{format_estimate(n.get('tradeoff_over_b_noise'))}")
+        lines.append(line)
+    return lines

@@ -1,0 +1,187 @@
+"""Figures of a cbs store: loss curves per batch size, the branching ratio, the steps–examples trade-off with its
+fit, and B_crit against B_noise per checkpoint.  Each plot function draws into an Axes; labels come from attrs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.analysis.interval import Estimate, format_estimate
+from gradlab.figures.labels import label_from_attrs
+
+CAPTIONS = {
+    "cbs_curves": "Held-out loss of the branches against examples seen, one line per batch size (mean over seeds, "
+                  "best learning-rate factor; shaded: the range over seeds), one panel per checkpoint. Branches "
+                  "that stay together up to the largest batch size mean large batches cost nothing per example; "
+                  "lines that fan out upward show where larger batches need more examples for the same loss. "
+                  "Dashed: the target loss of the steps–examples fit.",
+    "cbs_branching": "Branching estimate (Merrill et al. 2025): relative excess r(m) = L(m)/L(m₀) − 1 of the held-out "
+                     "loss after the budget over the smallest batch size's, against batch size (points: mean over "
+                     "seeds), with the tolerance ε (dashed). B_crit (vertical line, shaded: its bootstrap interval "
+                     "over seeds) is where r crosses ε, interpolated in log m; an interval reaching the right edge "
+                     "means the largest batch size was still within tolerance.",
+    "cbs_tradeoff": "Steps–examples trade-off (McCandlish et al. 2018): examples E(m) against optimizer steps S(m) "
+                    "to reach the target loss, one point per batch size (labels: m), with the fitted hyperbola "
+                    "(S/S_min − 1)(E/E_min − 1) = 1 (line) and its asymptotes S_min and E_min (dotted). Batch "
+                    "sizes far below B_crit = E_min/S_min sit on the horizontal asymptote (fewer steps at no cost "
+                    "in examples), far above it on the vertical one (more examples buy no fewer steps).",
+    "cbs_b_noise": "B_crit from both estimators and the noise scale B_noise = tr Σ/‖G‖² per checkpoint, with "
+                   "intervals (log scale). If the noise scale predicts the critical batch size the markers of each "
+                   "checkpoint line up; McCandlish et al. predict B_crit ≈ B_noise only under their assumptions "
+                   "(optimally tuned learning rate, Hessian ∝ identity).",
+}
+
+
+def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, target: float | None) -> Any:
+    import seaborn as sns
+
+    bs = ds["batch_size"].values
+    colors = sns.color_palette("viridis", len(bs))
+    seen = np.asarray(ds["examples_seen"].values)
+    for i, m in enumerate(bs):
+        y = L[c, i, f_index[i]]  # (R, J)
+        with np.errstate(invalid="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
+        ax.plot(seen[i], mean, color=colors[i], label=f"m = {m}")
+        ax.fill_between(seen[i], lo, hi, color=colors[i], alpha=0.15, linewidth=0)
+    if target is not None and math.isfinite(target):
+        ax.axhline(target, color="k", ls="--", lw=0.8)
+    ax.set_xlabel(label_from_attrs(ds["examples_seen"]))
+    ax.set_ylabel(label_from_attrs(ds["test_loss"], width=30))
+    ax.set_yscale("log")
+    ax.set_title(str(ds["checkpoint"].values[c]))
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def plot_branching(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> Any:
+    r = np.array([np.nan if v is None else v for v in sec["ratio"]], dtype=float)
+    ax.plot(bs, r, "o-", color="C0")
+    ax.axhline(sec["epsilon"], color="k", ls="--", lw=0.8, label=f"ε = {sec['epsilon']:g}")
+    b = Estimate.from_dict(sec["b_crit"])
+    if math.isfinite(b.value):
+        ax.axvline(b.value, color="C3", label=f"B_crit = {b.format()}")
+        if b.has_interval:
+            ax.axvspan(b.low, min(b.high, bs[-1] * 1.5), color="C3", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size [examples]")
+    ax.set_ylabel("relative excess loss r(m)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_tradeoff(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> Any:
+    S = np.array([np.nan if v is None else v for v in sec["steps"]], dtype=float)
+    E = np.array([np.nan if v is None else v for v in sec["examples"]], dtype=float)
+    ax.plot(S, E, "o", color="C0")
+    for m, s, e in zip(bs, S, E):
+        if math.isfinite(s):
+            ax.annotate(f"{m:g}", (s, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    smin, emin = Estimate.from_dict(sec["s_min"]).value, Estimate.from_dict(sec["e_min"]).value
+    if smin > 0 and emin > 0:
+        b = emin / smin
+        mm = np.geomspace(min(bs) / 4, max(bs) * 4, 200)
+        ax.plot(smin * (1 + b / mm), emin * (1 + mm / b), color="C3",
+                label=f"fit: B_crit = {format_estimate(sec['b_crit'])}")
+        ax.axvline(smin, color="C3", ls=":", lw=0.8)
+        ax.axhline(emin, color="C3", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("steps to target S [steps]")
+    ax.set_ylabel("examples to target E [examples]")
+    ax.set_title(f"{title}: target loss {sec['target']:.4g}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def plot_b_noise(result: dict[str, Any], ax: Any) -> Any:
+    labels = list(result["checkpoints"])
+    x = np.arange(len(labels))
+    rows = result.get("b_noise", {}).get("per_checkpoint", {})
+    series = [("branching", lambda p, lab: p["branching"]["b_crit"], "o"),
+              ("steps–examples fit", lambda p, lab: (p["tradeoff"] or {}).get("b_crit"), "s"),
+              ("B_noise", lambda p, lab: rows.get(lab, {}).get("b_noise"), "D")]
+    for k, (name, get, marker) in enumerate(series):
+        for i, lab in enumerate(labels):
+            d = get(result["checkpoints"][lab], lab)
+            if not d:
+                continue
+            e = Estimate.from_dict(d)
+            if not (e.value > 0 and math.isfinite(e.value)):
+                continue
+            yerr = None
+            if e.has_interval:
+                hi = e.high if math.isfinite(e.high) else e.value * 10
+                yerr = [[e.value - e.low], [hi - e.value]]
+            ax.errorbar(x[i] + 0.12 * (k - 1), e.value, yerr=yerr, fmt=marker, color=f"C{k}",
+                        label=name if i == 0 else None, capsize=3)
+    ax.set_xticks(x, labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("batch size [examples]")
+    ax.set_xlabel("checkpoint")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def _save(fig: Any, out: Path, stem: str) -> list[str]:
+    names = []
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"{stem}.{ext}", dpi=120, bbox_inches="tight")
+        names.append(f"{stem}.{ext}")
+    return names
+
+
+def render(ds: Any, L: np.ndarray, result: dict[str, Any], out: Path) -> list[str]:
+    """Every figure (PNG + SVG), ``captions.json`` and ``report.html``; returns the file names."""
+    from matplotlib.figure import Figure
+
+    from gradlab.figures.report import html_report
+
+    per = list(result["checkpoints"].values())
+    C, bs = len(per), np.asarray(ds["batch_size"].values, dtype=float)
+    fac = list(np.asarray(ds["lr_factor"].values, dtype=float))
+    files: list[str] = []
+    fig = Figure(figsize=(5.5 * C, 4.2), layout="constrained")
+    for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
+        plot_curves(ds, L, c, [fac.index(f) for f in per[c]["lr_factor_branching"]], ax, per[c]["target_loss"])
+    files += _save(fig, out, "cbs_curves")
+    fig = Figure(figsize=(5.5 * C, 4.2), layout="constrained")
+    for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
+        plot_branching(bs, per[c]["branching"], ax, per[c]["checkpoint"])
+    files += _save(fig, out, "cbs_branching")
+    if any(p["tradeoff"] for p in per):
+        fig = Figure(figsize=(5.5 * C, 4.2), layout="constrained")
+        for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
+            if per[c]["tradeoff"]:
+                plot_tradeoff(bs, per[c]["tradeoff"], ax, per[c]["checkpoint"])
+        files += _save(fig, out, "cbs_tradeoff")
+    fig = Figure(figsize=(max(4.5, 2.2 * C), 4.0), layout="constrained")
+    plot_b_noise(result, fig.subplots())
+    files += _save(fig, out, "cbs_b_noise")
+    captions = {s: CAPTIONS[s] for s in CAPTIONS if f"{s}.png" in files}
+    (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
+    rows = []
+    noise = result.get("b_noise", {}).get("per_checkpoint", {})
+    for p in per:
+        n = noise.get(p["checkpoint"], {})
+        rows.append([p["checkpoint"], format_estimate(p["branching"]["b_crit"]),
+                     format_estimate((p["tradeoff"] or {}).get("b_crit")), format_estimate(n.get("b_noise")),
+                     format_estimate(n.get("branching_over_b_noise")), format_estimate(n.get("tradeoff_over_b_noise"))])
+    notes = [*result["notes"], *(f"{p['checkpoint']}: {n}" for p in per for n in
+                                 [*p["notes"], *p["branching"]["notes"], *((p["tradeoff"] or {}).get("notes", []))])]
+    page = html_report("Critical batch size", ["checkpoint", "B_crit (branching)", "B_crit (steps–examples)",
+                                               "B_noise", "branching / B_noise", "steps–examples / B_noise"],
+                       rows, [(f"{s}.png", captions[s]) for s in captions], notes)
+    (out / "report.html").write_text(page)
+    return [*files, "captions.json", "report.html"]

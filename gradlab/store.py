@@ -89,6 +89,11 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), getattr(signal, os.environ.get("GRADLAB_CRASH_SIGNAL", "SIGKILL")))
 
 
+def store_exists_error(path: str | os.PathLike) -> StoreError:
+    """The one error for an ``--out`` that already exists when no ``--resume`` was given."""
+    return StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+
+
 def _outer_store(path: Path) -> Path | None:
     """The outermost zarr store strictly containing ``path`` (a group inside a store), or None."""
     outer = None
@@ -228,7 +233,7 @@ def create_store(
 
     path = Path(path)
     if path.exists():
-        raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+        raise store_exists_error(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def chunk_of(dims: Sequence[str]) -> tuple[int, ...]:
@@ -375,7 +380,7 @@ def writer_for(
         remove_stale_staging(path)
         if path.exists():
             if not resume:
-                raise StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+                raise store_exists_error(path)
             if not (path / "zarr.json").exists():
                 raise StoreError(f"{path} exists but is not a gradlab store; choose another --out")
         else:

@@ -52,7 +52,7 @@ def test_defect_1_train_resumes_after_a_kill_during_store_creation(tmp_path, cap
 
 
 def test_defect_2_failed_first_probe_leaves_no_store(tmp_path, monkeypatch, capsys):
-    import gradlab.probe.run as pr
+    import gradlab.probe.job as pr
 
     paths = tiny_run(tmp_path / "run")
     out = tmp_path / "p.zarr"
@@ -60,7 +60,7 @@ def test_defect_2_failed_first_probe_leaves_no_store(tmp_path, monkeypatch, caps
     def boom(*a, **k):
         raise RuntimeError("simulated failure before any unit finished")
 
-    monkeypatch.setattr(pr, "_compute_unit", boom)
+    monkeypatch.setattr(pr, "compute_trials", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         main(probe_argv(paths, out))
     assert not out.exists()
@@ -87,11 +87,11 @@ def test_defect_2_failed_first_train_leaves_no_store(tmp_path, monkeypatch, caps
 
 def test_defect_2_kept_when_a_unit_was_done(tmp_path, monkeypatch):
     """The removal is only for stores with nothing done: finished units are never thrown away."""
-    import gradlab.probe.run as pr
+    import gradlab.probe.job as pr
 
     paths = tiny_run(tmp_path / "run")
     out = tmp_path / "p.zarr"
-    real, calls = pr._compute_unit, []
+    real, calls = pr.compute_trials, []
 
     def second_fails(*a, **k):
         calls.append(1)
@@ -99,7 +99,7 @@ def test_defect_2_kept_when_a_unit_was_done(tmp_path, monkeypatch):
             raise RuntimeError("simulated")
         return real(*a, **k)
 
-    monkeypatch.setattr(pr, "_compute_unit", second_fails)
+    monkeypatch.setattr(pr, "compute_trials", second_fails)
     with pytest.raises(RuntimeError):
         main(probe_argv(paths, out))
     assert (out / "zarr.json").exists()

@@ -137,8 +137,8 @@ def test_any_probe_flags_give_exit_0_or_one_line_exit_2(probe_run):
         for flag, value in flags:
             argv += [flag, value]
         with tempfile.TemporaryDirectory() as tmp, \
-                mock.patch("gradlab.probe.run._run_units", lambda *a, **k: (0, [])), \
-                mock.patch("gradlab.probe.run.finalize", lambda *a, **k: None):
+                mock.patch("gradlab.runner.run.local_results", lambda *a, **k: iter(())), \
+                mock.patch("gradlab.probe.job.ProbeJob.finalize", lambda *a, **k: None):
             assert_clean(*run_cli([*argv, "--out", str(Path(tmp) / "p.zarr")]))
 
     check()

@@ -1,0 +1,39 @@
+"""The step protocol's unit (SCIENCE.md "The two probe protocols"): from θ (train mode), each trial takes N/m SGD
+steps per batch size m and sums the minibatch gradients it used (:func:`gradlab.probe.step.step_trials`, all the
+unit's trials in lock-step).  ``nonfinite_count`` is the step engine's count over all steps and parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradlab.probe.config import ProbeConfig
+from gradlab.probe.units import checkpoint_model, entry_outputs, norms_of
+
+
+def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray]) -> None:
+    """Fill ``out`` (the unit's arrays) for the trials whose draws are the rows of ``idx``, at checkpoint ``c``."""
+    import torch
+
+    from gradlab.probe.step import step_trials
+    from gradlab.task import resolve_loss
+
+    order = [n for n in config.layers if n in config.selected]
+    net = checkpoint_model(config, c)
+    for i, m in enumerate(config.batch_sizes):
+        r = step_trials(net, pool, None, torch.as_tensor(idx), int(m), config.lr,
+                        config.reduction, order,  # type: ignore[arg-type]
+                        dtype=getattr(torch, config.dtype), device=config.device,
+                        loss=resolve_loss(config.loss))
+        for j in range(len(idx)):
+            sums = {n: r.grad_sum[n][j] for n in order}
+            out["grad_norm"][i, j], out["grad_norm_layer"][i, j], out["grad_norm_group"][i, j] = \
+                norms_of(config, sums)
+            vec = np.concatenate([sums[n].reshape(-1) for n in order])
+            entry_outputs(config, vec, out, i, j)
+        out["displacement"][i] = r.displacement
+        out["step_grad_norm_mean"][i] = r.step_norm_mean
+        out["step_grad_norm_std"][i] = r.step_norm_std
+        out["step_grad_norm_max"][i] = r.step_norm_max
+        out["nonfinite_count"][i] = r.nonfinite

@@ -19,8 +19,6 @@ from typing import Any
 def run_cbs(job: Any, out: str | Path, *, resume: bool = False, workers: int | None = None,
             scheduler: str | None = None, progress: bool = True) -> Any:
     """Run (or resume) a cbs job into the store ``out`` with the shared runner; returns its RunSummary."""
-    try:
-        from gradlab.runner import run_job
-    except ImportError:  # pragma: no cover - the local stand-in until gradlab.runner lands
-        from gradlab.cbs._runner_standin import run_job
+    from gradlab.runner import run_job
+
     return run_job(job, out, resume=resume, workers=workers, scheduler=scheduler, progress=progress)

@@ -31,10 +31,7 @@ import numpy as np
 from gradlab.errors import UsageError
 from gradlab.store import VarSpec
 
-try:  # the shared runner (gradlab/runner); the local stand-in until it lands on main
-    from gradlab.runner import Job, Template, Unit, UnitContext
-except ImportError:  # pragma: no cover - removed once gradlab.runner exists
-    from gradlab.cbs._runner_standin import Job, Template, Unit, UnitContext
+from gradlab.runner import Job, Template, Unit, UnitContext
 
 LR_SCALINGS = ("constant", "linear", "sqrt")
 OPTIMIZERS = ("sgd", "adam")
@@ -148,8 +145,9 @@ class CbsJob(Job):
                         chunks={"checkpoint": 1, "batch_size": 1}, attrs=attrs)
 
     def units(self) -> list[Unit]:
-        return [Unit(region={"checkpoint": c, "batch_size": i}) for c in range(len(self.checkpoints))
-                for i in range(len(self.batch_sizes))]
+        work = len(self.lr_factors) * self.seeds
+        return [Unit(region={"checkpoint": c, "batch_size": i}, label=f"{bp.label}, batch size {m}", work=work)
+                for c, bp in enumerate(self.checkpoints) for i, m in enumerate(self.batch_sizes)]
 
     def prepare(self) -> dict[str, Any]:
         return _prepare(self)
@@ -177,15 +175,16 @@ class CbsJob(Job):
                                           state["eval_test_batch"], stream, lrs, m, self.eval_steps(m), recipe,
                                           **common)
         ctx.tick(F * R)
-        n_div = int((curves.diverged_step >= 0).sum())
-        if n_div:
-            ctx.say(f"cbs: {n_div} of {F * R} branches diverged at {bp.label}, batch size {m} (recorded)")
         shape = (F, R, self.n_evals + 1)
         return {"train_loss": curves.train_loss.reshape(shape), "test_loss": curves.test_loss.reshape(shape),
                 "lr": lrs.reshape(F, R)[:, 0], "diverged_step": curves.diverged_step.reshape(F, R)}
 
-    def finalize(self, writer: Any, state: Any) -> None:
-        return None
+    def on_result(self, unit: Unit, result: Any, ctx: UnitContext) -> dict[str, float]:
+        n_div = int((np.asarray(result["diverged_step"]) >= 0).sum())
+        if n_div:
+            ctx.say(f"{n_div} of {np.asarray(result['diverged_step']).size} branches diverged at {unit.label} "
+                    "(recorded; the analysis leaves them out)")
+        return {"diverged": n_div}
 
 
 def example_stream(seed: int, s: int, n: int, pool: int) -> np.ndarray:

@@ -76,5 +76,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_cbs(job, args.out, resume=args.resume, workers=args.workers, scheduler=args.scheduler,
                       progress=not args.no_progress)
     print(f"wrote {summary.path}: {summary.units_computed} of {summary.units_total} units "
-          f"({len(job.lr_factors) * job.seeds} branches each) computed in {summary.seconds:.1f} s")
+          f"({len(job.lr_factors) * job.seeds} branches each) computed in {summary.seconds:.1f} s"
+          + (f"; {int(summary.results['diverged'])} branches diverged (diverged_step)"
+             if summary.results.get("diverged") else ""))
     return 0

@@ -1,0 +1,153 @@
+"""`gradlab cbs` end to end: the store, kill/resume gives the identical store, bad input is one line and exit 2
+with nothing written, and `gradlab analyze` reports both estimators and B_crit / B_noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cbs_cases import assert_same_store, make_checkpoints
+from gradlab.cli import main
+
+GRID = ["--data", "digits", "--batch-sizes", "4,16,64", "--budget", "256", "--seeds", "5", "--evals", "8",
+        "--eval-examples", "256", "--lr-factors", "1,2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("ck"))
+
+
+def _args(ckpts, out, *extra):
+    return ["cbs", "--checkpoint", f"early={ckpts['early']}", "--checkpoint", f"late={ckpts['late']}", *GRID,
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def store(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "cbs.zarr"
+    assert main(_args(ckpts, out)) == 0
+    return out
+
+
+def test_store_layout_and_recipe_from_meta(store):
+    from gradlab.store import open_store
+
+    ds = open_store(store, kind="cbs")
+    assert ds.test_loss.dims == ("checkpoint", "batch_size", "lr_factor", "seed", "eval")
+    assert ds.test_loss.shape == (2, 3, 2, 5, 9) and bool(ds.done.all())
+    assert np.isfinite(ds.test_loss.values).all() and (ds.diverged_step.values == -1).all()
+    cfg = json.loads(ds.attrs["config"])
+    assert cfg["checkpoints"][0]["optimizer"] == "sgd" and cfg["checkpoints"][0]["base_lr"] == 0.05
+    np.testing.assert_allclose(ds.lr.values[0, :, 1], [0.1, 0.1, 0.1])  # constant rule, factor 2
+    assert ds.examples_seen.values[-1, -1] == 256 and ds.steps.values[0, -1] == 64
+    # every branch starts from its checkpoint: the loss at eval 0 is the same for all batch sizes, factors, seeds
+    first = ds.test_loss.values[..., 0]
+    assert np.ptp(first[0]) < 1e-6 and np.ptp(first[1]) < 1e-6
+    assert ds.test_loss.attrs["long_name"] and ds.test_loss.attrs["units"] == "nats"
+    assert "provenance" in ds.attrs and "torch_threads" in ds.attrs and "input_sha256" in ds.attrs
+
+
+def test_interrupted_store_resumes_to_the_identical_store(ckpts, store, tmp_path, monkeypatch):
+    from gradlab.cbs.job import CbsJob
+
+    calls = {"n": 0}
+    real = CbsJob.compute
+
+    def flaky(self, state, unit, ctx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, state, unit, ctx)
+
+    out = tmp_path / "cbs.zarr"
+    monkeypatch.setattr(CbsJob, "compute", flaky)
+    assert main(_args(ckpts, out)) == 130
+    monkeypatch.setattr(CbsJob, "compute", real)
+    from gradlab.store import open_store
+
+    assert int(open_store(out, kind="cbs").done.values.sum()) == 2
+    assert main(_args(ckpts, out, "--resume")) == 0
+    assert_same_store(out, store)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-sizes", "4,2048", "--budget", "4096"], "larger than the 1438 training examples"),
+    (["--batch-sizes", "4,64", "--budget", "32"], "smaller than the largest batch size 64"),
+    (["--batch-sizes", "4,48", "--budget", "256"], "do not divide --budget 256"),
+    (["--lr-factors", "1,-2"], "--lr-factors must be > 0"),
+    (["--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["--momentum", "1.5"], "--momentum must be below 1"),
+    (["--batch-sizes", "4,x"], "comma-separated list"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.zarr"
+    assert main(_args(ckpts, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_checkpoint_without_recipe_meta_needs_flags(tmp_path, capsys):
+    import torch
+
+    from gradlab.checkpoint import Recipe, save_checkpoint
+    from gradlab.models import build_model
+
+    net = build_model("mlp", (1, 8, 8), 10, widths=[8])
+    path = save_checkpoint(tmp_path / "bare.pt", net, Recipe("mlp", {"widths": [8]}, (1, 8, 8), 10), {"epoch": 1})
+    del torch
+    args = ["cbs", "--checkpoint", str(path), *GRID, "--out", str(tmp_path / "x.zarr")]
+    assert main(args) == 2
+    assert "records no optimizer" in capsys.readouterr().err
+    assert main([*args, "--optimizer", "sgd"]) == 2
+    assert "records no learning rate" in capsys.readouterr().err
+    assert main([*args, "--optimizer", "sgd", "--lr", "0.05", "--base-batch-size", "32",
+                 "--batch-sizes", "16,64", "--lr-factors", "1"]) == 0
+
+
+def test_resume_with_other_flags_is_refused(ckpts, store, capsys):
+    assert main(_args(ckpts, store, "--resume", "--seeds", "6")) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_diverged_branches_are_recorded_and_excluded(ckpts, tmp_path, capsys):
+    out = tmp_path / "div.zarr"
+    assert main(_args(ckpts, out, "--lr-factors", "1,20000")) == 0
+    from gradlab.store import open_store
+
+    ds = open_store(out, kind="cbs")
+    div = ds.diverged_step.values
+    assert (div[:, :, 0] == -1).all() and (div[:, :, 1] >= 0).any()
+    rep = tmp_path / "rep"
+    assert main(["analyze", str(out), "--out", str(rep), "--n-boot", "99", "--no-figures"]) == 0
+    summary = json.loads((rep / "summary.json").read_text())
+    assert any("diverged branch(es) excluded" in n for n in summary["notes"])
+    assert all(f == 1.0 for p in summary["checkpoints"].values() for f in p["lr_factor_branching"])
+
+
+def test_analyze_reports_both_estimators_and_the_ratio_to_b_noise(ckpts, store, tmp_path, capsys):
+    frozen = tmp_path / "frozen.zarr"
+    assert main(["probe", "--checkpoint", f"early={ckpts['early']}", "--checkpoint", f"late={ckpts['late']}",
+                 "--data", "digits", "--protocol", "frozen", "--batch-sizes", "1,8,64", "--budget", "64",
+                 "--trials", "8", "--out", str(frozen), "--no-progress"]) == 0
+    rep = tmp_path / "rep"
+    assert main(["analyze", str(store), "--out", str(rep), "--n-boot", "199", "--noise-store", str(frozen),
+                 "--epsilon", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "B_crit branching" in printed and "B_noise" in printed
+    s = json.loads((rep / "summary.json").read_text())
+    assert s["gradlab_store"] == "cbs" and set(s["checkpoints"]) == {"early", "late"}
+    for label, p in s["checkpoints"].items():
+        b = p["branching"]["b_crit"]
+        assert b["value"] is not None and 4 <= b["value"] <= 64
+        row = s["b_noise"]["per_checkpoint"][label]
+        assert row["by"] == "sha256" and row["b_noise"]["value"] > 0
+        r = row["branching_over_b_noise"]
+        assert r["value"] == pytest.approx(b["value"] / row["b_noise"]["value"])
+    assert s["early_vs_late"]["branching"]["claim"]
+    captions = json.loads((rep / "captions.json").read_text())
+    assert {"cbs_curves", "cbs_branching", "cbs_b_noise"} <= set(captions)
+    assert (rep / "report.html").exists() and (rep / "cbs_branching.png").exists()

@@ -130,39 +130,59 @@ def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any
 
 class _Optim:
     """SGD with momentum / Adam over per-branch tensors (T, ...) with per-branch learning rates, as torch.optim
-    computes them (same operation order, so float64 results agree to rounding)."""
+    computes them (same formulas; float64 results agree to rounding).  Every buffer is allocated once: a fresh
+    (T, out, in) tensor per step costs a page fault per 4 KiB (PERF-NOTES.md), more than the arithmetic.  A weight
+    gradient gᵀa is passed as its factors so that plain SGD fuses the update into the GEMM (W ← W − Σ (ηg)ᵀa) and
+    SGD with momentum forms b ← μb + gᵀa in one GEMM; only weight decay and Adam materialise gᵀa (into a buffer)."""
 
     def __init__(self, params: list[Tensor], lrs: Tensor, recipe: Recipe) -> None:
         self.params, self.recipe, self.t = params, recipe, 0
         self.lr = [lrs.view(-1, *([1] * (p.ndim - 1))) for p in params]
-        if recipe.optimizer == "adam":
-            self.m = [torch.zeros_like(p) for p in params]
-            self.v = [torch.zeros_like(p) for p in params]
-        else:
-            self.buf: list[Tensor | None] = [None] * len(params)
+        adam = recipe.optimizer == "adam"
+        self.m = [torch.zeros_like(p) for p in params] if adam else []
+        self.v = [torch.zeros_like(p) for p in params] if adam else []
+        self.buf = [torch.zeros_like(p) for p in params] if (recipe.momentum and not adam) else []
+        need_grad = adam or bool(recipe.weight_decay)
+        self.grad = [torch.empty_like(p) for p in params] if need_grad else []
+        self.scratch = [torch.empty_like(p) for p in params] if adam else []
 
-    def step(self, grads: list[Tensor]) -> None:
-        r = self.recipe
+    def begin_step(self) -> None:
         self.t += 1
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            if r.weight_decay:
-                g = g.add(p, alpha=r.weight_decay)
-            if r.optimizer == "adam":
-                b1, b2 = ADAM_BETAS
-                self.m[i].lerp_(g, 1 - b1)
-                self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-                bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-                denom = (self.v[i].sqrt() / math.sqrt(bc2)).add_(ADAM_EPS)
-                p.sub_(self.lr[i] / bc1 * self.m[i] / denom)
-                continue
-            if r.momentum:
-                buf = self.buf[i]
-                if buf is None:
-                    buf = self.buf[i] = g.clone()
-                else:
-                    buf.mul_(r.momentum).add_(g)
-                g = buf
-            p.sub_(self.lr[i] * g)
+
+    def update(self, i: int, grad: Tensor | None = None, factors: tuple[Tensor, Tensor] | None = None) -> None:
+        """Step parameter i with its gradient ``grad``, or ``factors`` (gᵀ (T, out, m), a (T, m, in)) of gᵀa."""
+        r, p, lr = self.recipe, self.params[i], self.lr[i]
+        if grad is None and (self.grad or not factors):
+            assert factors is not None
+            grad = torch.bmm(*factors, out=self.grad[i])
+        if grad is not None and r.weight_decay:  # grad is this optimizer's buffer or a fresh bias gradient
+            grad.add_(p, alpha=r.weight_decay)
+        if r.optimizer == "adam":
+            assert grad is not None
+            b1, b2 = ADAM_BETAS
+            m, v, s = self.m[i], self.v[i], self.scratch[i]
+            m.lerp_(grad, 1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+            torch.sqrt(v, out=s)
+            s.div_(math.sqrt(bc2)).add_(ADAM_EPS)
+            torch.div(m, s, out=s)
+            p.sub_(s.mul_(lr / bc1))
+        elif r.momentum:
+            buf = self.buf[i]
+            beta = r.momentum if self.t > 1 else 0.0  # b_1 = g_1, as torch.optim.SGD
+            if grad is None:
+                assert factors is not None
+                buf.baddbmm_(*factors, beta=beta)
+            else:
+                buf.mul_(beta).add_(grad)
+            p.addcmul_(lr, buf, value=-1)
+        elif grad is None:
+            assert factors is not None
+            gt, a = factors
+            p.baddbmm_(gt * lr.view(-1, 1, 1), a, alpha=-1)
+        else:
+            p.addcmul_(lr, grad, value=-1)
 
 
 def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool) -> list[Tensor]:
@@ -218,6 +238,7 @@ def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Ten
     w = {n: (p.detach().to(dtype).unsqueeze(0) if p.ndim == 2 else p.detach().to(dtype).view(1, 1, -1))
          .repeat(T, 1, 1) for n, p in theta.items()}
     names = list(w)
+    pos = {n: i for i, n in enumerate(names)}
     opt = _Optim([w[n] for n in names], torch.as_tensor(np.asarray(lrs, dtype=np.float64)).to(dtype), recipe)
     n_classes = w[next(op for op in reversed(ops) if op is not None).weight].shape[1]
     idx = torch.as_tensor(stream, dtype=torch.long)
@@ -233,18 +254,17 @@ def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Ten
             rows = idx[:, k * m:(k + 1) * m]
             acts = _chain_forward(ops, w, x[rows.reshape(-1)].view(T, m, -1), False)
             g = torch.softmax(acts[-1], dim=-1).sub_(F.one_hot(y[rows], n_classes).to(dtype)).mul_(1.0 / m)
-            grads: dict[str, Tensor] = {}
+            opt.begin_step()
             for i in range(len(ops) - 1, -1, -1):
                 op = ops[i]
                 if op is None:
                     g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
                     continue
-                grads[op.weight] = torch.bmm(g.transpose(1, 2), acts[i])
+                g_in = torch.bmm(g, w[op.weight]) if i else None  # before the update: uses θ_k
+                opt.update(pos[op.weight], factors=(g.transpose(1, 2), acts[i]))
                 if op.bias is not None:
-                    grads[op.bias] = g.sum(1, keepdim=True)
-                if i:
-                    g = torch.bmm(g, w[op.weight])
-            opt.step([grads[n] for n in names])
+                    opt.update(pos[op.bias], grad=g.sum(1, keepdim=True))
+                g = g_in
     return BranchCurves(tr, te, _diverged(tr, steps, diverge_factor))
 
 

@@ -38,9 +38,9 @@ def test_readme_commands_run_as_written(tmp_path):
     import subprocess
     import sys
 
-    commands = [c for h in ("`gradlab train`", "`gradlab probe`", "`gradlab analyze`", "`gradlab sharpness`")
-                for c in _section_blocks(h, "bash")]
-    assert len(commands) == 4 and all(c.startswith("gradlab ") for c in commands)
+    commands = [c for h in ("`gradlab train`", "`gradlab probe`", "`gradlab analyze`", "`gradlab sharpness`",
+                            "`gradlab cbs`") for c in _section_blocks(h, "bash")]
+    assert len(commands) == 5 and all(c.startswith("gradlab ") for c in commands)
     env = {**__import__("os").environ, "PYTHONWARNINGS": "error"}
     for cmd in commands:
         proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True,
@@ -50,3 +50,4 @@ def test_readme_commands_run_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "norms-report" / "summary.json").exists() and (tmp_path / "sharp.zarr" / "zarr.json").exists()
+    assert (tmp_path / "cbs-report" / "summary.json").exists()

@@ -41,4 +41,13 @@ gradlab probe --checkpoint "early=$R/epoch001.pt" --checkpoint "late=$R/epoch004
 gradlab sharpness --checkpoint "$R/epoch001.pt" --checkpoint "$R/epoch004.pt" --data shakespeare-char --samples 256 \
   --top-k 3 --hutchinson-probes 30 --eps 1e-3 --no-progress \
   --out "$S/char_gpt/sharpness.zarr" $(resume_if "$S/char_gpt/sharpness.zarr")
+# g: critical batch size -- branches from the early and late checkpoints of a 64-256-10 MLP run at batch 32
+train cbs_run
+R="$S/cbs_run/runs/bs32_lr0.05_seed0_sgd"
+gradlab cbs --checkpoint "early=$R/epoch002.pt" --checkpoint "late=$R/epoch030.pt" --data digits \
+  --batch-sizes 8,16,32,64,128,256,512 --budget 8192 --seeds 8 --lr-scaling linear --lr-factors 0.25,0.5,1,2 \
+  --evals 64 --no-progress --out "$S/cbs/cbs.zarr" $(resume_if "$S/cbs/cbs.zarr")
+gradlab probe --checkpoint "early=$R/epoch002.pt" --checkpoint "late=$R/epoch030.pt" --data digits \
+  --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024 --budget 1024 --trials 100 --protocol frozen --no-progress \
+  --out "$S/cbs/frozen.zarr" $(resume_if "$S/cbs/frozen.zarr")
 echo "studies written to $S; open the notebooks in analyses/ (jupytext py:percent)"

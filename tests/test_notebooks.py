@@ -71,6 +71,14 @@ def studies(tmp_path_factory) -> Path:
                  "--top-k", "2", "--hutchinson-probes", "8", "--eps", "1e-3", "--minibatch-sizes", "16,64",
                  "--minibatch-trials", "2", "--interpolate", ckpts[0], ckpts[-1], "--alpha-points", "7",
                  "--out", str(s / "keskar" / "sharpness.zarr")]) == 0
+    small = runs / "bs16_lr0.05_seed0_sgd"
+    cbs_ck = ["--checkpoint", f"early={small / 'epoch002.pt'}", "--checkpoint", f"late={small / 'epoch004.pt'}",
+              "--data", "digits", "--no-progress"]
+    assert main(["cbs", *cbs_ck, "--batch-sizes", "4,16,64", "--budget", "256", "--seeds", "5", "--lr-scaling",
+                 "linear", "--lr-factors", "0.5,1", "--evals", "8", "--eval-examples", "256",
+                 "--out", str(s / "cbs" / "cbs.zarr")]) == 0
+    assert main(["probe", *cbs_ck, "--batch-sizes", "1,4,16,64", "--budget", "64", "--trials", "8", "--protocol",
+                 "frozen", "--out", str(s / "cbs" / "frozen.zarr")]) == 0
     _char_gpt(s)
     return s
 
@@ -96,7 +104,7 @@ def _char_gpt(s: Path) -> None:
 def test_every_study_has_a_notebook():
     assert [p.name for p in NOTEBOOKS] == ["a_gradient_competition.py", "b_where_the_weights_go.py",
                                            "c_masters_luschi.py", "d_vgg13_remedies.py", "e_keskar_sharpness.py",
-                                           "f_char_gpt.py"]
+                                           "f_char_gpt.py", "g_critical_batch_size.py"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

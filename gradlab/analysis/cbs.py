@@ -34,7 +34,7 @@ DEFAULT_EPSILON = 0.05
 DEFAULT_TARGET_FRACTION = 0.5
 
 
-def _curves(ds: Any, loss: str) -> tuple[np.ndarray, list[str]]:
+def branch_curves(ds: Any, loss: str) -> tuple[np.ndarray, list[str]]:
     """``loss`` (C, M, F, R, J) with diverged branches and units not done as NaN, and the notes saying so."""
     L = np.asarray(ds[loss].values, dtype=np.float64).copy()
     div = np.asarray(ds["diverged_step"].values)
@@ -156,9 +156,11 @@ def ratio(num: Estimate, den: Estimate) -> Estimate:
     value = num.value / den.value
     if not (num.has_interval and den.has_interval and num.low > 0 and den.low > 0):
         return Estimate(value, note="no interval (B_crit or B_noise has none)")
-    lo = math.hypot(math.log(num.value / num.low), math.log(den.high / den.value))
-    hi = (math.inf if math.isinf(num.high) else
-          math.hypot(math.log(num.high / num.value), math.log(den.value / den.low)))
+    def half(a: float, b: float) -> float:  # log(a/b) ≥ 0 (0 when an interval does not hold its point)
+        return math.inf if math.isinf(a) else max(0.0, math.log(a / b))
+
+    lo = math.hypot(half(num.value, num.low), half(den.high, den.value))
+    hi = math.hypot(half(num.high, num.value), half(den.value, den.low))
     return Estimate(value, value * math.exp(-lo), value * math.exp(hi) if math.isfinite(hi) else math.inf,
                     num.level, "independent intervals combined in log space")
 
@@ -219,7 +221,7 @@ def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON
     ds = open_store(path, kind="cbs").load()
     if not np.asarray(ds["done"].values).any():
         raise UsageError(f"{path} has no finished unit yet; run gradlab cbs (with --resume) first")
-    L, notes = _curves(ds, loss)
+    L, notes = branch_curves(ds, loss)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCB5]))
     per = [analyze_checkpoint(ds, c, L, epsilon=epsilon, target_loss=target_loss, target_fraction=target_fraction,
                               n_boot=n_boot, rng=rng) for c in range(ds.sizes["checkpoint"])]

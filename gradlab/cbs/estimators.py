@@ -85,7 +85,7 @@ def branching_crossing(mean_loss: np.ndarray, batch_sizes: np.ndarray, epsilon: 
     r1 = np.take_along_axis(r, i[..., None], -1)[..., 0]
     with np.errstate(invalid="ignore"):
         t = np.where(np.isfinite(r1), (epsilon - r0) / (r1 - r0), 0.0)
-    out[hit] = np.exp(logm[i - 1] + t * (logm[i] - logm[i - 1]))[hit]
+    out[hit] = np.exp(logm[i - 1][hit] + t[hit] * (logm[i] - logm[i - 1])[hit])
     return out
 
 
@@ -146,7 +146,9 @@ def branching_estimate(final: np.ndarray, batch_sizes: Any, epsilon: float, *, n
     with np.errstate(invalid="ignore"), _quiet():
         boot_mean = np.nanmean(final[:, idx], axis=-1).T  # (n_boot, M)
     dist = branching_crossing(boot_mean, bs, epsilon)
-    low, high = _percentile(dist, level, R)  # an upper quantile in the censored tail is +inf
+    # a censored resample says B_crit ≥ max m: it counts as max m for the lower end and as +inf for the upper end
+    low = _percentile(np.where(np.isinf(dist), bs[-1], dist), level, R)[0]
+    high = _percentile(dist, level, R)[1]
     return BranchingResult(Estimate(value, low, high, level, "; ".join(notes) or None), grid, censored, ratio,
                            epsilon, n_ok, notes)
 

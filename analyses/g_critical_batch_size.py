@@ -114,19 +114,27 @@ def verdict(r: Estimate) -> str:
     return f"{'smaller' if r.high < 1 else 'larger'} than B_noise (×{r.value:.2g} [{r.low:.2g}, {r.high:.2g}])"
 
 
-verdicts = {}
-for lab in labels:
-    for name in ("branching", "tradeoff"):
-        d = rows[lab].get(f"{name}_over_b_noise")
-        r = Estimate.from_dict(d) if d else Estimate(math.nan)
-        verdicts[(lab, name)] = verdict(r)
-        if name == "branching" and summary["checkpoints"][lab]["branching"]["censored"]:
-            verdicts[(lab, name)] += (f"; but censored: every batch size up to {int(bs[-1])} is within ε, so B_crit "
-                                      "is only bounded below (add larger batch sizes)")
-        if r.has_interval and math.isfinite(r.value):  # the sentence follows the numbers
-            assert verdicts[(lab, name)].startswith("consistent") == (r.low <= 1 <= r.high)
-            assert ("smaller" in verdicts[(lab, name)]) == (r.high < 1)
-        print(f"{lab}, {name}: B_crit is {verdicts[(lab, name)]}")
+def verdicts_of(summary: dict) -> dict:
+    """The sentence of every (checkpoint, estimator), asserted against the ratio it is chosen by."""
+    out = {}
+    rows = summary["b_noise"]["per_checkpoint"]
+    top = int(summary["batch_sizes"][-1])
+    for lab, p in summary["checkpoints"].items():
+        for name in ("branching", "tradeoff"):
+            d = rows[lab].get(f"{name}_over_b_noise")
+            r = Estimate.from_dict(d) if d else Estimate(math.nan)
+            out[(lab, name)] = verdict(r)
+            if r.has_interval and math.isfinite(r.value):  # the sentence follows the numbers
+                assert out[(lab, name)].startswith("consistent") == (r.low <= 1 <= r.high)
+                assert ("smaller" in out[(lab, name)]) == (r.high < 1)
+            if name == "branching" and p["branching"]["censored"]:
+                out[(lab, name)] += (f"; but censored: every batch size up to {top} is within ε, so B_crit is only "
+                                     "bounded below (add larger batch sizes)")
+            print(f"{lab}, {name}: B_crit is {out[(lab, name)]}")
+    return out
+
+
+verdicts = verdicts_of(summary)
 
 # %% [markdown]
 # Early vs late: does B_crit move the way B_noise does?
@@ -187,3 +195,26 @@ if m_c in bs:
               "steps)")
 else:
     print(f"the run's batch size {m_c} is not in the grid {list(bs)}: no switch comparison")
+
+# %% [markdown]
+# ## The same question on the zoo `gpt` character model
+#
+# `char_gpt/cbs.zarr` (`gradlab cbs`, branch by branch: the gpt is not a Linear/ReLU chain) branches from the early
+# and late checkpoints of `f_char_gpt.py`'s run; `char_gpt/frozen.zarr` is that notebook's frozen probe at the same
+# checkpoints. An example is one window of characters (`tokens_per_example` tokens); the budget counts windows.
+
+# %%
+gpt_root = STUDIES / "char_gpt"
+if (gpt_root / "cbs.zarr").exists():
+    gpt = analyze_cbs(gpt_root / "cbs.zarr", gpt_root / "cbs-analysis", epsilon=EPSILON, n_boot=N_BOOT,
+                      noise_store=gpt_root / "frozen.zarr", figures=False)
+    g_ds = open_store(gpt_root / "cbs.zarr", kind="cbs")
+    print(f"gpt cbs store: batch sizes {gpt['batch_sizes']}, budget {gpt['budget']} windows of "
+          f"{int(g_ds.attrs['tokens_per_example'])} tokens, {gpt['seeds']} seeds")
+    for lab, p in gpt["checkpoints"].items():
+        print(f"{lab}: B_crit branching {fmt(p['branching']['b_crit'])}, steps–examples "
+              f"{fmt((p['tradeoff'] or {}).get('b_crit'))}, B_noise "
+              f"{fmt(gpt['b_noise']['per_checkpoint'][lab].get('b_noise'))}")
+    gpt_verdicts = verdicts_of(gpt)
+else:
+    print(f"no {gpt_root / 'cbs.zarr'}: run analyses/make_studies.sh for the gpt part")

@@ -50,4 +50,8 @@ gradlab cbs --checkpoint "early=$R/epoch002.pt" --checkpoint "late=$R/epoch030.p
 gradlab probe --checkpoint "early=$R/epoch002.pt" --checkpoint "late=$R/epoch030.pt" --data digits \
   --batch-sizes 1,2,4,8,16,32,64,128,256,512,1024 --budget 1024 --trials 100 --protocol frozen --no-progress \
   --out "$S/cbs/frozen.zarr" $(resume_if "$S/cbs/frozen.zarr")
+R="$S/char_gpt/runs/bs64_lr0.5_seed0_sgd"
+gradlab cbs --checkpoint "early=$R/epoch001.pt" --checkpoint "late=$R/epoch004.pt" --data shakespeare-char \
+  --batch-sizes 8,16,32,64,128,256 --budget 2048 --seeds 6 --lr-scaling linear --lr-factors 0.5,1 --evals 16 \
+  --eval-examples 512 --no-progress --out "$S/char_gpt/cbs.zarr" $(resume_if "$S/char_gpt/cbs.zarr")
 echo "studies written to $S; open the notebooks in analyses/ (jupytext py:percent)"

@@ -96,6 +96,9 @@ def _char_gpt(s: Path) -> None:
         assert main(["probe", *data, "--checkpoint", f"early={run / 'epoch001.pt'}", "--checkpoint",
                      f"late={run / 'epoch003.pt'}", "--batch-sizes", "1,4,16,64", "--budget", "64", "--trials", "8",
                      "--protocol", "frozen", "--keep", "histograms", "--out", str(s / "char_gpt" / "frozen.zarr")]) == 0
+        assert main(["cbs", *data, "--checkpoint", f"early={run / 'epoch001.pt'}", "--checkpoint",
+                     f"late={run / 'epoch003.pt'}", "--batch-sizes", "4,16,64", "--budget", "128", "--seeds", "5",
+                     "--evals", "4", "--eval-examples", "64", "--out", str(s / "char_gpt" / "cbs.zarr")]) == 0
         assert main(["sharpness", *data, "--checkpoint", str(run / "epoch001.pt"), "--checkpoint",
                      str(run / "epoch003.pt"), "--samples", "32", "--top-k", "1", "--hutchinson-probes", "4",
                      "--eps", "1e-3", "--lbfgs-iters", "2", "--out", str(s / "char_gpt" / "sharpness.zarr")]) == 0

@@ -140,12 +140,18 @@ def b_noise_from_monitor(path: str | Path, steps: dict[str, int]) -> dict[str, t
     from gradlab.monitor.store import open_monitor
 
     ds = open_monitor(path).load()
+    recorded = np.asarray(ds["step"].values)
     out = {}
     for label, step in steps.items():
-        try:
-            out[label] = (estimate_at(ds, "b_noise", step), "")
-        except KeyError:
-            out[label] = (Estimate(math.nan, note=f"the monitor did not record step {step}"), "")
+        before = recorded[recorded <= step] if step >= 0 else recorded[:0]
+        if before.size == 0:
+            out[label] = (Estimate(math.nan, note=f"the monitor recorded no step at or before {step}"), "")
+            continue
+        e = estimate_at(ds, "b_noise", int(before[-1]))
+        if int(before[-1]) != step:  # e.g. a checkpoint saved after the last step: the last step's estimate
+            e = Estimate(e.value, e.low, e.high, e.level,
+                         f"monitor step {int(before[-1])}, the last recorded before the checkpoint's step {step}")
+        out[label] = (e, "")
     return out
 
 

@@ -151,3 +151,33 @@ def test_analyze_reports_both_estimators_and_the_ratio_to_b_noise(ckpts, store, 
     captions = json.loads((rep / "captions.json").read_text())
     assert {"cbs_curves", "cbs_branching", "cbs_b_noise"} <= set(captions)
     assert (rep / "report.html").exists() and (rep / "cbs_branching.png").exists()
+
+
+def test_b_noise_from_a_monitor_store_at_the_checkpoint_steps(tmp_path):
+    from gradlab.analysis.cbs import analyze_cbs
+
+    assert main(["train", "--model", "mlp", "--model-kwargs", '{"widths": [8]}', "--data", "digits", "--batch-sizes",
+                 "128", "--lr", "0.1", "--epochs", "2", "--checkpoint-epochs", "1,2", "--monitor-every", "1",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    run = tmp_path / "r" / "runs" / "bs128_lr0.1_seed0_sgd"
+    assert main(["cbs", "--checkpoint", f"e={run / 'epoch001.pt'}", "--checkpoint", f"l={run / 'epoch002.pt'}",
+                 "--data", "digits", "--batch-sizes", "16,64", "--budget", "128", "--seeds", "2", "--evals", "2",
+                 "--out", str(tmp_path / "c.zarr"), "--no-progress"]) == 0
+    s = analyze_cbs(tmp_path / "c.zarr", tmp_path / "rep", n_boot=0, noise_store=run / "monitor.zarr", figures=False)
+    rows = s["b_noise"]["per_checkpoint"]
+    assert rows["e"]["b_noise"]["value"] > 0 and rows["e"]["b_noise"]["note"] is None  # step 12 was recorded
+    assert "last recorded before the checkpoint's step 24" in rows["l"]["b_noise"]["note"]
+
+
+def test_ratio_interval_combines_log_half_widths():
+    import math
+
+    from gradlab.analysis.cbs import ratio
+    from gradlab.analysis.interval import Estimate
+
+    r = ratio(Estimate(100, 50, 400), Estimate(10, 5, 20))
+    assert r.value == 10
+    assert r.low == pytest.approx(10 * math.exp(-math.hypot(math.log(2), math.log(2))))
+    assert r.high == pytest.approx(10 * math.exp(math.hypot(math.log(4), math.log(2))))
+    assert ratio(Estimate(100, 50, math.inf), Estimate(10, 5, 20)).high == math.inf
+    assert not ratio(Estimate(100), Estimate(10, 5, 20)).has_interval

@@ -181,3 +181,13 @@ def test_ratio_interval_combines_log_half_widths():
     assert r.high == pytest.approx(10 * math.exp(math.hypot(math.log(4), math.log(2))))
     assert ratio(Estimate(100, 50, math.inf), Estimate(10, 5, 20)).high == math.inf
     assert not ratio(Estimate(100), Estimate(10, 5, 20)).has_interval
+
+
+def test_python_api_writes_the_same_store(ckpts, store, tmp_path):
+    import gradlab.api
+
+    ds = gradlab.api.cbs([f"early={ckpts['early']}", f"late={ckpts['late']}"], data="digits", out=tmp_path / "a.zarr",
+                         batch_sizes=[4, 16, 64], budget=256, seeds=5, n_evals=8, eval_examples=256,
+                         lr_factors=(1.0, 2.0))
+    assert ds.attrs["gradlab_store"] == "cbs"
+    assert_same_store(tmp_path / "a.zarr", store)

@@ -126,3 +126,16 @@ def test_branching_censored_and_diverged():
     assert not res.censored and res.grid == 16 and any("diverged" in n for n in res.notes)
     few = est.branching_estimate(final[:, :3], [8, 16, 32], 0.1, n_boot=99)
     assert not few.b_crit.has_interval and "no interval" in (few.b_crit.note or "")
+
+
+def test_censored_branching_interval_is_max_m_to_inf_not_inf_to_inf():
+    """Regression: every resample censored gave the interval [inf, inf], and B_crit/B_noise raised a math domain
+    error in the analysis (log of inf/inf); a censored resample counts as max m for the lower end."""
+    from gradlab.analysis.cbs import ratio
+    from gradlab.analysis.interval import Estimate
+
+    final = np.ones((3, 6)) + np.linspace(0, 0.01, 3)[:, None]
+    b = est.branching_estimate(final, [8, 16, 32], 0.1, n_boot=99).b_crit
+    assert (b.low, b.high) == (32, math.inf)
+    r = ratio(b, Estimate(16, 12, 20))
+    assert r.value == 2 and r.high == math.inf and 1 < r.low < 2

@@ -94,7 +94,7 @@ def analyze_store(
         _write_summary(out, result)
         return result
     if kind != "probe":
-        raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe' and 'sharpness' stores")
+        raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe', 'sharpness', 'monitor' and 'cbs' stores")
     missing_vars = [v for v in REQUIRED if v not in ds.variables]
     if missing_vars:
         raise UsageError(f"{path} lacks the probe variables {missing_vars}; it was not written by gradlab probe "

@@ -12,7 +12,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", metavar="STORE", help="probe (or sharpness) store written by gradlab")
+    parser.add_argument("store", metavar="STORE", help="probe, sharpness, monitor or cbs store written by gradlab")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="folder for summary.json, figures and report.html (default: STORE-analysis next to it)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (nothing else)")

@@ -258,9 +258,11 @@ def _own_entry(p: Path) -> bool:
             or (p.name == "runs" and p.is_dir() and not any(p.iterdir())))
 
 
-def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> Path:
+def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True,
+               workers: int | None = None, scheduler: str | None = None) -> Path:
     """Train every run of the grid into ``out`` (``train.zarr`` + ``runs/<name>/epochNNN.pt``); resumable
-    (:class:`gradlab.train_job.TrainJob` on the one runner)."""
+    (:class:`gradlab.train_job.TrainJob` on the one runner; ``workers``/``scheduler``: runs as Dask tasks, whose
+    workers must see ``out``)."""
     from gradlab.runner import run_job
     from gradlab.train_job import TrainJob
 
@@ -273,7 +275,8 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
         raise UsageError(f"--out {out} is a file; give a folder (new or empty) for the runs")
     if out.exists() and not store.exists() and any(not _own_entry(p) for p in out.iterdir()):
         raise UsageError(f"{out} holds other data (no train.zarr); choose an empty or new folder for --out")
-    run_job(TrainJob(cfg, str(out)), store, resume=resume, progress=show_progress, state=data)
+    run_job(TrainJob(cfg, str(out.resolve())), store, resume=resume, progress=show_progress, state=data,
+            workers=workers, scheduler=scheduler)
     return store
 
 

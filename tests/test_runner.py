@@ -143,3 +143,23 @@ def test_train_and_sharpness_on_dask_workers_equal_local_runs(tmp_path):
         assert sorted(da.data_vars) == sorted(db.data_vars)
         for name in da.data_vars:
             np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=f"{a}: {name}")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "cuda"])
+def test_probe_and_sharpness_check_a_device_the_same_way(tmp_path, capsys, device):
+    """One device check for every command (probe refused cuda:1 and sharpness accepted any cuda*)."""
+    import torch
+
+    from gradlab.cli import main
+    from tests.probe.probe_cases import make_run
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the refusals below are CPU-machine refusals")
+    ck = make_run(tmp_path)["late"]
+    lines = []
+    for argv in (["probe", "--checkpoint", str(ck), "--data", "digits", "--out", str(tmp_path / "p.zarr")],
+                 ["sharpness", "--checkpoint", str(ck), "--out", str(tmp_path / "s.zarr")]):
+        assert main([*argv, "--device", device]) == 2
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "--device" in lines[0]
+    assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "s.zarr").exists()

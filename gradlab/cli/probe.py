@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draws", choices=("common", "independent"), default="common",
                         help="common (default): trial t uses the same examples at every checkpoint, so early vs late "
                              "is a paired comparison; independent: each checkpoint draws its own")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--replacement", action="store_true", help="draw each trial's examples with replacement")
     parser.add_argument("--trials-per-unit", type=int, metavar="T",

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--into", metavar="PROBE_STORE",
                        help="write into an existing probe store, as its 'sharpness' group")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store")
     parser.add_argument("--no-progress", action="store_true", help="hide progress messages")
     add_dispatch_arguments(parser)

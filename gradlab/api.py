@@ -181,8 +181,9 @@ def probe(
 
     data_spec, loss_spec, model_spec, ck_args = _task_specs(checkpoints, data, loss, model, out)
     if (workers or scheduler) and any(s and s.startswith("live:") for s in (data_spec, loss_spec, model_spec)):
-        raise UsageError("live objects (a model, data or loss given as Python objects) cannot travel to Dask "
-                         "workers; pass importable 'pkg.module:factory' names, or run without workers")
+        from gradlab.runner.dispatch import live_objects_error
+
+        raise live_objects_error()
     if budget is None:
         from gradlab.datasets import load_data
 

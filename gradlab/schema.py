@@ -29,8 +29,8 @@ step_grad_norm_std     checkpoint, batch_size, trial               std over step
 step_grad_norm_max     checkpoint, batch_size, trial               max over steps of the same
 frozen protocol only:
 minibatch_grad_norm    checkpoint, batch_size, trial, minibatch    ‖∇L_B(θ)‖ of every minibatch of the partition
-gram_trace             checkpoint, trial                           Σᵢ ‖gᵢ‖² over the trial's N examples
-gram_sum               checkpoint, trial                           ‖Σᵢ gᵢ‖² over the trial's N examples
+gram_trace             checkpoint, trial                           Σᵢ ‖gᵢ‖² over the trial's N examples (a quantity)
+gram_sum               checkpoint, trial                           ‖Σᵢ gᵢ‖² over the trial's N examples (a quantity)
 grad_sq_norm           checkpoint                                  estimate of ‖G‖² (unbiased, over trials)
 trace_cov              checkpoint                                  estimate of tr Σ (unbiased, over trials)
 grad_sq_norm_se        checkpoint                                  standard error of grad_sq_norm (s/√T)
@@ -46,6 +46,9 @@ cos_init               checkpoint, group                           cos(θ, θ₀
 with keep = vectors:
 grad_sum               checkpoint, batch_size, trial, vector_element  S itself for the selected parameters
 =====================  ==========================================  ===========================================
+
+Besides these, every registered per-trial quantity of the store's protocol (:data:`gradlab.quantities.QUANTITIES`)
+adds its declared outputs (``gram_trace`` and ``gram_sum`` are the frozen protocol's).
 
 Root attrs: ``gradlab_store``, ``schema_version``, ``config`` (JSON), ``config_hash``, ``provenance`` (JSON:
 versions, git revision), ``protocol`` (``step``/``frozen``), ``reduction`` (``mean``/``sum``), ``budget`` (N),
@@ -131,10 +134,6 @@ def probe_variables(protocol: str, keep_vectors: bool) -> list[VarSpec]:
         out += [
             VarSpec("minibatch_grad_norm", (*cbt, "minibatch"), "float64", "minibatch gradient norm ‖∇L_B(θ)‖",
                     norm_units),
-            VarSpec("gram_trace", ("checkpoint", "trial"), "float64", "sum of squared per-example gradient norms",
-                    "(loss / parameter unit)²"),
-            VarSpec("gram_sum", ("checkpoint", "trial"), "float64", "squared norm of summed per-example gradients",
-                    "(loss / parameter unit)²"),
             VarSpec("grad_sq_norm", ("checkpoint",), "float64",
                     "unbiased estimate of the pool's ‖G‖² (trial mean of U-statistics, not the drawn sample's ‖Ḡ‖²)",
                     "(loss / parameter unit)²"),
@@ -160,4 +159,13 @@ def probe_variables(protocol: str, keep_vectors: bool) -> list[VarSpec]:
     if keep_vectors:
         out.append(VarSpec("grad_sum", (*cbt, "vector_element"), "float32", "summed minibatch gradient S",
                            norm_units))
-    return out
+    return out + quantity_variables(protocol)
+
+
+def quantity_variables(protocol: str) -> list[VarSpec]:
+    """The variables of the registered per-trial quantities of ``protocol`` (:data:`gradlab.quantities.QUANTITIES`),
+    from their output declarations."""
+    from gradlab.quantities import quantities_for
+
+    return [VarSpec(o.name, o.dims, o.dtype, o.long_name, o.units, attrs=dict(o.attrs))
+            for q in quantities_for(protocol) for o in q.outputs]

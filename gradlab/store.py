@@ -339,7 +339,7 @@ class StoreWriter:
         self.close()
 
     def _index(self, name: str, region: Mapping[str, int | slice]) -> tuple[int | slice, ...]:
-        dims = self.group[name].metadata.dimension_names
+        dims = self.group[name].metadata.dimension_names or ()  # a 0-d variable has none
         unknown = set(region) - set(dims)
         if unknown:
             raise ValueError(f"region dims {sorted(unknown)} are not dims of {name!r} {dims}")

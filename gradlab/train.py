@@ -17,27 +17,22 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradlab._callable import make_callable
-from gradlab.checkpoint import Recipe, save_checkpoint
-from gradlab.datasets import DataBundle, Split, load_data, sparse_labels
+from gradlab.checkpoint import Recipe
+from gradlab.datasets import DataBundle, load_data, sparse_labels
 from gradlab.errors import UsageError
 from gradlab.factory import is_factory_spec
 from gradlab.lr_rules import LRRule
 from gradlab.models import build_model
-from gradlab.schema import GROUPS
-from gradlab.store import VarSpec, create_store, writer_for
-from gradlab.task import (PerExampleLoss, check_task, cross_entropy, inputs_targets, loss_name, resolve_loss,
-                          task_record, to_run)
+from gradlab.task import check_task, loss_name, resolve_loss
 
 log = logging.getLogger(__name__)
 make_callable(__name__, "train")  # gradlab.train(...) is the Python API (gradlab.api.train)
@@ -244,170 +239,16 @@ def recipe_for(cfg: TrainConfig, data: DataBundle) -> Recipe:
         kwargs.setdefault("ghost_batch_size", cfg.ghost_batch_size)
     return Recipe(cfg.model, kwargs, data.input_shape, data.n_classes)
 
+def load_train_data(cfg: TrainConfig) -> DataBundle:
+    """The grid's data, in ``cfg.dtype`` when one is asked for (only then)."""
+    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download, collate=cfg.collate)
+    if cfg.dtype is not None:
+        if cfg.dtype not in ("float32", "float64"):
+            raise UsageError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
+        from gradlab.train_loop import with_dtype
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, chunk: int = 2048,
-             loss: PerExampleLoss = cross_entropy) -> tuple[float, float]:
-    """Mean per-example loss and accuracy (classification with logits (B, C) only, else NaN) of ``model`` (in eval
-    mode) on ``split``; restores the training flag."""
-    was_training = model.training
-    model.eval()
-    total, correct, classify = 0.0, 0, loss is cross_entropy
-    for start in range(0, len(split), chunk):
-        batch = split[start:start + chunk]
-        if classify:
-            xb, yb = inputs_targets(batch)
-            out = model(xb)
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and yb.dim() == 1:
-                total += float(F.cross_entropy(out, yb, reduction="sum"))
-                correct += int((out.argmax(1) == yb).sum())
-                continue
-            classify = False
-        total += float(loss(model, batch).sum())
-    model.train(was_training)
-    return total / len(split), (correct / len(split) if classify else math.nan)
-
-
-def with_dtype(data: DataBundle, dtype: torch.dtype) -> DataBundle:
-    """The bundle with its floating tensors in ``dtype`` (integer tensors untouched): only on the user's request."""
-    import dataclasses
-
-    move = lambda split: Split(to_run(split.batch, dtype=dtype)) if split is not None else None  # noqa: E731
-    return dataclasses.replace(data, train=move(data.train), test=move(data.test))
-
-
-def layer_kinds(model: nn.Module) -> tuple[list[str], list[str]]:
-    names = [n for n, _ in model.named_parameters()]
-    kinds = ["bias" if n.endswith("bias") else "weight" for n in names]
-    return names, kinds
-
-
-def distances(model: nn.Module, init: dict[str, torch.Tensor]) -> tuple[np.ndarray, ...]:
-    """Per tensor ‖θ − θ₀‖ and cos(θ, θ₀); per group (all/weight/bias) ‖θ − θ₀‖ and ‖θ‖."""
-    per_d, per_cos, sq_d, sq_o = [], [], dict.fromkeys(GROUPS, 0.0), dict.fromkeys(GROUPS, 0.0)
-    for name, p in model.named_parameters():
-        theta, theta0 = p.detach().double().flatten(), init[name].double().flatten()
-        d2 = float(((theta - theta0) ** 2).sum())
-        o2 = float((theta**2).sum())
-        denom = math.sqrt(o2 * float((theta0**2).sum()))
-        per_d.append(math.sqrt(d2))
-        per_cos.append(float(theta @ theta0) / denom if denom > 0 else math.nan)
-        kind = "bias" if name.endswith("bias") else "weight"
-        for g in ("all", kind):
-            sq_d[g] += d2
-            sq_o[g] += o2
-    return (np.array(per_d), np.array(per_cos), np.sqrt([sq_d[g] for g in GROUPS]),
-            np.sqrt([sq_o[g] for g in GROUPS]))
-
-
-def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
-              progress: Any = None) -> dict[str, np.ndarray]:
-    """Train one run; returns per-epoch arrays.  Checkpoints go to ``run_dir/epoch{e:03d}.{pt|safetensors}``."""
-    from gradlab.probe.step import minibatch_loss
-
-    loss_fn = resolve_loss(cfg.loss or data.loss)
-    model = init_model(cfg, data, spec.seed)
-    init = {k: v.detach().clone() for k, v in model.named_parameters()}
-    rule = rule_for(cfg, spec)
-    if spec.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=rule.lr_at(0, 1), momentum=cfg.momentum,
-                                                     weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=rule.lr_at(0, 1), weight_decay=cfg.weight_decay)
-    recipe = recipe_for(cfg, data)
-    mon = None
-    if cfg.monitor_every:
-        from gradlab.monitor import attach_for_train
-
-        mon = attach_for_train(model, opt, loss_fn, run_dir / "monitor.zarr", every=cfg.monitor_every,
-                               pool_size=len(data.train), reduction=rule.reduction, resume=True, start_step=0,
-                               config={"run": spec.name, "seed": spec.seed, "batch_size": spec.batch_size,
-                                       "lr": spec.lr, "optimizer": spec.optimizer})
-    gen = torch.Generator().manual_seed(_torch_seed(spec.seed, 1, spec.batch_size))
-    n, m, epochs = len(data.train), spec.batch_size, cfg.epochs
-    steps_per_epoch = math.ceil(n / m)
-    n_layers = len(init)
-    out = {k: np.full(epochs + 1, np.nan) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr_used")}
-    out["dist_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
-    out["cos_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
-    out["dist_init"] = np.full((epochs + 1, len(GROUPS)), np.nan)
-    out["dist_origin"] = np.full((epochs + 1, len(GROUPS)), np.nan)
-    out["diverged_epoch"] = np.array(-1)
-    suffix = "safetensors" if cfg.checkpoint_format == "safetensors" else "pt"
-
-    def record(epoch: int) -> bool:
-        tl, ta = evaluate(model, data.train, loss=loss_fn)
-        out["train_loss"][epoch], out["train_acc"][epoch] = tl, ta
-        if data.test is not None:
-            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test, loss=loss_fn)
-        (out["dist_init_layer"][epoch], out["cos_init_layer"][epoch], out["dist_init"][epoch],
-         out["dist_origin"][epoch]) = distances(model, init)
-        if epoch == 0 or epoch in checkpoint_epochs(cfg):
-            meta = {"dataset": data.name, "epoch": epoch, "step": epoch * steps_per_epoch, "batch_size": m,
-                    "lr": spec.lr, "lr_rule": rule.describe(), "optimizer": spec.optimizer,
-                    # the rate of the last step taken (of step 0 at init), as the optimiser applied it
-                    "lr_applied": rule.lr_at(max(epoch * steps_per_epoch - 1, 0), steps_per_epoch),
-                    "reduction": rule.reduction,
-                    "momentum": cfg.momentum, "seed": spec.seed, "tag": "init" if epoch == 0 else f"epoch{epoch}",
-                    "run": spec.name}
-            if mon is not None:
-                mon.flush()
-            save_checkpoint(run_dir / f"epoch{epoch:03d}.{suffix}", model, recipe, meta)
-        return math.isfinite(tl)
-
-    try:
-        record(0)
-        step = 0
-        model.train()
-        for epoch in range(1, epochs + 1):
-            perm = torch.randperm(n, generator=gen)
-            finite = True
-            for start in range(0, n, m):
-                idx = perm[start:start + m]
-                lr = rule.lr_at(step, steps_per_epoch)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                batch = data.train[idx]
-                loss = mon.loss(batch) if mon is not None else minibatch_loss(model, batch, loss_fn, rule.reduction)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                opt.step()
-                step += 1
-            out["lr_used"][epoch] = rule.lr_at(max(step - 1, 0), steps_per_epoch)
-            if not finite or not record(epoch):
-                out["diverged_epoch"] = np.array(epoch)
-                log.warning("run %s diverged at epoch %d (non-finite loss); recorded and skipped", spec.name, epoch)
-                break
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(run=spec.name, test_acc=f"{out['test_acc'][epoch]:.3f}")
-    finally:
-        if mon is not None:
-            mon.close()
-    return out
-
-
-def _store_variables(loss: str = "cross-entropy") -> list[VarSpec]:
-    re_ = ("run", "epoch")
-    units = "nats" if loss in ("cross-entropy", "lm") else "loss"
-    what = {"lm": "token cross-entropy"}.get(loss, loss)
-    return [
-        VarSpec("train_loss", re_, "float64", f"training loss (mean {what})", units),
-        VarSpec("train_acc", re_, "float64", "training accuracy (NaN unless classification)", "1"),
-        VarSpec("test_loss", re_, "float64", f"test loss (mean {what})", units),
-        VarSpec("test_acc", re_, "float64", "test accuracy (NaN unless classification)", "1"),
-        VarSpec("lr_used", re_, "float64", "learning rate applied at the epoch's last step (η̃ under sum reduction)",
-                "1"),
-        VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
-        VarSpec("cos_init_layer", (*re_, "layer"), "float64", "cosine to init cos(θ, θ₀)", "1"),
-        VarSpec("dist_init", (*re_, "group"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
-        VarSpec("dist_origin", (*re_, "group"), "float64", "distance from origin ‖θ‖", "parameter unit"),
-        VarSpec("diverged_epoch", ("run",), "int64", "epoch at which the loss became non-finite (-1: never)", "epoch",
-                fill=-1),
-    ]
+        data = with_dtype(data, getattr(torch, cfg.dtype))
+    return data
 
 
 def _own_entry(p: Path) -> bool:
@@ -417,77 +258,26 @@ def _own_entry(p: Path) -> bool:
             or (p.name == "runs" and p.is_dir() and not any(p.iterdir())))
 
 
-def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> Path:
-    """Train every run of the grid into ``out`` (``train.zarr`` + ``runs/<name>/epochNNN.pt``); resumable."""
+def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_progress: bool = True,
+               workers: int | None = None, scheduler: str | None = None) -> Path:
+    """Train every run of the grid into ``out`` (``train.zarr`` + ``runs/<name>/epochNNN.pt``); resumable
+    (:class:`gradlab.train_job.TrainJob` on the one runner; ``workers``/``scheduler``: runs as Dask tasks, whose
+    workers must see ``out``)."""
+    from gradlab.runner import run_job
+    from gradlab.train_job import TrainJob
+
     out = Path(out)
     check_types(dict(cfg.__dict__), "config")
-    data = load_data(cfg.data, root=cfg.data_root, download=cfg.download, collate=cfg.collate)
-    if cfg.dtype is not None:
-        if cfg.dtype not in ("float32", "float64"):
-            raise UsageError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
-        data = with_dtype(data, getattr(torch, cfg.dtype))
-    names, kinds = layer_kinds(validate(cfg, data))
+    data = load_train_data(cfg)
+    validate(cfg, data)
     store = out / "train.zarr"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder (new or empty) for the runs")
     if out.exists() and not store.exists() and any(not _own_entry(p) for p in out.iterdir()):
         raise UsageError(f"{out} holds other data (no train.zarr); choose an empty or new folder for --out")
-    specs = expand_grid(cfg)
-    config = {"kind": "train", **cfg.to_dict()}
-
-    def create() -> None:
-        create_store(
-            store, kind="train",
-            sizes={"run": len(specs), "epoch": cfg.epochs + 1, "layer": len(names), "group": len(GROUPS)},
-            coords={
-                "run": ("run", [s.name for s in specs], {"long_name": "run"}),
-                "epoch": ("epoch", np.arange(cfg.epochs + 1), {"long_name": "epoch", "units": "epoch"}),
-                "layer": ("layer", names, {"long_name": "parameter tensor"}),
-                "param_kind": ("layer", kinds, {"long_name": "parameter kind"}),
-                "group": ("group", list(GROUPS), {"long_name": "parameter group"}),
-                "batch_size": ("run", [s.batch_size for s in specs], {"long_name": "batch size", "units": "examples"}),
-                "lr": ("run", [s.lr for s in specs], {"long_name": "base learning rate", "units": "1"}),
-                "seed": ("run", [s.seed for s in specs], {"long_name": "seed"}),
-                "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
-                "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
-            },
-            variables=_store_variables(loss_name(cfg.loss or data.loss)), unit_dims=("run",), chunks={"run": 1},
-            config=config,
-            attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling,
-                   "loss": loss_name(cfg.loss or data.loss),
-                   "task": task_record(data=cfg.data, loss=loss_name(cfg.loss or data.loss), model=cfg.model,
-                                       collate=cfg.collate),
-                   "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)},
-        )
-
-    with writer_for(store, resume=resume, config=config, create=create) as writer:
-        done = writer.done()
-        todo = [s for s in specs if not done[s.index]]
-        try:
-            _train_todo(cfg, data, todo, out, writer, show_progress)
-        except BaseException:
-            if not writer.done().any():  # the store is removed (nothing done): so are its checkpoints
-                shutil.rmtree(out / "runs", ignore_errors=True)
-            raise
+    run_job(TrainJob(cfg, str(out.resolve())), store, resume=resume, progress=show_progress, state=data,
+            workers=workers, scheduler=scheduler)
     return store
-
-
-def _train_todo(cfg: TrainConfig, data: DataBundle, todo: list[RunSpec], out: Path, writer: Any,
-                show_progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo) * cfg.epochs, desc="train", unit="epoch", disable=not show_progress,
-               file=None, dynamic_ncols=True)
-    with bar:
-        for spec in todo:
-            run_dir = out / "runs" / spec.name
-            if run_dir.exists():  # a crashed earlier attempt: its checkpoints are rewritten identically
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            res = train_run(cfg, data, spec, run_dir, progress=bar)
-            for name, values in res.items():
-                writer.write(name, {"run": spec.index}, values)
-            writer.mark_done({"run": spec.index})
 
 
 def parse_list(text: str, cast: Any, flag: str) -> tuple[Any, ...]:
@@ -520,4 +310,3 @@ def config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) 
         raise UsageError(f"{p}: unknown keys {unknown}; valid keys are {sorted(known)}")
     raw.update(overrides or {})
     return TrainConfig(**check_types(raw, str(p)))
-

@@ -24,6 +24,15 @@ NEW_ATTRS = {
 }
 
 
+# Variables whose last bits changed, each a fixed inconsistency of issue 11: train stores' distances and cosines now
+# come from the one implementation that probe stores use (gradlab.probe.distance: float64 dot products where
+# train.py summed squares), so they equal the old values up to float64 rounding, not bitwise.
+ROUNDING_CHANGES = {
+    "train/train.zarr": {"dist_init_layer", "cos_init_layer", "dist_init", "dist_origin"},
+}
+ROUNDING_RTOL = 1e-14
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     folder = tmp_path_factory.mktemp("golden")
@@ -39,6 +48,9 @@ def test_store_equals_the_one_written_before_the_redesign(written, store):
     for name, want in want_arrays.items():
         got = arrays[name]
         assert got.dtype == want.dtype and got.shape == want.shape, name
+        if name in ROUNDING_CHANGES.get(store, ()):
+            np.testing.assert_allclose(got, want, rtol=ROUNDING_RTOL, atol=0, err_msg=f"{store}: {name}")
+            continue
         assert np.array_equal(got, want, equal_nan=got.dtype.kind in "fc"), f"{store}: {name} differs"
     got_attrs = json.loads(json.dumps(attrs, sort_keys=True, default=str))
     for new in NEW_ATTRS:

@@ -94,8 +94,18 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
             weights.plot_per_layer(sub[v], ax)
         files += _save(fig, out, checks=checks, stem="weights_per_layer")
 
+    from gradlab.analysis.quantities import quantity_captions
+    from gradlab.figures.quantities import plot_quantity
+
+    for name in result.get("quantities", {}):  # the registered quantities' outputs, one value per m
+        if "batch_size" in ads[f"{name}_mean"].dims:
+            fig = Figure(figsize=(5.5, 4), layout="constrained")
+            plot_quantity(ads, fig.subplots(), name)
+            files += _save(fig, out, checks=checks, stem=f"quantity_{name}")
+
+    captions = {**CAPTIONS, **quantity_captions()}
     pngs = [f for f in files if f.endswith(".png")]
-    result["figure_captions"] = {f: CAPTIONS.get(f.removesuffix(".png"), "") for f in pngs}
+    result["figure_captions"] = {f: captions.get(f.removesuffix(".png"), "") for f in pngs}
     result["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
     page = report.html_report(f"gradlab analysis of {Path(result['store']).name}", HEADER, fit_rows(result),
                               [(f, result["figure_captions"][f]) for f in pngs], result.get("notes", []))

@@ -264,6 +264,13 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
             ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
                                     rng=rng_for(seed, keep[ci], SEED_CODES["moments"]))
             result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}
+    from gradlab.analysis.quantities import quantity_statistics, quantity_summary
+
+    qstats = quantity_statistics(ds, done).compute()
+    if qstats.data_vars:
+        ads = ads.merge(qstats.assign_coords(checkpoint=ads["checkpoint"].values), compat="override",
+                        join="override")
+        result["quantities"] = quantity_summary(qstats, labels)
     not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
     result["not_measured"] = not_measured
     result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]

@@ -60,6 +60,12 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 if tails[m]["alpha_stable"]["value"] is not None:
                     rows.append(_row(ck, f"α-stable (m={m})", tails[m]["alpha_stable"],
                                      "blocks inside layers, per-layer standardised"))
+    for name, q in result.get("quantities", {}).items():
+        for ck, per in q["checkpoints"].items():
+            items = [(f" (m={m})", v) for m, v in per.items()] if "mean" not in per else [("", per)]
+            for m, v in (items[0], items[-1]) if len(items) > 1 else items:
+                rows.append((ck, f"{q['long_name']}{m}", _fmt(v["mean"]), "—",
+                             f"mean ± {_fmt(v['std'])} (sd over {v['n']} trials)"))
     for ch in result.get("comparison", []):
         sym = "×" if ch["kind"] == "ratio" else "Δ"
         rows.append(_row("late/early", f"{sym} {ch['quantity']}", ch["change"], ch["text"]))

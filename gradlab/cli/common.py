@@ -31,3 +31,20 @@ def model_kwargs_arg(text: str | None) -> dict[str, Any] | None:
     if not isinstance(kw, dict):
         raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
     return kw
+
+
+def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` / ``--scheduler ADDRESS``: where the runner computes the units (:mod:`gradlab.runner`)."""
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="compute units on a local Dask cluster of N worker processes (one thread each when N "
+                             "equals the cores); pays when units take seconds: see the README")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="compute units on the Dask cluster at ADDRESS")
+
+
+def dispatch_args(args: argparse.Namespace) -> tuple[int | None, str | None]:
+    """The checked ``(workers, scheduler)`` of the flags above (one-line usage errors)."""
+    from gradlab.runner.dispatch import check_dispatch
+
+    workers, scheduler = getattr(args, "workers", None), getattr(args, "scheduler", None)
+    check_dispatch(workers, scheduler)
+    return workers, scheduler

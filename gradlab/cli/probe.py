@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradlab.cli.common import add_task_arguments, model_kwargs_arg
+from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
 from gradlab.errors import UsageError
 
 # Powers of two: the blog's 3, 5, 6, 7 do not divide its budget N = 1024, and every batch size must divide N.
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draws", choices=("common", "independent"), default="common",
                         help="common (default): trial t uses the same examples at every checkpoint, so early vs late "
                              "is a paired comparison; independent: each checkpoint draws its own")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--replacement", action="store_true", help="draw each trial's examples with replacement")
     parser.add_argument("--trials-per-unit", type=int, metavar="T",
@@ -51,8 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store (same flags)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; write nothing")
-    parser.add_argument("--workers", type=int, metavar="N", help="run units on a local Dask cluster of N processes")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run units on the Dask cluster at ADDRESS")
+    add_dispatch_arguments(parser)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -78,10 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("distributed").setLevel(logging.WARNING)  # Dask's INFO chatter only with -v
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if args.workers and args.scheduler:
-        raise UsageError("give --workers or --scheduler, not both")
+    dispatch_args(args)
     config = resolve_config(
         args.checkpoint, data=args.data, init=args.init, model=args.model,
         model_kwargs=model_kwargs_arg(args.model_kwargs),

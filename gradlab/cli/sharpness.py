@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradlab.cli.common import add_task_arguments, model_kwargs_arg
+from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
 from gradlab.errors import UsageError
 
 
@@ -69,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--into", metavar="PROBE_STORE",
                        help="write into an existing probe store, as its 'sharpness' group")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store")
     parser.add_argument("--no-progress", action="store_true", help="hide progress messages")
+    add_dispatch_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         loss=args.loss,
         collate=args.collate,
     )
-    out = run_sharpness(config, out, resume=args.resume,
+    workers, scheduler = dispatch_args(args)
+    out = run_sharpness(config, out, resume=args.resume, workers=workers, scheduler=scheduler,
                         progress=None if args.no_progress else
                         (lambda msg: print(f"gradlab sharpness: {msg}", file=sys.stderr, flush=True)))
     print(f"gradlab sharpness: wrote {out}", file=sys.stderr)

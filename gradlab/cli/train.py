@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from gradlab.cli.common import add_task_arguments
+from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (train.zarr + runs/<name>/epochNNN.pt)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted grid in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dispatch_arguments(p)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     cfg = config_from_toml(args.config, overrides) if args.config else TrainConfig(**overrides)
-    store = train_grid(cfg, args.out, resume=args.resume, show_progress=not args.no_progress)
+    workers, scheduler = dispatch_args(args)
+    store = train_grid(cfg, args.out, resume=args.resume, show_progress=not args.no_progress, workers=workers,
+                       scheduler=scheduler)
     print(f"wrote {store} and checkpoints under {store.parent / 'runs'}")
     return 0

@@ -60,6 +60,7 @@ from gradlab.curvature.hutchinson import TRACE_ESTIMATORS
 from gradlab.curvature.hvp import (BN_MODES, SampleObjective, check_twice_differentiable, has_batch_norm,
                                    objective_loss)
 from gradlab.curvature.interpolation import check_compatible
+from gradlab.devices import check_device
 from gradlab.errors import UsageError
 from gradlab.task import check_task
 
@@ -188,8 +189,7 @@ def validate(config: SharpnessConfig) -> None:
         raise UsageError(f"--bn-mode must be one of {BN_MODES}, got {config.bn_mode!r}")
     if config.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked but torch sees no CUDA device; use --device cpu")
+    check_device(config.device)
     if config.samples is not None and config.samples < 2:
         raise UsageError(f"--samples must be at least 2, got {config.samples}")
     if config.top_k < 1:

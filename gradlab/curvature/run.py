@@ -28,6 +28,8 @@ def run_sharpness(
     *,
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """Validate, create (or resume) the store at ``out``, and measure every unfinished checkpoint.
 
@@ -39,5 +41,6 @@ def run_sharpness(
         raise store_exists_error(out)
     prep = prepare(config)
     job = SharpnessJob(resolved(config, prep))
-    run_job(job, out, resume=resume, progress=progress is not None, say=progress, state=prep)
+    run_job(job, out, resume=resume, progress=progress is not None, say=progress, state=prep, workers=workers,
+            scheduler=scheduler)
     return out

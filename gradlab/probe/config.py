@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gradlab.devices import check_device
 from gradlab.errors import UsageError
 from gradlab.probe.sampling import DRAWS, seed_derivation
 
@@ -168,9 +169,7 @@ def resolve_config(
     _check_choice("keep", keep, KEEPS)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("draws", draws, DRAWS)
-    _check_choice("device", device, ("cpu", "cuda"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu or a CUDA build of torch")
+    check_device(device)
     if not checkpoints:
         raise UsageError("no checkpoint given; pass --checkpoint PATH (repeatable, or LABEL=PATH)")
     sizes = [int(m) for m in batch_sizes]

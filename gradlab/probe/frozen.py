@@ -94,6 +94,15 @@ class FrozenTrial:
     gram_sum: float
 
 
+def total_gram(grams: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """K = Σ_layers K_layer in float64 (the Gram matrix over all the given tensors)."""
+    names = list(grams)
+    total = grams[names[0]].double().clone()
+    for name in names[1:]:
+        total.add_(grams[name])
+    return total
+
+
 def _sqrt0(v: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(v, 0.0))
 
@@ -108,9 +117,7 @@ def frozen_trial(grams: Mapping[str, torch.Tensor], kinds: Mapping[str, str], ba
     """
     names = list(grams)
     n = next(iter(grams.values())).shape[0]
-    total = grams[names[0]].double().clone()
-    for name in names[1:]:
-        total.add_(grams[name])
+    total = total_gram(grams)
     layer_sum = np.array([float(grams[name].double().sum()) for name in names])
     gram_sum = float(total.sum())
     gram_trace = float(total.diagonal().sum())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +100,13 @@ def empty_outputs(config: ProbeConfig, tb: int) -> dict[str, np.ndarray]:
         if "trial" in v.dims:
             out[v.name] = np.full([sizes[d] for d in v.dims if d != "checkpoint"], v.fill_value(), dtype=v.dtype)
     return out
+
+
+def put_quantities(quantities: Sequence[Any], inputs: Any, out: dict[str, np.ndarray], j: int) -> None:
+    """Compute each registered quantity on one trial's inputs and put its arrays at trial ``j`` of ``out`` (each
+    output's trial axis where its declared dims put it)."""
+    for q in quantities:
+        values = q.compute(inputs)
+        for o in q.outputs:
+            axis = [d for d in o.dims if d != "checkpoint"].index("trial")
+            out[o.name][(slice(None),) * axis + (j,)] = values[o.name]

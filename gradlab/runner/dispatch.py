@@ -68,6 +68,20 @@ def check_dispatch(workers: int | None, scheduler: str | None) -> None:
         raise UsageError("give --workers or --scheduler, not both")
 
 
+def check_travels(job: Job) -> None:
+    """Refuse a job that names live Python objects (``live:`` specs of :mod:`gradlab.api`): they exist only in this
+    process and cannot travel to Dask workers."""
+    from gradlab.provenance import canonical_json
+
+    if '"live:' in canonical_json(job.config_dict()):
+        raise live_objects_error()
+
+
+def live_objects_error() -> UsageError:
+    return UsageError("live objects (a model, data or loss given as Python objects) cannot travel to Dask "
+                      "workers; pass importable 'pkg.module:factory' names, or run without workers")
+
+
 def dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
     """A Dask client on the cluster at ``scheduler``, or on a new local cluster of ``workers`` processes (one
     thread each)."""

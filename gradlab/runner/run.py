@@ -8,14 +8,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradlab.errors import StoreError
-from gradlab.runner.dispatch import (check_dispatch, dask_client, dask_results, local_results, prepared_state,
+from gradlab.runner.dispatch import (check_dispatch, check_travels, dask_client, dask_results, local_results, prepared_state,
                                      seed_state)
 from gradlab.runner.job import Job, RunSummary, Unit, UnitContext
 from gradlab.runner.threads import default_threads
@@ -104,6 +104,8 @@ def run_job(job: Job, out: str | os.PathLike, *, resume: bool = False, workers: 
     from gradlab.store import writer_for
 
     check_dispatch(workers, scheduler)
+    if workers or scheduler:
+        check_travels(job)
     if state is not None:
         seed_state(job, state)
     start = time.perf_counter()

@@ -70,7 +70,7 @@ def test_defect_2_failed_first_probe_leaves_no_store(tmp_path, monkeypatch, caps
 
 
 def test_defect_2_failed_first_train_leaves_no_store(tmp_path, monkeypatch, capsys):
-    import gradlab.train as tr
+    import gradlab.train_loop as tr
 
     out = tmp_path / "R"
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.probe.config import ProbeConfig
-from gradlab.probe.units import gram_engine
+from gradlab.probe.units import gram_engine, put_quantities
 
 
 def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray]) -> None:
@@ -18,13 +18,15 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
     import torch
 
     from gradlab.probe.distance import param_kind
-    from gradlab.probe.frozen import frozen_trial, reduction_scale
+    from gradlab.probe.frozen import frozen_trial, reduction_scale, total_gram
+    from gradlab.quantities import TrialInputs, quantities_for
     from gradlab.probe.histogram import ScaledHistograms
     from gradlab.task import index_batch, tensor_leaves
 
     pool_device = tensor_leaves(pool)[0].device
     order = [n for n in config.layers if n in config.selected]
     engine = gram_engine(config, c)
+    quantities = quantities_for("frozen")
     kinds = {n: param_kind(n) for n in order}
     sel_idx = [config.layers.index(n) for n in order]
     for j in range(len(idx)):
@@ -35,8 +37,9 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
         out["grad_norm_layer"][:, j, sel_idx] = ft.grad_norm_layer
         out["grad_norm_group"][:, j] = ft.grad_norm_group
         out["minibatch_grad_norm"][:, j] = ft.minibatch_grad_norm
-        out["gram_trace"][j] = ft.gram_trace
-        out["gram_sum"][j] = ft.gram_sum
+        inputs = TrialInputs(config.batch_sizes, config.reduction, config.budget, gram=total_gram(res.gram),
+                             layer_grams=res.gram)
+        put_quantities(quantities, inputs, out, j)
         base = torch.cat([res.grad_sum[n].reshape(-1) for n in order])
         # S_m = c_m·base: one log pass serves every batch size's histogram; finiteness does not depend on m
         hist = ScaledHistograms(base) if config.keep != "norms" else None

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.probe.config import ProbeConfig
-from gradlab.probe.units import checkpoint_model, entry_outputs, norms_of
+from gradlab.probe.units import checkpoint_model, entry_outputs, norms_of, put_quantities
 
 
 def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray]) -> None:
@@ -17,9 +17,13 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
     import torch
 
     from gradlab.probe.step import step_trials
+    from gradlab.quantities import TrialInputs, quantities_for
     from gradlab.task import resolve_loss
 
     order = [n for n in config.layers if n in config.selected]
+    quantities = quantities_for("step")
+    sums_by_m: list[list[dict[str, np.ndarray]]] = []
+    displacement: list[np.ndarray] = []
     net = checkpoint_model(config, c)
     for i, m in enumerate(config.batch_sizes):
         r = step_trials(net, pool, None, torch.as_tensor(idx), int(m), config.lr,
@@ -37,3 +41,12 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
         out["step_grad_norm_std"][i] = r.step_norm_std
         out["step_grad_norm_max"][i] = r.step_norm_max
         out["nonfinite_count"][i] = r.nonfinite
+        if quantities:  # the trial's inputs for the registered step quantities
+            sums_by_m.append([{n: r.grad_sum[n][j] for n in order} for j in range(len(idx))])
+            displacement.append(r.displacement)
+    if quantities:
+        for j in range(len(idx)):
+            inputs = TrialInputs(config.batch_sizes, config.reduction, config.budget,
+                                 step_sums=[sums[j] for sums in sums_by_m],
+                                 displacement=np.array([d[j] for d in displacement]))
+            put_quantities(quantities, inputs, out, j)

@@ -1,0 +1,165 @@
+"""The one runner (gradlab.runner) on a toy job and on the real commands: local and Dask runs write the same store,
+a resume recomputes only undone units, a changed config or input file is refused, live objects stay local."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from gradlab.errors import StoreError, UsageError
+from gradlab.runner import Job, Template, Unit, UnitContext, run_job
+from gradlab.store import VarSpec
+
+CALLS: list[int] = []
+
+
+@dataclass(frozen=True)
+class SquaresJob(Job):
+    """x[u, k] = (seed + u)² + k, unit u = one row; ``total`` = Σ x, written by finalize."""
+
+    n: int = 5
+    seed: int = 0
+    input_file: str = ""
+    kind: ClassVar[str] = "toy"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "seed": self.seed, "input": self.input_file}
+
+    def input_files(self):
+        return [self.input_file] if self.input_file else []
+
+    def template(self) -> Template:
+        return Template(sizes={"u": self.n, "k": 3}, coords={"u": ("u", np.arange(self.n), {"long_name": "unit"})},
+                        variables=[VarSpec("x", ("u", "k"), "float64", "a value", "1"),
+                                   VarSpec("total", (), "float64", "sum of x", "1")],
+                        unit_dims=("u",), chunks={"u": 1})
+
+    def units(self):
+        return [Unit({"u": u}, f"row {u}") for u in range(self.n)]
+
+    def prepare(self) -> Any:
+        return {"offset": np.arange(3.0)}
+
+    def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
+        CALLS.append(int(unit.region["u"]))
+        return {"x": float((self.seed + unit.region["u"]) ** 2) + state["offset"]}
+
+    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
+        writer.write("total", {}, writer.read("x").sum())
+
+
+def _values(path):
+    import xarray as xr
+
+    ds = xr.open_zarr(path, consolidated=False)
+    return ds.x.values, float(ds.total.values), ds.done.values
+
+
+def test_local_run_resume_and_refusals(tmp_path):
+    CALLS.clear()
+    s = run_job(SquaresJob(), tmp_path / "a.zarr", progress=False)
+    x, total, done = _values(tmp_path / "a.zarr")
+    np.testing.assert_array_equal(x, (np.arange(5.0) ** 2)[:, None] + np.arange(3.0))
+    assert total == x.sum() and done.all() and s.units_computed == 5 and CALLS == [0, 1, 2, 3, 4]
+    with pytest.raises(StoreError, match="already exists; pass --resume"):
+        run_job(SquaresJob(), tmp_path / "a.zarr", progress=False)
+    CALLS.clear()
+    assert run_job(SquaresJob(), tmp_path / "a.zarr", resume=True, progress=False).units_computed == 0
+    assert CALLS == []
+    with pytest.raises(StoreError, match="different config"):
+        run_job(SquaresJob(seed=1), tmp_path / "a.zarr", resume=True, progress=False)
+
+
+def test_a_changed_input_file_is_refused_on_resume(tmp_path):
+    f = tmp_path / "input.bin"
+    f.write_bytes(b"one")
+    job = SquaresJob(input_file=str(f))
+    run_job(job, tmp_path / "a.zarr", progress=False)
+    run_job(job, tmp_path / "a.zarr", resume=True, progress=False)  # unchanged: fine
+    f.write_bytes(b"two")
+    with pytest.raises(StoreError, match="changed since"):
+        run_job(job, tmp_path / "a.zarr", resume=True, progress=False)
+
+
+def test_resume_recomputes_exactly_the_undone_units(tmp_path):
+    import zarr
+
+    run_job(SquaresJob(), tmp_path / "a.zarr", progress=False)
+    g = zarr.open_group(tmp_path / "a.zarr", mode="r+")
+    g["done"][1] = False
+    g["done"][3] = False
+    g["x"][1] = -1.0  # what a crash between write and mark_done could leave
+    CALLS.clear()
+    run_job(SquaresJob(), tmp_path / "a.zarr", resume=True, progress=False)
+    assert CALLS == [1, 3]
+    run_job(SquaresJob(), tmp_path / "b.zarr", progress=False)
+    for a, b in zip(_values(tmp_path / "a.zarr"), _values(tmp_path / "b.zarr")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dask_scheduler_writes_the_same_store(tmp_path):
+    from distributed import LocalCluster
+
+    run_job(SquaresJob(n=7), tmp_path / "local.zarr", progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        s = run_job(SquaresJob(n=7), tmp_path / "dask.zarr", scheduler=cluster.scheduler_address, progress=False)
+    assert s.units_computed == 7
+    for a, b in zip(_values(tmp_path / "local.zarr"), _values(tmp_path / "dask.zarr")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dispatch_flags_are_checked(tmp_path):
+    with pytest.raises(UsageError, match="--workers must be >= 1"):
+        run_job(SquaresJob(), tmp_path / "a.zarr", workers=0)
+    with pytest.raises(UsageError, match="not both"):
+        run_job(SquaresJob(), tmp_path / "a.zarr", workers=2, scheduler="tcp://127.0.0.1:1")
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_train_and_sharpness_on_dask_workers_equal_local_runs(tmp_path):
+    """The real commands through the same runner: a train grid and a sharpness store computed by Dask worker
+    processes are the stores of the local runs (data bitwise)."""
+    from distributed import LocalCluster
+
+    from gradlab.cli import main
+
+    train = ["train", "--model-kwargs", '{"widths": [8]}', "--batch-sizes", "128,512", "--epochs", "1",
+             "--checkpoint-epochs", "1", "--no-progress"]
+    assert main([*train, "--out", str(tmp_path / "t_local")]) == 0
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main([*train, "--out", str(tmp_path / "t_dask"), "--scheduler", cluster.scheduler_address]) == 0
+        ck = sorted((tmp_path / "t_local" / "runs").glob("*/epoch001.pt"))
+        sharp = ["sharpness", *sum((["--checkpoint", str(c)] for c in ck), []), "--samples", "32", "--top-k", "1",
+                 "--hutchinson-probes", "4", "--eps", "1e-3", "--lbfgs-iters", "2", "--no-progress"]
+        assert main([*sharp, "--out", str(tmp_path / "s_dask.zarr"), "--scheduler", cluster.scheduler_address]) == 0
+    assert main([*sharp, "--out", str(tmp_path / "s_local.zarr")]) == 0
+    import xarray as xr
+
+    for a, b in (("t_local/train.zarr", "t_dask/train.zarr"), ("s_local.zarr", "s_dask.zarr")):
+        da, db = xr.open_zarr(tmp_path / a, consolidated=False), xr.open_zarr(tmp_path / b, consolidated=False)
+        assert sorted(da.data_vars) == sorted(db.data_vars)
+        for name in da.data_vars:
+            np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=f"{a}: {name}")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "cuda"])
+def test_probe_and_sharpness_check_a_device_the_same_way(tmp_path, capsys, device):
+    """One device check for every command (probe refused cuda:1 and sharpness accepted any cuda*)."""
+    import torch
+
+    from gradlab.cli import main
+    from tests.probe.probe_cases import make_run
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the refusals below are CPU-machine refusals")
+    ck = make_run(tmp_path)["late"]
+    lines = []
+    for argv in (["probe", "--checkpoint", str(ck), "--data", "digits", "--out", str(tmp_path / "p.zarr")],
+                 ["sharpness", "--checkpoint", str(ck), "--out", str(tmp_path / "s.zarr")]):
+        assert main([*argv, "--device", device]) == 2
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "--device" in lines[0]
+    assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "s.zarr").exists()

@@ -89,7 +89,8 @@ def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any
     """Each branch as its own training run (``torch.optim`` on a private copy of ``model``); see module docs."""
     from gradlab.probe.step import minibatch_loss
     from gradlab.task import index_batch, to_run
-    from gradlab.train import evaluate, Split
+    from gradlab.datasets import Split
+    from gradlab.train_loop import evaluate
 
     m = int(batch_size)
     n_steps = stream.shape[1] // m

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradlab.cli.common import add_task_arguments, model_kwargs_arg
+from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
 from gradlab.errors import UsageError
 
 DEFAULT_BATCH_SIZES = "8,16,32,64,128,256,512"
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the zarr store to write")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store (same flags)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--workers", type=int, metavar="N", help="run units on a local Dask cluster of N processes")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run units on the Dask cluster at ADDRESS")
+    add_dispatch_arguments(parser)
 
 
 def _list(text: str, cast: type, flag: str) -> list:
@@ -62,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from gradlab.api import cbs_job
     from gradlab.cbs import run_cbs
 
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if args.workers and args.scheduler:
-        raise UsageError("give --workers or --scheduler, not both")
+    workers, scheduler = dispatch_args(args)
     job = cbs_job(
         args.checkpoint, data=args.data, batch_sizes=_list(args.batch_sizes, int, "--batch-sizes"),
         budget=args.budget, lr_scaling=args.lr_scaling, lr_factors=_list(args.lr_factors, float, "--lr-factors"),
@@ -73,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, n_evals=args.evals,
         eval_examples=args.eval_examples, dtype=args.dtype, engine=args.engine, diverge_factor=args.diverge_factor,
         model=args.model, model_kwargs=model_kwargs_arg(args.model_kwargs), loss=args.loss, collate=args.collate)
-    summary = run_cbs(job, args.out, resume=args.resume, workers=args.workers, scheduler=args.scheduler,
+    summary = run_cbs(job, args.out, resume=args.resume, workers=workers, scheduler=scheduler,
                       progress=not args.no_progress)
     print(f"wrote {summary.path}: {summary.units_computed} of {summary.units_total} units "
           f"({len(job.lr_factors) * job.seeds} branches each) computed in {summary.seconds:.1f} s"

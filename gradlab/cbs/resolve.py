@@ -40,7 +40,8 @@ def resolve_cbs(
     *,
     data: str,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    budget: int = 4096,
+    budget: int | None = 4096,
+    budget_tokens: int | None = None,
     lr_scaling: str = "constant",
     lr_factors: Sequence[float] = (1.0,),
     seeds: int = 4,
@@ -61,7 +62,8 @@ def resolve_cbs(
     collate: str | None = None,
 ) -> CbsJob:
     """Check every input and return the job; see the module docs.  ``lr``/``base_batch_size``/``optimizer``/
-    ``momentum`` override the checkpoints' recipes (None: from each checkpoint's meta)."""
+    ``momentum`` override the checkpoints' recipes (None: from each checkpoint's meta).  ``budget_tokens`` gives the
+    budget in tokens instead (language modelling: tokens = examples × labelled positions per example)."""
     import torch
 
     from gradlab.checkpoint import build_model_from, checkpoint_sha256, load_checkpoint, require_finite
@@ -85,14 +87,10 @@ def resolve_cbs(
     if len(set(sizes)) != len(sizes):
         raise UsageError(f"batch sizes repeat: {sizes}; give each once")
     sizes.sort()
-    budget = _int("--budget", budget, 1)
-    if budget < sizes[-1]:
-        raise UsageError(f"--budget {budget} is smaller than the largest batch size {sizes[-1]}: every branch takes "
-                         f"budget/m steps; raise --budget to at least {sizes[-1]} or drop the larger batch sizes")
-    bad = [m for m in sizes if budget % m]
-    if bad:
-        raise UsageError(f"batch sizes {bad} do not divide --budget {budget}: every branch sees exactly the budget "
-                         "in examples; pick divisors of the budget (e.g. powers of two)")
+    if budget_tokens is not None:
+        budget_tokens = _int("--budget-tokens", budget_tokens, 1)
+    else:
+        budget = _int("--budget", budget, 1)
     seeds = _int("--seeds", seeds, 1)
     seed = _int("--seed", seed, 0)
     factors = [_finite("--lr-factors", f, low=0.0, strict=True) for f in lr_factors]
@@ -117,6 +115,21 @@ def resolve_cbs(
     loss = loss_name(loss or bundle.loss)
     loss_fn = resolve_loss(loss)
     n = len(bundle.train)
+    tpe = tokens_per_example(bundle, loss)
+    if budget_tokens is not None:  # the data decides how many tokens an example holds
+        if budget_tokens % tpe:
+            raise UsageError(f"--budget-tokens {budget_tokens} is not a multiple of the {tpe} tokens per example of "
+                             f"{data!r}; give a multiple of {tpe}")
+        budget = budget_tokens // tpe
+    assert budget is not None
+    if budget < sizes[-1]:
+        raise UsageError(f"the budget of {budget} examples is smaller than the largest batch size {sizes[-1]}: every "
+                         f"branch takes budget/m steps; raise --budget to at least {sizes[-1]} or drop the larger "
+                         "batch sizes")
+    bad = [m for m in sizes if budget % m]
+    if bad:
+        raise UsageError(f"batch sizes {bad} do not divide the budget of {budget} examples: every branch sees exactly "
+                         "the budget; pick divisors of the budget (e.g. powers of two)")
     big = [m for m in sizes if m > n]
     if big:
         raise UsageError(f"batch sizes {big} are larger than the {n} training examples of {data!r}; use batch "
@@ -180,4 +193,4 @@ def resolve_cbs(
         lr_factors=tuple(factors), seeds=seeds, seed=seed, weight_decay=weight_decay, n_evals=n_evals,
         eval_examples=eval_examples, dtype=dtype, engine=engine, diverge_factor=diverge_factor,
         input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), pool_size=n,
-        tokens_per_example=tokens_per_example(bundle, loss))
+        tokens_per_example=tpe)

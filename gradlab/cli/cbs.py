@@ -23,7 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_task_arguments(parser, default_loss=None)
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")
-    parser.add_argument("--budget", type=int, default=4096, help="examples per branch N (default 4096)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, default=4096, help="examples per branch N (default 4096)")
+    budget.add_argument("--budget-tokens", type=int, metavar="T",
+                        help="the budget in tokens instead (language modelling: T / tokens per example examples)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds (example streams) per branch (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
     parser.add_argument("--lr-scaling", choices=("constant", "linear", "sqrt"), default="constant",
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     workers, scheduler = dispatch_args(args)
     job = cbs_job(
         args.checkpoint, data=args.data, batch_sizes=_list(args.batch_sizes, int, "--batch-sizes"),
-        budget=args.budget, lr_scaling=args.lr_scaling, lr_factors=_list(args.lr_factors, float, "--lr-factors"),
+        budget=args.budget, budget_tokens=args.budget_tokens, lr_scaling=args.lr_scaling, lr_factors=_list(args.lr_factors, float, "--lr-factors"),
         seeds=args.seeds, seed=args.seed, lr=args.lr, base_batch_size=args.base_batch_size,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, n_evals=args.evals,
         eval_examples=args.eval_examples, dtype=args.dtype, engine=args.engine, diverge_factor=args.diverge_factor,

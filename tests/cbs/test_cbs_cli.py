@@ -76,7 +76,8 @@ def test_interrupted_store_resumes_to_the_identical_store(ckpts, store, tmp_path
 @pytest.mark.parametrize("extra, message", [
     (["--batch-sizes", "4,2048", "--budget", "4096"], "larger than the 1438 training examples"),
     (["--batch-sizes", "4,64", "--budget", "32"], "smaller than the largest batch size 64"),
-    (["--batch-sizes", "4,48", "--budget", "256"], "do not divide --budget 256"),
+    (["--batch-sizes", "4,48", "--budget", "256"], "do not divide the budget of 256 examples"),
+    (["--budget-tokens", "256", "--batch-sizes", "4,512"], "smaller than the largest batch size 512"),
     (["--lr-factors", "1,-2"], "--lr-factors must be > 0"),
     (["--seeds", "0"], "--seeds must be an integer >= 1"),
     (["--momentum", "1.5"], "--momentum must be below 1"),
@@ -84,7 +85,11 @@ def test_interrupted_store_resumes_to_the_identical_store(ckpts, store, tmp_path
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad.zarr"
-    assert main(_args(ckpts, out, *extra)) == 2
+    args = _args(ckpts, out, *extra)
+    if "--budget-tokens" in extra:  # instead of --budget
+        i = args.index("--budget")
+        del args[i:i + 2]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists() and not any(tmp_path.iterdir())

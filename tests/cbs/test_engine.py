@@ -46,6 +46,9 @@ def test_chain_equals_loop_in_float64(setup, recipe):
     alone = engine.chain_branches(model, *train, ev_train, ev_test, stream[1:2], lrs[1:2], m, steps, recipe,
                                   dtype=torch.float64)
     assert np.array_equal(alone.test_loss[0], a.test_loss[1])  # a branch does not depend on its neighbours
+    blocks = engine.chain_branches(model, *train, ev_train, ev_test, stream, lrs, m, steps, recipe,
+                                   dtype=torch.float64, block=2)
+    assert np.array_equal(blocks.test_loss, a.test_loss) and np.array_equal(blocks.train_loss, a.train_loss)
 
 
 def test_divergence_is_recorded(setup):

@@ -30,7 +30,7 @@ CAPTIONS = {
                     "sizes far below B_crit = E_min/S_min sit on the horizontal asymptote (fewer steps at no cost "
                     "in examples), far above it on the vertical one (more examples buy no fewer steps).",
     "cbs_b_noise": "B_crit from both estimators and the noise scale B_noise = tr Σ/‖G‖² per checkpoint, with "
-                   "intervals (log scale). If the noise scale predicts the critical batch size the markers of each "
+                   "intervals (log scale; a bar drawn up to 10× its point marks an unbounded upper end). If the noise scale predicts the critical batch size the markers of each "
                    "checkpoint line up; McCandlish et al. predict B_crit ≈ B_noise only under their assumptions "
                    "(optimally tuned learning rate, Hessian ∝ identity).",
 }

@@ -44,7 +44,7 @@ def _child(args: argparse.Namespace) -> None:
     ev = index_batch(train, torch.as_tensor(eval_subset(0, len(data.train), args.eval_examples)))
     factors = [float(f) for f in args.lr_factors.split(",")]
     streams = np.stack([example_stream(0, s, args.budget, len(data.train)) for s in range(args.seeds)])
-    recipe = engine.Recipe("sgd", 0.9, 0.0)
+    recipe = engine.Recipe("sgd", args.momentum, 0.0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     out = {}
@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--evals", type=int, default=16)
     p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,7 +92,7 @@ def main() -> None:
                for m in best["chain"]["losses"])
     n = len(args.batch_sizes.split(",")) * len(args.lr_factors.split(",")) * args.seeds
     print(f"digits MLP widths [{args.widths}], {n} branches (batch sizes {args.batch_sizes} × lr factors "
-          f"{args.lr_factors} × {args.seeds} seeds), budget {args.budget}, {args.evals} evals, SGD momentum 0.9, "
+          f"{args.lr_factors} × {args.seeds} seeds), budget {args.budget}, {args.evals} evals, SGD momentum {args.momentum:g}, "
           "float64, 1 thread")
     print(f"  lock-step (chain): {best['chain']['seconds']:.2f} s, peak RSS {best['chain']['peak_mib']:.0f} MiB "
           f"(after set-up {best['chain']['setup_mib']:.0f})")

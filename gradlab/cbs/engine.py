@@ -186,8 +186,10 @@ class _Optim:
             p.addcmul_(lr, grad, value=-1)
 
 
-def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool) -> list[Tensor]:
-    """Activations of every op; x (T, n, d) per branch, or (n, d) shared by all branches (``shared``)."""
+def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool,
+                   lazy: dict[str, Any] | None = None) -> list[Tensor]:
+    """Activations of every op; x (T, n, d) per branch, or (n, d) shared by all branches (``shared``); ``lazy``:
+    weights with pending low-rank updates (:class:`gradlab.probe.step._LowRankUpdates`) to add in."""
     acts = [x]
     for op in ops:
         h = acts[-1]
@@ -201,6 +203,8 @@ def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool
             h = torch.bmm(h, w[op.weight].transpose(1, 2))
         else:
             h = torch.baddbmm(w[op.bias], h, w[op.weight].transpose(1, 2))
+        if lazy and op is not None and op.weight in lazy:
+            lazy[op.weight].forward_add(h, acts[-1])
         acts.append(h)
     return acts
 
@@ -272,16 +276,21 @@ def _chain_block(ops: list[Any], model: nn.Module, x: Tensor, y: Tensor, eval_tr
     n_classes = w[next(op for op in reversed(ops) if op is not None).weight].shape[1]
     idx = torch.as_tensor(stream, dtype=torch.long)
     tr, te = np.full((T, len(steps)), np.nan), np.full((T, len(steps)), np.nan)
+    lazy = _lazy_weights(ops, w, m, recipe)
+    lr_rows = opt.lr[0].view(-1, 1, 1)
     j = 0
     with torch.no_grad():
         for k in range(n_steps + 1):
+            if j < len(steps) and steps[j] == k:
+                for pending in lazy.values():
+                    pending.flush()
             while j < len(steps) and steps[j] == k:
                 tr[:, j], te[:, j] = _chain_eval(ops, w, ex, ey), _chain_eval(ops, w, tx, ty)
                 j += 1
             if k == n_steps or j == len(steps):
                 break
             rows = idx[:, k * m:(k + 1) * m]
-            acts = _chain_forward(ops, w, x[rows.reshape(-1)].view(T, m, -1), False)
+            acts = _chain_forward(ops, w, x[rows.reshape(-1)].view(T, m, -1), False, lazy)
             g = torch.softmax(acts[-1], dim=-1).sub_(F.one_hot(y[rows], n_classes).to(dtype)).mul_(1.0 / m)
             opt.begin_step()
             for i in range(len(ops) - 1, -1, -1):
@@ -290,11 +299,28 @@ def _chain_block(ops: list[Any], model: nn.Module, x: Tensor, y: Tensor, eval_tr
                     g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
                     continue
                 g_in = torch.bmm(g, w[op.weight]) if i else None  # before the update: uses θ_k
-                opt.update(pos[op.weight], factors=(g.transpose(1, 2), acts[i]))
+                if op.weight in lazy:
+                    if g_in is not None:
+                        lazy[op.weight].backward_add(g_in, g)
+                    lazy[op.weight].push(g * lr_rows, acts[i])  # W ← W − (ηg)ᵀa, deferred
+                else:
+                    opt.update(pos[op.weight], factors=(g.transpose(1, 2), acts[i]))
                 if op.bias is not None:
                     opt.update(pos[op.bias], grad=g.sum(1, keepdim=True))
                 g = g_in
     return tr, te
+
+
+def _lazy_weights(ops: list[Any], w: dict[str, Tensor], m: int, recipe: Recipe) -> dict[str, Any]:
+    """Plain SGD (no momentum, no weight decay) at small m on large weights: pending low-rank updates, flushed into W
+    every R/m steps and before every evaluation (the probe's rule and rank: a rank-m update rewrites the whole
+    (out, in) matrix every step, which at small m costs more memory traffic than the products)."""
+    from gradlab.probe.step import LOW_RANK, _LowRankUpdates
+
+    if recipe.optimizer != "sgd" or recipe.momentum or recipe.weight_decay or 8 * m > LOW_RANK:
+        return {}
+    return {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, 1.0) for op in ops
+            if op is not None and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
 
 
 def supports_chain(model: nn.Module, loss_name: str, x: Any) -> bool:

@@ -57,3 +57,27 @@ def test_divergence_is_recorded(setup):
     res = engine.chain_branches(model, *train, ev_train, ev_test, stream, [0.05, 1e4], 4, [0, 4, 8, 16],
                                 engine.Recipe("sgd"), dtype=torch.float64)
     assert res.diverged_step[0] == -1 and res.diverged_step[1] in (4, 8, 16)
+
+
+def test_deferred_low_rank_sgd_updates_equal_the_loop(setup):
+    """Plain SGD at small m on a weight wider than 2×64 both ways takes the pending low-rank path."""
+    from gradlab.cbs.engine import _lazy_weights
+    from gradlab.models import build_model
+    from gradlab.probe.step import chain_ops
+    from gradlab.task import cross_entropy
+
+    _, train, ev_train, ev_test = setup
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        wide = build_model("mlp", (1, 8, 8), 10, widths=[144, 144]).double()
+    recipe = engine.Recipe("sgd")
+    w = {n: p.detach().unsqueeze(0) if p.ndim == 2 else p.detach().view(1, 1, -1) for n, p in wide.named_parameters()}
+    assert list(_lazy_weights(chain_ops(wide), w, 4, recipe)) == ["layers.2.weight"]
+    stream = np.stack([example_stream(0, s, 128, len(train[1])) for s in range(2)])
+    steps = [0, 3, 17, 32]
+    a = engine.chain_branches(wide, *train, ev_train, ev_test, stream, [0.1, 0.3], 4, steps, recipe,
+                              dtype=torch.float64)
+    b = engine.loop_branches(wide, cross_entropy, train, ev_train, ev_test, stream, [0.1, 0.3], 4, steps, recipe,
+                             dtype=torch.float64)
+    assert np.abs(a.test_loss - b.test_loss).max() < 1e-12 and np.abs(a.train_loss - b.train_loss).max() < 1e-12
+    assert (a.test_loss[:, -1] < a.test_loss[:, 0]).all()

@@ -14,7 +14,9 @@ Two engines compute the same numbers (``tests/cbs/test_engine.py`` compares them
 
 - ``chain``: a chain of ``nn.Linear``/``nn.ReLU`` (gradlab's MLP without batch norm) with the cross-entropy loss.
   Per-branch weight copies (T, out, in), forward and a hand-written backward with ``baddbmm``/``bmm``, the
-  optimizer update on all T branches at once, evaluation as one batched product over the shared eval inputs.
+  optimizer update on all T branches at once (plain SGD fused into the weight-gradient GEMM, or at small m on wide
+  weights deferred as pending low-rank factors; optimizer buffers allocated once), evaluation as one batched
+  product over the shared eval inputs.  Branches run in blocks capped at ``BLOCK_BYTES`` of state.
   The probe's step engine (:mod:`gradlab.probe.step`) does the same for trials; the idea, not the code, is reused
   because branches need per-branch learning rates, optimizer state and loss curves.
 - ``loop``: any model and any per-example loss: branch after branch on a private copy with ``torch.optim``,

@@ -386,3 +386,12 @@ def test_chain_engine_refused_for_non_chain_model() -> None:
     x, y = _pool((1, 6, 6), 4)
     with pytest.raises(UsageError, match="chain"):
         step_trials(_cnn(False), x, y, _draw(1, 4, len(x)), 2, 0.1, "mean", ["0.weight"], engine="chain")
+
+
+def test_unknown_engine_is_refused_and_every_named_engine_is_registered() -> None:
+    x, y = _pool((1, 3, 4), 5)
+    with pytest.raises(UsageError, match="engine must be"):
+        step_trials(_mlp(), x, y, _draw(2, 4, len(x)), 2, 0.1, "mean", ["layers.4.bias"], engine="vmap")
+    assert set(step_module.ENGINES) == {"chain", "loop", "generic"}
+    for name, cls in step_module.ENGINES.items():
+        assert cls.__module__ == f"gradlab.probe.step.{name}"  # one file per engine

@@ -137,7 +137,7 @@ def step_trials(
         trials_per_block = int(trials_per_block)
     if not isinstance(trials_per_block, int) or trials_per_block < 1:
         raise UsageError(f"trials_per_block must be a positive integer, got {trials_per_block!r}")
-    if engine not in ("auto", "chain", "loop", "generic"):
+    if engine != "auto" and engine not in ENGINES:
         raise UsageError(f"engine must be 'auto', 'chain', 'loop' or 'generic', got {engine!r}")
     fits_chain = chain.applies(model, x, y, loss)
     if engine == "chain" and not fits_chain:

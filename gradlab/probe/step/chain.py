@@ -29,7 +29,6 @@ from gradlab.task import Batch, PerExampleLoss
 from gradlab.task import cross_entropy as task_cross_entropy
 
 
-
 @dataclass(frozen=True)
 class _Linear:
     weight: str
@@ -75,8 +74,6 @@ def _is_flat_chain(model: nn.Module) -> bool:
     return not (type(model) is nn.Sequential and not (len(model) and type(model[0]) is nn.Flatten))
 
 
-
-
 def applies(model: nn.Module, x: Tensor | Batch, y: Tensor | None, loss: PerExampleLoss) -> bool:
     """Whether the chain engine can run ``model`` on the pool (x, y) with ``loss``: a Linear/ReLU chain, the
     built-in cross-entropy on (x, y), and 2-D x unless the chain starts with ``nn.Flatten()`` (an ``nn.Sequential``
@@ -93,8 +90,6 @@ LOW_RANK = 64
 # WINDOW_RANK when K >= 4 (blog MLP, 2 threads, 8 trials: 16% faster at m = 2, 13% at m = 4, 8% at m = 8, same at
 # m = 16; windows of 128-512 rows were no better)
 WINDOW_RANK = 64
-
-
 
 
 @final

@@ -115,8 +115,6 @@ def outer_sq_norm(g: Tensor, a: Tensor) -> Tensor:
     return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
 
 
-
-
 class Workspace:
     """Buffers that every block of one :func:`~gradlab.probe.step.step_trials` call reuses: per-trial weight copies,
     the selected tensors' S, and the gathered inputs, each for ``trials_per_block`` trials (a block uses the first

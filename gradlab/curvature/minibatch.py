@@ -24,6 +24,7 @@ import numpy as np
 
 from gradlab.analysis.noise_model import finite_population_factor
 from gradlab.analysis.wls import wls, wls_covariance
+from gradlab.schema.sharpness import EXTRAPOLATION_MODEL
 
 SEED_TAG = 5_000  # separates these streams from other uses of the same (seed, checkpoint)
 
@@ -72,7 +73,7 @@ class Extrapolation:
     lambda_full_stderr: float
     slope: float
     chi2_reduced: float
-    model: str = "lambda_max(m) = lambda_full + c*(1/m)*(N-m)/(N-1), WLS with weights trials/var_m"
+    model: str = EXTRAPOLATION_MODEL
 
 
 def noise_factor(batch_sizes: Sequence[int] | np.ndarray, pool_size: int | None) -> np.ndarray:

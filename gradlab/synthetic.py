@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gradlab import schema
+from gradlab.analysis.noise_model import finite_population_factor
 from gradlab.store import StoreWriter, create_store
 
 
@@ -225,7 +226,7 @@ def _write_checkpoint(w: StoreWriter, c: int, *, protocol: str, g2: float, tr: f
         w.write("gram_trace", reg, gram_trace)
         w.write("gram_sum", reg, gram_sum)
         n = float(budget)
-        c_n = 1.0 if replacement else (pool_size - n) / (pool_size - 1)
+        c_n = float(finite_population_factor(n, pool_size, replacement))
         # per trial, unbiased: E gram_trace = N(‖G‖² + tr Σ), E gram_sum = N²‖G‖² + N c_N tr Σ.
         tr_t = (n * gram_trace - gram_sum) / (n * (n - c_n))
         g2_t = gram_trace / n - tr_t

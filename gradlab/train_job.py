@@ -15,29 +15,9 @@ import numpy as np
 
 from gradlab.runner import Job, Template, Unit, UnitContext
 from gradlab.schema import GROUPS
-from gradlab.store import VarSpec
+from gradlab.schema.train import train_variables
 from gradlab.task import loss_name, task_record
 from gradlab.train import TrainConfig, checkpoint_epochs, expand_grid
-
-
-def _store_variables(loss: str = "cross-entropy") -> list[VarSpec]:
-    re_ = ("run", "epoch")
-    units = "nats" if loss in ("cross-entropy", "lm") else "loss"
-    what = {"lm": "token cross-entropy"}.get(loss, loss)
-    return [
-        VarSpec("train_loss", re_, "float64", f"training loss (mean {what})", units),
-        VarSpec("train_acc", re_, "float64", "training accuracy (NaN unless classification)", "1"),
-        VarSpec("test_loss", re_, "float64", f"test loss (mean {what})", units),
-        VarSpec("test_acc", re_, "float64", "test accuracy (NaN unless classification)", "1"),
-        VarSpec("lr_used", re_, "float64", "learning rate applied at the epoch's last step (η̃ under sum reduction)",
-                "1"),
-        VarSpec("dist_init_layer", (*re_, "layer"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
-        VarSpec("cos_init_layer", (*re_, "layer"), "float64", "cosine to init cos(θ, θ₀)", "1"),
-        VarSpec("dist_init", (*re_, "group"), "float64", "distance from init ‖θ − θ₀‖", "parameter unit"),
-        VarSpec("dist_origin", (*re_, "group"), "float64", "distance from origin ‖θ‖", "parameter unit"),
-        VarSpec("diverged_epoch", ("run",), "int64", "epoch at which the loss became non-finite (-1: never)", "epoch",
-                fill=-1),
-    ]
 
 
 @dataclass(frozen=True)
@@ -83,7 +63,7 @@ class TrainJob(Job):
                 "optimizer": ("run", [s.optimizer for s in specs], {"long_name": "optimizer"}),
                 "run_dir": ("run", [f"runs/{s.name}" for s in specs], {"long_name": "checkpoint folder"}),
             },
-            variables=_store_variables(loss), unit_dims=("run",), chunks={"run": 1},
+            variables=train_variables(loss), unit_dims=("run",), chunks={"run": 1},
             attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss,
                    "task": task_record(data=cfg.data, loss=loss, model=cfg.model, collate=cfg.collate),
                    "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)})

@@ -18,40 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradlab.checkpoint import save_checkpoint
+from gradlab.curvature.evaluate import evaluate
 from gradlab.datasets import DataBundle, Split
 from gradlab.schema import GROUPS
-from gradlab.task import PerExampleLoss, cross_entropy, inputs_targets, resolve_loss, to_run
+from gradlab.task import resolve_loss, to_run
 from gradlab.train import (RunSpec, TrainConfig, _torch_seed, checkpoint_epochs, init_model, recipe_for,
                            rule_for)
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, chunk: int = 2048,
-             loss: PerExampleLoss = cross_entropy) -> tuple[float, float]:
-    """Mean per-example loss and accuracy (classification with logits (B, C) only, else NaN) of ``model`` (in eval
-    mode) on ``split``; restores the training flag."""
-    was_training = model.training
-    model.eval()
-    total, correct, classify = 0.0, 0, loss is cross_entropy
-    for start in range(0, len(split), chunk):
-        batch = split[start:start + chunk]
-        if classify:
-            xb, yb = inputs_targets(batch)
-            out = model(xb)
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and yb.dim() == 1:
-                total += float(F.cross_entropy(out, yb, reduction="sum"))
-                correct += int((out.argmax(1) == yb).sum())
-                continue
-            classify = False
-        total += float(loss(model, batch).sum())
-    model.train(was_training)
-    return total / len(split), (correct / len(split) if classify else math.nan)
 
 
 def with_dtype(data: DataBundle, dtype: torch.dtype) -> DataBundle:
@@ -117,10 +94,11 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
     suffix = "safetensors" if cfg.checkpoint_format == "safetensors" else "pt"
 
     def record(epoch: int) -> bool:
-        tl, ta = evaluate(model, data.train, loss=loss_fn)
+        tl, ta = evaluate(model, data.train.batch, loss=loss_fn, dtype=None, device=None, chunk_size=2048)
         out["train_loss"][epoch], out["train_acc"][epoch] = tl, ta
         if data.test is not None:
-            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test, loss=loss_fn)
+            out["test_loss"][epoch], out["test_acc"][epoch] = evaluate(model, data.test.batch, loss=loss_fn,
+                                                                       dtype=None, device=None, chunk_size=2048)
         (out["dist_init_layer"][epoch], out["cos_init_layer"][epoch], out["dist_init"][epoch],
          out["dist_origin"][epoch]) = distances(model, init)
         if epoch == 0 or epoch in checkpoint_epochs(cfg):

@@ -14,7 +14,7 @@ from gradlab.curvature.hvp import SampleObjective
 from gradlab.models import build_model
 from gradlab.probe.gram import GramEngine
 from gradlab.probe.histogram import ScaledHistograms, entry_histogram_torch
-from gradlab.probe import step as step_module
+from gradlab.probe.step import chain as chain_module
 from gradlab.probe.step import step_trials
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
@@ -36,8 +36,8 @@ def test_step_protocol_on_cuda_matches_cpu(monkeypatch, name, shape, engine):
     if engine == "chain-pending":
         # small thresholds, so that at m = 1 the first layer (64 -> 32) runs in input windows and the hidden weight
         # (32 -> 24) keeps pending low-rank updates
-        monkeypatch.setattr(step_module, "WINDOW_RANK", 8)
-        monkeypatch.setattr(step_module, "LOW_RANK", 8)
+        monkeypatch.setattr(chain_module, "WINDOW_RANK", 8)
+        monkeypatch.setattr(chain_module, "LOW_RANK", 8)
         engine = "chain"
     torch.manual_seed(0)
     net = build_model(name, shape, 10, **({"widths": [32, 24]} if name == "mlp" else {}))

@@ -26,9 +26,12 @@ NEW_ATTRS = {
 
 # Variables whose last bits changed, each a fixed inconsistency of issue 11: train stores' distances and cosines now
 # come from the one implementation that probe stores use (gradlab.probe.distance: float64 dot products where
-# train.py summed squares), so they equal the old values up to float64 rounding, not bitwise.
+# train.py summed squares), so they equal the old values up to float64 rounding, not bitwise; and sharpness stores'
+# losses come from the one evaluator that train uses too (cross-entropy summed by F.cross_entropy's own reduction,
+# where sharpness summed per-example values), equal up to float64 rounding.
 ROUNDING_CHANGES = {
     "train/train.zarr": {"dist_init_layer", "cos_init_layer", "dist_init", "dist_origin"},
+    "sharpness.zarr": {"train_loss", "test_loss"},
 }
 ROUNDING_RTOL = 1e-14
 

@@ -7,10 +7,10 @@ from checkpoint meta and the evaluated ``train_loss``/``test_loss``).  Sharpness
 latest-epoch checkpoint of every run.
 
 - Power law y = a·x^b (Jastrzębski et al. 2017: sharpness grows with m and with smaller η/m; Keskar et al. 2017)
-  fitted by least squares on log y = log a + b·log x over checkpoints with y > 0, x > 0; the 95% interval of b
-  is a percentile bootstrap over checkpoints (pairs resampled; resamples with a constant x are dropped), and
-  Spearman's ρ with its p-value (``scipy.stats.spearmanr``) tests monotonicity without the power-law model.
-  Fewer than 3 usable checkpoints or a constant x give NaN and a note.
+  fitted by least squares on log y = log a + b·log x over checkpoints with y > 0, x > 0
+  (:func:`gradlab.analysis.power_law.fit_power_law_points`); the 95% interval of b is the Student-t interval of
+  the slope (the runs are independent points), and Spearman's ρ with its p-value tests monotonicity without the
+  power-law model.  Fewer than 3 usable checkpoints or a constant x give NaN and a note.
 - Sharpness vs generalisation gap (test − train loss; Keskar et al.): Spearman ρ, Pearson r and the OLS slope.
 - Edge of stability (Cohen et al. 2021): λ_max·η/2 per checkpoint; 1 is the edge for full-batch GD without
   momentum (2/η is the largest stable curvature of GD on a quadratic).
@@ -22,8 +22,8 @@ latest-epoch checkpoint of every run.
 Example (exact power law y = 2·m^0.5 over four runs)::
 
     >>> import numpy as np
-    >>> fit = power_law(np.array([16.0, 64, 256, 1024]), 2 * np.array([16.0, 64, 256, 1024]) ** 0.5,
-    ...                 n_boot=200, rng=np.random.default_rng(0))
+    >>> fit = fit_power_law_points(np.array([16.0, 64, 256, 1024]), 2 * np.array([16.0, 64, 256, 1024]) ** 0.5,
+    ...                            n_boot=200, rng=np.random.default_rng(0))
     >>> round(fit["exponent"], 9), round(fit["prefactor"], 9)
     (0.5, 2.0)
 """
@@ -39,6 +39,7 @@ import numpy as np
 from scipy import stats
 
 from gradlab.analysis.interval import json_float
+from gradlab.analysis.power_law import fit_power_law_points
 
 SEED_TAG = 7_100
 SUBSETS = ("all", "final")
@@ -46,42 +47,6 @@ X_VARS = {
     "train_batch_size": ("training batch size m", "examples"),
     "lr_over_batch": ("learning rate over batch size eta/m", "1/examples"),
 }
-
-
-def power_law(x: np.ndarray, y: np.ndarray, *, n_boot: int, rng: np.random.Generator,
-              level: float = 0.95) -> dict[str, Any]:
-    """y = a·x^b by OLS on logs, a Student-t interval for b, and Spearman ρ (on the same points).
-
-    The points are independent runs, so the interval is the OLS slope ± t_{n−2}·se (exact for independent
-    Gaussian errors of log y).  It replaced a percentile bootstrap over the points, which covered a true 0.4 in
-    only 75–85% of seeds with six points.  ``n_boot`` = 0 still means "no interval"; ``rng`` is unused (kept for
-    the callers)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    x, y = x[ok], y[ok]
-    out: dict[str, Any] = {"n_points": int(x.size), "exponent": math.nan, "exponent_low": math.nan,
-                           "exponent_high": math.nan, "prefactor": math.nan, "spearman_rho": math.nan,
-                           "spearman_p": math.nan, "note": None}
-    if x.size < 3 or np.unique(x).size < 2:
-        out["note"] = f"{x.size} usable checkpoint(s) with {np.unique(x).size} distinct x: need >= 3 and >= 2"
-        return out
-    lx, ly = np.log(x), np.log(y)
-    b, a = np.polyfit(lx, ly, 1)
-    out.update(exponent=float(b), prefactor=float(np.exp(a)))
-    if np.unique(y).size > 1:
-        res = stats.spearmanr(x, y)
-        out.update(spearman_rho=float(res.statistic), spearman_p=float(res.pvalue))
-    if n_boot > 0:
-        resid = ly - (a + b * lx)
-        sxx = float(((lx - lx.mean()) ** 2).sum())
-        dof = x.size - 2
-        se = math.sqrt(float(resid @ resid) / dof / sxx)
-        half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
-        out.update(exponent_low=float(b) - half, exponent_high=float(b) + half)
-        if x.size < 8:
-            out["note"] = (f"only {x.size} checkpoints: the t interval assumes independent Gaussian errors of "
-                           "log y")
-    return out
 
 
 def _values(ds: Any, name: str) -> np.ndarray:
@@ -161,7 +126,7 @@ def analyze(ds: Any, *, n_boot: int = 999, seed: int = 0, level: float = 0.95,
         for s, subset in enumerate(SUBSETS):
             sel = masks[subset]
             for j, xname in enumerate(X_VARS):
-                r = power_law(xs[xname][sel], y[sel], n_boot=n_boot, rng=rng, level=level)
+                r = fit_power_law_points(xs[xname][sel], y[sel], n_boot=n_boot, rng=rng, level=level)
                 for f in fields:
                     fit[f][i, j, s] = r[f]
                 summary_rel.append({"measure": name, "x": xname, "subset": subset,
@@ -183,9 +148,9 @@ def analyze(ds: Any, *, n_boot: int = 999, seed: int = 0, level: float = 0.95,
                                                                "units": "1"}),
         "powerlaw_exponent": (dims_rel, fit["exponent"], {"long_name": "power-law exponent b of sharpness ~ x^b",
                                                           "units": "1"}),
-        "powerlaw_exponent_low": (dims_rel, fit["exponent_low"], {"long_name": f"lower {level:.0%} bootstrap bound "
+        "powerlaw_exponent_low": (dims_rel, fit["exponent_low"], {"long_name": f"lower {level:.0%} Student-t bound "
                                                                   "of b", "units": "1"}),
-        "powerlaw_exponent_high": (dims_rel, fit["exponent_high"], {"long_name": f"upper {level:.0%} bootstrap "
+        "powerlaw_exponent_high": (dims_rel, fit["exponent_high"], {"long_name": f"upper {level:.0%} Student-t "
                                                                     "bound of b", "units": "1"}),
         "powerlaw_prefactor": (dims_rel, fit["prefactor"], {"long_name": "power-law prefactor a",
                                                             "units": "sharpness units"}),

@@ -12,6 +12,8 @@ interval is the reciprocal of the interval of ‖G‖²/tr Σ, as in ``noise_mod
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gradlab.analysis.bootstrap import bootstrap_trials
@@ -51,3 +53,21 @@ def moment_estimates(gram_trace: np.ndarray, gram_sum: np.ndarray, budget: int, 
         g, t, inv = Estimate(float(v[0])), Estimate(float(v[1])), Estimate(float(v[2]))
     return {"grad_sq_norm": g, "trace_cov": t,
             "b_noise": reciprocal(inv, "the interval of ‖G‖² reaches zero: B_noise has no finite upper bound")}
+
+
+def headline_estimates(ds: Any, done: Any, labels: list[str], index: list[int], result: dict[str, Any], *,
+                       pool_size: int | None, replacement: bool, n_boot: int, seed: int, level: float) -> None:
+    """Put the headline U-statistic estimates of every checkpoint (from its finished trials' ``gram_trace`` and
+    ``gram_sum``) into ``result["checkpoints"][label]["estimates"]``; ``index``: each label's checkpoint index in
+    the store (it seeds the bootstrap)."""
+    from gradlab.analysis.probe_fits import SEED_CODES, rng_for
+
+    result["headline"] = HEADLINE
+    budget = int(ds.attrs.get("budget", ds["batch_size"].values.max()))
+    for ci, label in enumerate(labels):
+        d = done.isel(checkpoint=ci).values
+        t1 = np.asarray(ds["gram_trace"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+        t2 = np.asarray(ds["gram_sum"].isel(checkpoint=ci).values, dtype=np.float64)[d]
+        ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
+                                rng=rng_for(seed, index[ci], SEED_CODES["moments"]))
+        result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}

@@ -6,8 +6,8 @@ c_m = (n − m)/(n − 1) for draws without replacement from a pool of n example
 E‖s_B‖² = m²‖G‖² + m · c_m · tr Σ for sum reduction).  The critical batch size is B_noise = tr Σ / ‖G‖².
 
 Input: ``q[m, t]``, the mean over trial t's N/m minibatches of ‖g_B‖² (mean-reduction units).  The per-m means
-q̄_m are regressed on x_m = c_m/m with weights w_m = 1/Var(q̄_m) (the sampling variance across trials), so
-q̄_m ≈ a + b·x_m gives a = ‖G‖², b = tr Σ.  Intervals come from a bootstrap over trials (the batch sizes of one
+q̄_m are regressed on x_m = c_m/m with weights w_m = 1/Var(q̄_m) (the sampling variance across trials;
+:func:`gradlab.analysis.wls.wls`), so q̄_m ≈ a + b·x_m gives a = ‖G‖², b = tr Σ.  Intervals come from a bootstrap over trials (the batch sizes of one
 trial share its examples, so trials -- not (m, trial) cells -- are the independent units).  Lack of fit:
 χ² = Σ_m w_m (q̄_m − a − b x_m)² on M − 2 degrees of freedom; its p-value comes from a bootstrap of the data
 re-centred on the fit (the q̄_m of one trial are correlated, so the χ² table would be wrong).
@@ -30,6 +30,7 @@ import numpy as np
 
 from gradlab.analysis.bootstrap import bootstrap_trials
 from gradlab.analysis.interval import Estimate, json_float, reciprocal
+from gradlab.analysis.wls import wls
 
 
 LACK_OF_FIT_TAUTOLOGY = ("not tested: at a fixed θ the noise model is an identity of sampling from the pool (exact "
@@ -37,23 +38,22 @@ LACK_OF_FIT_TAUTOLOGY = ("not tested: at a fixed θ the noise model is an identi
 
 
 def finite_population_factor(batch_sizes: np.ndarray, pool_size: int | None, replacement: bool) -> np.ndarray:
-    """c_m = (n − m)/(n − 1) for draws without replacement from a pool of n, else 1 (McCandlish et al. 2018)."""
+    """c_m = (n − m)/(n − 1) for draws without replacement from a pool of n, else 1 (McCandlish et al. 2018).
+
+    The mean of m draws without replacement from n values has variance (σ²/m)·(n − m)/(n − 1) (Cochran 1977,
+    "Sampling Techniques", thm 2.2), so E‖g_B‖² = ‖G‖² + c_m tr Σ/m.  This is gradlab's one spelling of the factor
+    (the λ_max extrapolation, the figures and the synthetic stores use it too); torch-free, so either side imports
+    it.  ``pool_size=None`` means an infinite pool (c_m = 1).
+
+    >>> finite_population_factor(np.array([1, 5, 10]), 10, replacement=False).round(4).tolist()
+    [1.0, 0.5556, 0.0]
+    """
     m = np.asarray(batch_sizes, dtype=np.float64)
     if replacement or pool_size is None:
         return np.ones_like(m)
     if pool_size < 2 or np.any(m > pool_size):
         raise ValueError(f"pool_size {pool_size} must be ≥ 2 and ≥ every batch size (largest {m.max():g})")
     return (pool_size - m) / (pool_size - 1)
-
-
-def wls_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least squares y ≈ a + b·x over the last axis (vectorised over leading axes): (a, b)."""
-    sw, sx, sy = w.sum(-1), (w * x).sum(-1), (w * y).sum(-1)
-    sxx, sxy = (w * x * x).sum(-1), (w * x * y).sum(-1)
-    det = sw * sxx - sx * sx
-    b = (sw * sxy - sx * sy) / det
-    a = (sy - b * sx) / sw
-    return a, b
 
 
 def sampling_weights(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +68,7 @@ def sampling_weights(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def noise_model_statistic(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """(‖G‖², tr Σ, ‖G‖²/tr Σ, χ²) from q of shape (..., M, trial): the WLS fit of q̄_m = a + b·x_m."""
     mean, w = sampling_weights(q)
-    a, b = wls_line(x, mean, w)
+    a, b = wls(x, mean, w)
     chi2 = (w * (mean - a[..., None] - b[..., None] * x) ** 2).sum(-1)
     return np.stack([a, b, a / b, chi2])
 
@@ -166,7 +166,7 @@ def lack_of_fit_p_value(q: np.ndarray, x: np.ndarray, chi2: float, *, n_boot: in
     if n_boot <= 0 or q.shape[1] < 5:
         return float("nan")
     mean, w = sampling_weights(q)
-    a, b = wls_line(x, mean, w)
+    a, b = wls(x, mean, w)
     centred = q - mean[:, None] + (a + b * x)[:, None]
     res = bootstrap_trials([centred], lambda qq: noise_model_statistic(qq, x)[3:], n_boot=n_boot, rng=rng,
                            method="percentile")

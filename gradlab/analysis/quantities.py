@@ -77,3 +77,13 @@ def quantity_captions() -> dict[str, str]:
            "(log x axis), one colour per checkpoint.")
     return {f"quantity_{o.name}": (q.caption + how).strip() for q in QUANTITIES.values() if q.report
             for o in q.outputs}
+
+
+def add_quantities(ds: Any, done: Any, ads: Any, result: dict[str, Any], labels: list[str]) -> Any:
+    """The analysis group ``ads`` with the registered quantities' statistics merged in, and ``result`` with their
+    ``quantities`` summary (unchanged when the store holds none)."""
+    stats = quantity_statistics(ds, done).compute()
+    if not stats.data_vars:
+        return ads
+    result["quantities"] = quantity_summary(stats, labels)
+    return ads.merge(stats.assign_coords(checkpoint=ads["checkpoint"].values), compat="override", join="override")

@@ -253,24 +253,13 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
                           protocol=protocol, reduction=reduction, replacement=replacement, pool_size=pool_size,
                           ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed, level=level, frozen=frozen)
     if frozen and "gram_trace" in ds and "gram_sum" in ds:
-        from gradlab.analysis.moments import HEADLINE, moment_estimates
+        from gradlab.analysis.moments import headline_estimates
 
-        result["headline"] = HEADLINE
-        budget = int(ds.attrs.get("budget", batch_sizes.max()))
-        for ci, label in enumerate(labels):
-            d = done.isel(checkpoint=ci).values
-            t1 = np.asarray(ds["gram_trace"].isel(checkpoint=ci).values, dtype=np.float64)[d]
-            t2 = np.asarray(ds["gram_sum"].isel(checkpoint=ci).values, dtype=np.float64)[d]
-            ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
-                                    rng=rng_for(seed, keep[ci], SEED_CODES["moments"]))
-            result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}
-    from gradlab.analysis.quantities import quantity_statistics, quantity_summary
+        headline_estimates(ds, done, labels, keep, result, pool_size=pool_size, replacement=replacement,
+                           n_boot=n_boot, seed=seed, level=level)
+    from gradlab.analysis.quantities import add_quantities
 
-    qstats = quantity_statistics(ds, done).compute()
-    if qstats.data_vars:
-        ads = ads.merge(qstats.assign_coords(checkpoint=ads["checkpoint"].values), compat="override",
-                        join="override")
-        result["quantities"] = quantity_summary(qstats, labels)
+    ads = add_quantities(ds, done, ads, result, labels)
     not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
     result["not_measured"] = not_measured
     result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]

@@ -20,8 +20,8 @@ Two engines compute the same numbers (``tests/cbs/test_engine.py`` compares them
   The probe's step engine (:mod:`gradlab.probe.step`) does the same for trials; the idea, not the code, is reused
   because branches need per-branch learning rates, optimizer state and loss curves.
 - ``loop``: any model and any per-example loss: branch after branch on a private copy with ``torch.optim``,
-  evaluated with :func:`gradlab.train.evaluate` in eval mode.  This is also the "each branch its own training run"
-  baseline of ``benchmarks/bench_cbs.py``.
+  evaluated with :func:`gradlab.curvature.evaluate.evaluate` in eval mode.  This is also the "each branch its own
+  training run" baseline of ``benchmarks/bench_cbs.py``.
 
 A branch *diverges* when an evaluated loss is non-finite or exceeds ``diverge_factor`` times the loss at θ;
 ``diverged_step`` records the first such eval step (−1: never).  Its later losses are recorded as computed
@@ -89,15 +89,14 @@ def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any
                   stream: np.ndarray, lrs: Sequence[float], batch_size: int, eval_steps: Sequence[int],
                   recipe: Recipe, *, dtype: torch.dtype = torch.float32, diverge_factor: float = 10.0) -> BranchCurves:
     """Each branch as its own training run (``torch.optim`` on a private copy of ``model``); see module docs."""
-    from gradlab.probe.step import minibatch_loss
+    from gradlab.probe.step.loss import minibatch_loss
     from gradlab.task import index_batch, to_run
-    from gradlab.datasets import Split
-    from gradlab.train_loop import evaluate
+    from gradlab.curvature.evaluate import evaluate
 
     m = int(batch_size)
     n_steps = stream.shape[1] // m
     steps = eval_plan(eval_steps, n_steps)
-    train_split, test_split = Split(to_run(eval_train, dtype=dtype)), Split(to_run(eval_test, dtype=dtype))
+    ev_train, ev_test = to_run(eval_train, dtype=dtype), to_run(eval_test, dtype=dtype)
     pool = to_run(train_batch, dtype=dtype)
     T = stream.shape[0]
     tr, te = np.full((T, len(steps)), np.nan), np.full((T, len(steps)), np.nan)
@@ -114,8 +113,8 @@ def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any
         j = 0
         for k in range(n_steps + 1):
             while j < len(steps) and steps[j] == k:
-                tr[t, j] = evaluate(net, train_split, loss=loss)[0]
-                te[t, j] = evaluate(net, test_split, loss=loss)[0]
+                tr[t, j] = evaluate(net, ev_train, loss=loss, dtype=None, device=None, chunk_size=2048)[0]
+                te[t, j] = evaluate(net, ev_test, loss=loss, dtype=None, device=None, chunk_size=2048)[0]
                 j += 1
             if k == n_steps or j == len(steps):
                 break
@@ -191,7 +190,7 @@ class _Optim:
 def _chain_forward(ops: list[Any], w: dict[str, Tensor], x: Tensor, shared: bool,
                    lazy: dict[str, Any] | None = None) -> list[Tensor]:
     """Activations of every op; x (T, n, d) per branch, or (n, d) shared by all branches (``shared``); ``lazy``:
-    weights with pending low-rank updates (:class:`gradlab.probe.step._LowRankUpdates`) to add in."""
+    weights with pending low-rank updates (:class:`gradlab.probe.step.chain_buffers.LowRankUpdates`) to add in."""
     acts = [x]
     for op in ops:
         h = acts[-1]
@@ -243,7 +242,7 @@ def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Ten
                    diverge_factor: float = 10.0, block: int | None = None) -> BranchCurves:
     """All branches in lock-step, ``block`` at a time (default :func:`branches_per_block`; results do not depend
     on it); ``model`` must be a Linear/ReLU chain (:func:`chain_ops`).  See the module docs."""
-    from gradlab.probe.step import chain_ops
+    from gradlab.probe.step.chain import chain_ops
 
     ops = chain_ops(model)
     if ops is None:
@@ -317,17 +316,18 @@ def _lazy_weights(ops: list[Any], w: dict[str, Tensor], m: int, recipe: Recipe) 
     """Plain SGD (no momentum, no weight decay) at small m on large weights: pending low-rank updates, flushed into W
     every R/m steps and before every evaluation (the probe's rule and rank: a rank-m update rewrites the whole
     (out, in) matrix every step, which at small m costs more memory traffic than the products)."""
-    from gradlab.probe.step import LOW_RANK, _LowRankUpdates
+    from gradlab.probe.step.chain import LOW_RANK
+    from gradlab.probe.step.chain_buffers import LowRankUpdates
 
     if recipe.optimizer != "sgd" or recipe.momentum or recipe.weight_decay or 8 * m > LOW_RANK:
         return {}
-    return {op.weight: _LowRankUpdates(w[op.weight], LOW_RANK, 1.0) for op in ops
+    return {op.weight: LowRankUpdates(w[op.weight], LOW_RANK, 1.0) for op in ops
             if op is not None and min(w[op.weight].shape[1:]) > 2 * LOW_RANK}
 
 
 def supports_chain(model: nn.Module, loss_name: str, x: Any) -> bool:
     """Whether :func:`chain_branches` applies: a Linear/ReLU chain, the cross-entropy loss, tensor inputs."""
-    from gradlab.probe.step import _is_flat_chain, chain_ops
+    from gradlab.probe.step.chain import _is_flat_chain, chain_ops
 
     return (loss_name == "cross-entropy" and isinstance(x, Tensor) and chain_ops(model) is not None
             and (x.ndim == 2 or _is_flat_chain(model)))

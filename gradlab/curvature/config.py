@@ -67,7 +67,7 @@ from gradlab.task import check_task
 log = logging.getLogger(__name__)
 
 STORE_KIND = "sharpness"
-HESSIAN_UNITS = "loss / parameter^2"
+from gradlab.schema.sharpness import HESSIAN_UNITS  # noqa: E402 - one spelling, in the schema
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CACHE_GRAPH: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
 # Seed tags: one stream per quantity.

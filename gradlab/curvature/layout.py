@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from gradlab.curvature.config import (HESSIAN_UNITS, SharpnessConfig, _meta_float, _Prepared, _run_id, applied_lr)
+from gradlab.curvature.config import (SharpnessConfig, _meta_float, _Prepared, _run_id, applied_lr)
 from gradlab.curvature.hutchinson import trace_sample_count
 from gradlab.curvature.interpolation import BN_BUFFERS
-from gradlab.curvature.minibatch import Extrapolation
-from gradlab.store import VarSpec
+from gradlab.schema.sharpness import sharpness_variables
 from gradlab.task import task_record
 
 
@@ -30,34 +29,7 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
     n_probe = trace_sample_count(config.trace_estimator, config.hutchinson_probes)
     sizes = {"checkpoint": C, "k": config.top_k, "probe": n_probe, "eps": len(config.eps),
              "space": len(_spaces(config)), "example": len(prep.sample_index)}
-    per = ("checkpoint",)
-    H = HESSIAN_UNITS
-    v = [
-        VarSpec("train_loss", per, "float64", "training loss (whole training set, eval mode)", "loss"),
-        VarSpec("train_accuracy", per, "float64", "training accuracy (whole training set)", "1"),
-        VarSpec("test_loss", per, "float64", "test loss (whole test set, eval mode)", "loss"),
-        VarSpec("test_accuracy", per, "float64", "test accuracy (whole test set)", "1"),
-        VarSpec("sample_loss", per, "float64", "training loss L over the fixed sample", "loss"),
-        VarSpec("grad_norm", per, "float64", "norm of the gradient of L over the sample", "loss / parameter"),
-        VarSpec("lambda_max", per, "float64", "largest Hessian eigenvalue lambda_max (Lanczos)", H),
-        VarSpec("eigenvalues", ("checkpoint", "k"), "float64", "top-k Hessian eigenvalues (Lanczos)", H),
-        VarSpec("eigen_residual", ("checkpoint", "k"), "float64", "eigenpair residual norm ||Hv - lambda v||", H),
-        VarSpec("lanczos_hvps", per, "int64", "Hessian-vector products used by Lanczos", "1"),
-        VarSpec("lanczos_converged", per, "bool", "Lanczos met its tolerance", "1"),
-        VarSpec("lanczos_check", per, "float64", "top Ritz value of a Lanczos check run deflated against the "
-                "eigenvectors found (a lower bound on lambda_max)", H),
-        VarSpec("lanczos_missed_top", per, "bool", "the check found an eigenvalue above lambda_max + residual "
-                "(lambda_max is then only a lower bound)", "1"),
-        VarSpec("hessian_trace", per, "float64", "Hessian trace (Hutchinson or Hutch++, Rademacher probes)", H),
-        VarSpec("hessian_trace_stderr", per, "float64", "standard error of the trace estimate", H),
-        VarSpec("trace_samples", ("checkpoint", "probe"), "float64",
-                "per-probe trace sample (v^T H v; Hutch++: tr(Q^T H Q) + deflated g^T H g)", H),
-        VarSpec("eps_sharpness", ("checkpoint", "space", "eps"), "float64",
-                "epsilon-sharpness phi (Keskar et al. 2017, Metric 2.1)", "%"),
-        VarSpec("eps_loss_max", ("checkpoint", "space", "eps"), "float64",
-                "largest loss found in the epsilon box (L-BFGS-B)", "loss"),
-        VarSpec("eps_n_evals", ("checkpoint", "space", "eps"), "int64", "loss evaluations used by L-BFGS-B", "1"),
-    ]
+    v = sharpness_variables(minibatch=bool(config.minibatch_sizes), interpolate=config.interpolate is not None)
     coords: dict[str, Any] = {
         "checkpoint": ("checkpoint", np.array(prep.labels, dtype=object), {"long_name": "checkpoint", "units": ""}),
         "checkpoint_path": ("checkpoint", np.array([str(Path(p).resolve()) for p in config.checkpoints], dtype=object),
@@ -95,24 +67,10 @@ def _template(config: SharpnessConfig, prep: _Prepared) -> dict[str, Any]:
         coords["batch_size"] = ("batch_size", np.array(config.minibatch_sizes, dtype=np.int64),
                                 {"long_name": "mini-batch size m", "units": "examples"})
         coords["trial"] = ("trial", np.arange(config.minibatch_trials), {"long_name": "trial", "units": "1"})
-        v += [
-            VarSpec("minibatch_lambda_max", ("checkpoint", "batch_size", "trial"), "float64",
-                    "lambda_max of the mini-batch Hessian", H),
-            VarSpec("minibatch_lambda_full", per, "float64", "full-batch lambda_max extrapolated from mini-batches", H,
-                    attrs={"model": Extrapolation(0, 0, 0, 0).model}),
-            VarSpec("minibatch_lambda_full_stderr", per, "float64", "standard error of the extrapolated lambda_max",
-                    H),
-            VarSpec("minibatch_slope", per, "float64", "slope c of lambda_max(m) = lambda_full + c*x_m", H),
-        ]
     if config.interpolate is not None:
         sizes["alpha"] = config.alpha_points
         coords["alpha"] = ("alpha", alphas_for(config),
                            {"long_name": "interpolation alpha: (1-alpha)*small + alpha*large", "units": "1"})
-        for s in ("train", "test"):
-            v += [VarSpec(f"interp_{s}_loss", ("alpha",), "float64", f"{s} loss along the interpolation", "loss"),
-                  VarSpec(f"interp_{s}_accuracy", ("alpha",), "float64", f"{s} accuracy along the interpolation",
-                          "1")]
-        v.append(VarSpec("interp_done", ("alpha",), "bool", "interpolation point finished", "1"))
     attrs = {
         "bn_mode": config.bn_mode if prep.batch_norm else f"{config.bn_mode} (no batch norm in the model)",
         "bn_batch": config.chunk_size if config.bn_mode == "train" else 0,

@@ -10,7 +10,8 @@ variance factor, 0 at m = N).  Second-order perturbation theory gives
 E[λ_max(H_B)] ≈ λ_max(H) + Σ_{j>1} E[(vⱼᵀ E v₁)²]/(λ₁ − λⱼ) = λ_full + c·x_m (Jensen: λ_max is convex, so c ≥ 0),
 valid while the noise is small against the spectral gap.  We fit mean_m = λ_full + c·x_m by weighted least
 squares with weights T/s_m² (s_m the across-trial standard deviation; equal weights when T = 1 or s_m = 0) and
-report λ_full with its standard error from the WLS covariance (scaled by the reduced χ² when it exceeds 1).
+report λ_full with its standard error from the WLS covariance (XᵀWX)⁻¹ (:func:`gradlab.analysis.wls.wls`; scaled by
+the reduced χ² when it exceeds 1).
 With draws from an infinite population (``pool_size=None``) x_m = 1/m.
 """
 
@@ -20,6 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from gradlab.analysis.noise_model import finite_population_factor
+from gradlab.analysis.wls import wls, wls_covariance
+from gradlab.schema.sharpness import EXTRAPOLATION_MODEL
 
 SEED_TAG = 5_000  # separates these streams from other uses of the same (seed, checkpoint)
 
@@ -68,17 +73,14 @@ class Extrapolation:
     lambda_full_stderr: float
     slope: float
     chi2_reduced: float
-    model: str = "lambda_max(m) = lambda_full + c*(1/m)*(N-m)/(N-1), WLS with weights trials/var_m"
+    model: str = EXTRAPOLATION_MODEL
 
 
 def noise_factor(batch_sizes: Sequence[int] | np.ndarray, pool_size: int | None) -> np.ndarray:
-    """x_m = (1/m)(N − m)/(N − 1) without replacement from N examples; 1/m for an infinite pool."""
+    """x_m = c_m/m with c_m = (N − m)/(N − 1) (:func:`gradlab.analysis.noise_model.finite_population_factor`)
+    without replacement from N examples; 1/m for an infinite pool (``pool_size=None``)."""
     m = np.asarray(batch_sizes, dtype=np.float64)
-    if pool_size is None:
-        return 1.0 / m
-    if pool_size < 2:
-        raise ValueError("pool_size must be >= 2")
-    return (1.0 / m) * (pool_size - m) / (pool_size - 1)
+    return finite_population_factor(m, pool_size, replacement=pool_size is None) / m
 
 
 def extrapolate_full_batch(batch_sizes: Sequence[int], values: np.ndarray, pool_size: int | None) -> Extrapolation:
@@ -97,15 +99,13 @@ def extrapolate_full_batch(batch_sizes: Sequence[int], values: np.ndarray, pool_
         w = counts / var
     else:
         w = np.ones_like(mean)
-    design = np.column_stack([np.ones_like(x), x])
-    sw = np.sqrt(w)
-    coef, *_ = np.linalg.lstsq(design * sw[:, None], mean * sw, rcond=None)
-    resid = (mean - design @ coef) * sw
+    lam_full, slope = wls(x, mean, w)
+    resid = (mean - lam_full - slope * x) * np.sqrt(w)
     dof = len(mean) - 2
     chi2 = float(resid @ resid / dof) if dof > 0 else np.nan
-    cov = np.linalg.inv(design.T @ (design * w[:, None]))
+    cov = wls_covariance(x, w)
     if not ok.all():  # unweighted: scale by the residual variance
         cov = cov * (chi2 if np.isfinite(chi2) else np.nan)
     elif np.isfinite(chi2) and chi2 > 1:
         cov = cov * chi2
-    return Extrapolation(float(coef[0]), float(np.sqrt(cov[0, 0])), float(coef[1]), chi2)
+    return Extrapolation(float(lam_full), float(np.sqrt(cov[0, 0])), float(slope), chi2)

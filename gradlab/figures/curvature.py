@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gradlab.analysis.noise_model import finite_population_factor
 from gradlab.figures.labels import label_from_attrs
 
 
@@ -62,7 +63,7 @@ def plot_minibatch_lambda(ds: Any, ax: Any, *, checkpoint: int | str = 0) -> Any
     slope = float(one["minibatch_slope"]) if "minibatch_slope" in one else np.nan
     if np.isfinite(full) and np.isfinite(slope):
         grid = np.geomspace(m.min(), n, 60)
-        ax.plot(grid, full + slope * (1 / grid) * (n - grid) / (n - 1), color="C1",
+        ax.plot(grid, full + slope * finite_population_factor(grid, n, replacement=False) / grid, color="C1",
                 label=f"extrapolation: lambda_full = {full:.4g}")
     if "lambda_max" in one:
         ax.axhline(float(one["lambda_max"]), color="k", ls="--", lw=1, label="sample lambda_max (Lanczos)")

@@ -2,8 +2,8 @@
 
 Modules (imported on use; this package file only makes ``gradlab.probe(...)`` callable, the Python API):
 
-- ``gradlab.probe.step``: the step protocol ("gradient competition"): the lock-step engine ``step_trials`` and its
-  result type ``StepResult``.
+- ``gradlab.probe.step``: the step protocol ("gradient competition"): ``step_trials`` and its result
+  type ``StepResult``, one file per engine (``chain``, ``loop``, ``generic``).
 - ``gradlab.probe.naive``: the blog's per-trial ``torch.optim.SGD`` loop for the step protocol
   (``naive_step_trials``), kept as the reference the engine is tested and benchmarked against.
 - ``gradlab.probe.gram``: exact per-example gradient Gram matrices for any model and per-example loss

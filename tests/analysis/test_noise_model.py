@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradlab.analysis.noise_model import finite_population_factor, fit_noise_model, wls_line
+from gradlab.analysis.noise_model import finite_population_factor, fit_noise_model
+from gradlab.analysis.wls import wls as wls_line
 from gradlab.synthetic import draw_trials, make_pool, minibatch_sq_norms, noise_model_replicate
 
 M = np.array([1, 2, 4, 8, 16, 32, 64])

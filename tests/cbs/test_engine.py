@@ -63,7 +63,7 @@ def test_deferred_low_rank_sgd_updates_equal_the_loop(setup):
     """Plain SGD at small m on a weight wider than 2×64 both ways takes the pending low-rank path."""
     from gradlab.cbs.engine import _lazy_weights
     from gradlab.models import build_model
-    from gradlab.probe.step import chain_ops
+    from gradlab.probe.step.chain import chain_ops
     from gradlab.task import cross_entropy
 
     _, train, ev_train, ev_test = setup

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gradlab.analysis.curvature import analyze, power_law
+from gradlab.analysis.curvature import analyze
+from gradlab.analysis.power_law import fit_power_law_points as power_law
 
 
 def _synthetic(noise: float = 0.0, seed: int = 0) -> xr.Dataset:

@@ -13,6 +13,8 @@ from gradlab.errors import UsageError
 from gradlab.models.mlp import MLP
 from gradlab.probe.naive import naive_step_trials
 from gradlab.probe import step as step_module
+from gradlab.probe.step import chain as chain_module
+from gradlab.probe.step import chain_buffers
 from gradlab.probe.step import StepResult, chain_ops, step_trials
 
 F64 = torch.float64
@@ -73,8 +75,8 @@ def test_chain_engine_matches_naive_loop(reduction: str, batch_size: int) -> Non
 def test_pending_low_rank_updates_match_naive_loop(monkeypatch, reduction: str, batch_size: int) -> None:
     # with R = 16 both hidden weights of this MLP keep their SGD updates as low-rank factors for m <= 2 and flush
     # them into the weights mid-trial; at m = 4 the fused GEMM update is used instead
-    monkeypatch.setattr(step_module, "LOW_RANK", 16)
-    monkeypatch.setattr(step_module, "WINDOW_RANK", 0)  # the first layer too, not in an input window
+    monkeypatch.setattr(chain_module, "LOW_RANK", 16)
+    monkeypatch.setattr(chain_module, "WINDOW_RANK", 0)  # the first layer too, not in an input window
     flushes = _count_low_rank_flushes(monkeypatch)
     model = _randomise(MLP(40, 5, widths=(48, 36)), seed=8, scale=0.2)
     x, y = _pool((1, 5, 8), 5)
@@ -93,15 +95,15 @@ def test_pending_low_rank_updates_match_naive_loop(monkeypatch, reduction: str, 
 def test_input_window_matches_naive_loop(monkeypatch, batch_size: int, bias: bool) -> None:
     # with a window of 32 rows the first layer (40 -> 48) runs K = 32/m steps from one precomputed X_w Wᵀ and Gram;
     # N = 48 ends on a partial window at every m, and m = 8 (K = 4) is the largest the window takes
-    monkeypatch.setattr(step_module, "WINDOW_RANK", 32)
+    monkeypatch.setattr(chain_module, "WINDOW_RANK", 32)
     windows = [0]
-    forward = step_module._InputWindow.forward
+    forward = chain_buffers.InputWindow.forward
 
     def counted(self, k: int, b: torch.Tensor | None) -> torch.Tensor:
         windows[0] += k % self.k_win == 0
         return forward(self, k, b)
 
-    monkeypatch.setattr(step_module._InputWindow, "forward", counted)
+    monkeypatch.setattr(chain_buffers.InputWindow, "forward", counted)
     model = _randomise(nn.Sequential(nn.Flatten(), nn.Linear(40, 48, bias=bias), nn.ReLU(), nn.Linear(48, 36),
                                      nn.ReLU(), nn.Linear(36, 5)), seed=8, scale=0.2)
     x, y = _pool((1, 5, 8), 5)
@@ -235,27 +237,27 @@ def test_two_sgd_steps_follow_closed_form_and_displacement_is_lr_times_norm_of_s
 
 
 def _count_low_rank_flushes(monkeypatch) -> list[int]:
-    """Route _LowRankUpdates.flush through a counter, so a test can prove the pending-update path ran."""
+    """Route LowRankUpdates.flush through a counter, so a test can prove the pending-update path ran."""
     calls = [0]
-    flush = step_module._LowRankUpdates.flush
+    flush = chain_buffers.LowRankUpdates.flush
 
     def counted(self) -> None:
         calls[0] += bool(self.r)
         flush(self)
 
-    monkeypatch.setattr(step_module._LowRankUpdates, "flush", counted)
+    monkeypatch.setattr(chain_buffers.LowRankUpdates, "flush", counted)
     return calls
 
 
 @pytest.mark.parametrize("engine", ["chain", "chain-low-rank", "chain-window", "loop", "generic"])
 def test_inf_input_is_counted_per_trial_and_leaves_other_trials_alone(monkeypatch, engine: str) -> None:
     if engine == "chain-window":
-        monkeypatch.setattr(step_module, "WINDOW_RANK", 4)  # the first layer runs in windows of 4 steps at m = 1
+        monkeypatch.setattr(chain_module, "WINDOW_RANK", 4)  # the first layer runs in windows of 4 steps at m = 1
         model, shape, flushes = _mlp(), (1, 3, 4), None
         assert min(model.layers[0].weight.shape) > 4
         engine = "chain"
     elif engine == "chain-low-rank":
-        monkeypatch.setattr(step_module, "LOW_RANK", 16)  # hidden weights keep pending updates at m = 1
+        monkeypatch.setattr(chain_module, "LOW_RANK", 16)  # hidden weights keep pending updates at m = 1
         model, shape = _randomise(MLP(40, 5, widths=(48, 36)), seed=8, scale=0.2), (1, 5, 8)
         flushes = _count_low_rank_flushes(monkeypatch)
         engine = "chain"
@@ -384,3 +386,12 @@ def test_chain_engine_refused_for_non_chain_model() -> None:
     x, y = _pool((1, 6, 6), 4)
     with pytest.raises(UsageError, match="chain"):
         step_trials(_cnn(False), x, y, _draw(1, 4, len(x)), 2, 0.1, "mean", ["0.weight"], engine="chain")
+
+
+def test_unknown_engine_is_refused_and_every_named_engine_is_registered() -> None:
+    x, y = _pool((1, 3, 4), 5)
+    with pytest.raises(UsageError, match="engine must be"):
+        step_trials(_mlp(), x, y, _draw(2, 4, len(x)), 2, 0.1, "mean", ["layers.4.bias"], engine="vmap")
+    assert set(step_module.ENGINES) == {"chain", "loop", "generic"}
+    for name, cls in step_module.ENGINES.items():
+        assert cls.__module__ == f"gradlab.probe.step.{name}"  # one file per engine

@@ -349,8 +349,13 @@ class NoiseMonitor:
             return
         micro = pending.micros[-1]
         micro.collected = True
-        micro.norms = self.hooks.collect()
+        micro.norms = self.hooks.collect(micro.n)
         self.hooks.disarm()
+        new = [n for n in self.hooks.unbatched if n in self.params and n not in self.fallback]
+        if new:  # e.g. position embeddings called on (1, T): per-example gradients by torch.func from now on
+            self.fallback.extend(new)
+            log.info("NoiseMonitor: %s called without the batch dimension: per-example norms by torch.func", new)
+            self.store.set_attrs({"fallback_params": self.fallback})
         todo = [n for n in self.fallback if n not in self.excluded]
         if todo and micro.weights:
             try:

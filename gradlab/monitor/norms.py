@@ -11,6 +11,7 @@ per-example gradient is materialised except where that is the cheaper way (long 
 - ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is.
 - ``nn.LayerNorm``: weight gᵢ = Σ_t δ_it ⊙ x̂_it, bias Σ_t δ_it (x̂ the normalised input).
 - ``nn.Conv2d`` (groups = 1, zero padding): a Linear on the unfolded patches, T = output positions.
+- transformers' ``Conv1D`` (GPT-2's projections, y = xW + b with W (d_in, d_out)): a Linear with Wᵀ.
 
 Every other parameter (and one shared by two modules, e.g. tied embeddings) is a *fallback* parameter: its
 per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples (an extra forward/backward on the
@@ -46,6 +47,10 @@ def linear_sq_norms(a: Tensor, d: Tensor) -> Tensor:
     return _sq_rows(torch.bmm(d.transpose(1, 2), a))
 
 
+def _lead(x: Any) -> int:
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() else -1
+
+
 def _as_btd(x: Tensor, d: int) -> Tensor:
     return x.reshape(x.shape[0], -1, d)
 
@@ -60,8 +65,20 @@ class _Capture:
         self.grad: Tensor | None = None
 
 
-def supported(module: nn.Module) -> bool:
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): y = x W + b with W of shape (d_in, d_out), a Linear with Wᵀ."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return True
     if isinstance(module, nn.Embedding):
         return not module.sparse and not module.scale_grad_by_freq
@@ -94,6 +111,7 @@ class PerExampleNorms:
             else:
                 self.fallback.append(name)
         self.active = False
+        self.unbatched: list[str] = []  # parameters of modules once called without the batch dimension
         self._calls: dict[nn.Module, list[_Capture]] = defaultdict(list)
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
 
@@ -111,7 +129,7 @@ class PerExampleNorms:
         self._calls.clear()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not self.active or not isinstance(output, Tensor) or not output.requires_grad:
+        if not self.active or not isinstance(output, Tensor) or not output.requires_grad or module not in self.modules:
             return
         cap = _Capture(inputs[0])
         self._calls[module].append(cap)
@@ -121,13 +139,21 @@ class PerExampleNorms:
 
         output.register_hook(hook)
 
-    def collect(self) -> dict[str, Tensor]:
+    def collect(self, n: int | None = None) -> dict[str, Tensor]:
         """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them).
 
-        A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent)."""
+        A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent).
+        With ``n`` (the examples of the batch), a module called on inputs whose leading dimension is not n (e.g.
+        position embeddings of shape (1, T) broadcast over the batch) is unhooked for good: its parameters are
+        appended to :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func)."""
         out: dict[str, Tensor] = {}
         for module, calls in self._calls.items():
             calls = [c for c in calls if c.grad is not None]
+            if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n for c in calls):
+                names = list(self.modules.pop(module).values())
+                self.unbatched.extend(names)
+                self.fallback.extend(names)
+                continue
             if calls:
                 out.update(self._module_norms(module, calls))
         self._calls.clear()
@@ -136,16 +162,18 @@ class PerExampleNorms:
     def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
         roles = self.modules[module]
         res: dict[str, Tensor] = {}
-        if isinstance(module, nn.Linear) and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
+        linear = isinstance(module, nn.Linear) or _is_hf_conv1d(module)  # ‖gᵢ‖² does not see the transpose
+        if linear and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
             a, d = calls[0].inp.detach(), calls[0].grad
             d2 = (d * d).sum(1)
             if "weight" in roles:
                 res[roles["weight"]] = (a * a).sum(1) * d2
             if "bias" in roles:
                 res[roles["bias"]] = d2
-        elif isinstance(module, nn.Linear):
-            a = torch.cat([_as_btd(c.inp.detach(), module.in_features) for c in calls], 1)
-            d = torch.cat([_as_btd(c.grad, module.out_features) for c in calls], 1)
+        elif linear:
+            d_in, d_out = _linear_dims(module)
+            a = torch.cat([_as_btd(c.inp.detach(), d_in) for c in calls], 1)
+            d = torch.cat([_as_btd(c.grad, d_out) for c in calls], 1)
             if "weight" in roles:
                 res[roles["weight"]] = linear_sq_norms(a, d)
             if "bias" in roles:
@@ -239,7 +267,8 @@ class _swapped:
     def __init__(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
         from torch.nn.utils.stateless import _reparametrize_module
 
-        self._ctx = _reparametrize_module(model, tensors)
+        # tie_weights: a parameter reached under two names (tied embeddings) is replaced under both
+        self._ctx = _reparametrize_module(model, tensors, tie_weights=True)
 
     def __enter__(self) -> None:
         self._ctx.__enter__()

@@ -7,8 +7,10 @@ per-example gradient is materialised except where that is the cheaper way (long 
 - ``nn.Linear`` on (B, d): gᵢ = δᵢ aᵢᵀ, so ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² (weight), ‖δᵢ‖² (bias).
 - ``nn.Linear`` on (B, T…, d) or called several times per forward (positions t): gᵢ = Σ_t δ_it a_itᵀ and
   ‖gᵢ‖² = Σ_{t,s} (a_it·a_is)(δ_it·δ_is) (Gram of Grams, cost T²(d_in + d_out)) or ‖Σ_t δ_it a_itᵀ‖² materialised
-  (cost T·d_in·d_out), whichever is cheaper; bias ‖Σ_t δ_it‖².
-- ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is.
+  (cost T·d_in·d_out), whichever is cheaper (an input Gram a aᵀ read by several layers -- q, k, v -- is computed
+  once); bias ‖Σ_t δ_it‖².
+- ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is (T² d), or
+  for a vocabulary V ≤ T² the per-example gradients scattered into (B, V, d) and squared (V d).
 - ``nn.LayerNorm``: weight gᵢ = Σ_t δ_it ⊙ x̂_it, bias Σ_t δ_it (x̂ the normalised input).
 - ``nn.Conv2d`` (groups = 1, zero padding): a Linear on the unfolded patches, T = output positions.
 - transformers' ``Conv1D`` (GPT-2's projections, y = xW + b with W (d_in, d_out)): a Linear with Wᵀ.
@@ -37,18 +39,34 @@ def _sq_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).pow(2).sum(1)
 
 
-def linear_sq_norms(a: Tensor, d: Tensor) -> Tensor:
-    """‖Σ_t d_t a_tᵀ‖² per example for a (B, T, d_in), d (B, T, d_out) (T = 1: ‖a‖²‖d‖²)."""
+def linear_sq_norms(a: Tensor, d: Tensor, grams: dict[int, Tensor] | None = None, key: int = 0) -> Tensor:
+    """‖Σ_t d_t a_tᵀ‖² per example for a (B, T, d_in), d (B, T, d_out) (T = 1: ‖a‖²‖d‖²).
+
+    ``grams``: a cache of input Grams a aᵀ keyed by ``key`` (the id of the module input), shared by the layers that read the same input
+    tensor (the query, key and value projections of an attention block); the cache costs nothing when the Gram of
+    Grams is counted at a shared input's full price (T²(d_in + d_out) per example against T·d_in·d_out)."""
     if a.shape[1] == 1:
         return _sq_rows(a) * _sq_rows(d)
     t, din, dout = a.shape[1], a.shape[2], d.shape[2]
-    if t * (din + dout) <= din * dout:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+    cached = grams is not None and key in grams
+    if t * (dout + (0 if cached else din)) <= din * dout:
+        if cached:
+            aa = grams[key]
+        else:
+            aa = torch.bmm(a, a.transpose(1, 2))
+            if grams is not None:
+                grams[key] = aa
+        return (aa * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
     return _sq_rows(torch.bmm(d.transpose(1, 2), a))
 
 
 def _lead(x: Any) -> int:
     return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() else -1
+
+
+def _cat1(parts: list[Tensor]) -> Tensor:
+    """Concatenate along the positions (dim 1); one part is returned as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _as_btd(x: Tensor, d: int) -> Tensor:
@@ -147,6 +165,7 @@ class PerExampleNorms:
         position embeddings of shape (1, T) broadcast over the batch) is unhooked for good: its parameters are
         appended to :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func)."""
         out: dict[str, Tensor] = {}
+        self._grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this collect only)
         for module, calls in self._calls.items():
             calls = [c for c in calls if c.grad is not None]
             if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n for c in calls):
@@ -157,6 +176,7 @@ class PerExampleNorms:
             if calls:
                 out.update(self._module_norms(module, calls))
         self._calls.clear()
+        self._grams = {}
         return out
 
     def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
@@ -172,19 +192,27 @@ class PerExampleNorms:
                 res[roles["bias"]] = d2
         elif linear:
             d_in, d_out = _linear_dims(module)
-            a = torch.cat([_as_btd(c.inp.detach(), d_in) for c in calls], 1)
-            d = torch.cat([_as_btd(c.grad, d_out) for c in calls], 1)
+            a = _cat1([_as_btd(c.inp.detach(), d_in) for c in calls])
+            d = _cat1([_as_btd(c.grad, d_out) for c in calls])
+            # one call: the input tensor object (alive in the capture) keys the cache of input Grams
+            grams, key = (self._grams, id(calls[0].inp)) if len(calls) == 1 else (None, 0)
             if "weight" in roles:
-                res[roles["weight"]] = linear_sq_norms(a, d)
+                res[roles["weight"]] = linear_sq_norms(a, d, grams, key)
             if "bias" in roles:
                 res[roles["bias"]] = _sq_rows(d.sum(1))
         elif isinstance(module, nn.Embedding):
-            ids = torch.cat([c.inp.reshape(c.inp.shape[0], -1) for c in calls], 1)
-            d = torch.cat([_as_btd(c.grad, module.embedding_dim) for c in calls], 1)
+            ids = _cat1([c.inp.reshape(c.inp.shape[0], -1) for c in calls])
+            d = _cat1([_as_btd(c.grad, module.embedding_dim) for c in calls])
             if module.padding_idx is not None:
                 d = d * (ids != module.padding_idx).unsqueeze(-1).to(d.dtype)
+            b, t, dim = d.shape
+            v = module.num_embeddings
             if ids.shape[1] == 1:
                 res[roles["weight"]] = _sq_rows(d)
+            elif v <= t * t and b * v * dim <= 2**25:  # small vocabulary: the per-example gradients, scattered
+                g = d.new_zeros(b, v, dim)
+                g.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, dim), d)
+                res[roles["weight"]] = _sq_rows(g)
             else:
                 same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d.dtype)
                 res[roles["weight"]] = (same * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
@@ -212,7 +240,7 @@ class PerExampleNorms:
                                 stride=module.stride)  # (B, C k k, L)
                 a_parts.append(cols.transpose(1, 2))
                 d_parts.append(c.grad.reshape(x.shape[0], module.out_channels, -1).transpose(1, 2))
-            a, d = torch.cat(a_parts, 1), torch.cat(d_parts, 1)
+            a, d = _cat1(a_parts), _cat1(d_parts)
             if "weight" in roles:
                 res[roles["weight"]] = linear_sq_norms(a, d)
             if "bias" in roles:

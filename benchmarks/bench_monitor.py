@@ -68,6 +68,27 @@ class TinyGPT(nn.Module):
         return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(pos))))
 
 
+def _batched_pos_gpt() -> type:
+    from gradlab.models.gpt import GPT
+
+    class BatchedPosGPT(GPT):
+        """The zoo gpt with position ids of shape (B, T) (the zoo passes (T,), broadcast over the batch, which the
+        monitor's hooks cannot split into examples: that tensor goes to the torch.func fallback)."""
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            b, t = idx.shape
+            pos = torch.arange(t, device=idx.device).expand(b, t)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+
+    return BatchedPosGPT
+
+
+BatchedPosGPT = _batched_pos_gpt()
+
+
 def setup(name: str, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -77,10 +98,19 @@ def setup(name: str, device: str, seed: int = 0):
         data = [(torch.rand(64, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device))
                 for _ in range(8)]
         return model, torch.optim.SGD(model.parameters(), lr=0.01), "cross-entropy", data
-    model = TinyGPT().to(device)
+    if name in ("gpt", "gpt-pos"):  # the zoo's gpt (issue 12's size): 4 blocks, n_embd 128, 4 heads, T 64, V 65
+        from gradlab.models import build_model
+
+        model = build_model("gpt", (64,), 65, n_layer=4, n_embd=128, n_head=4).to(device)
+        if name == "gpt-pos":
+            model.__class__ = BatchedPosGPT
+        vocab = 65
+    else:
+        model = TinyGPT().to(device)
+        vocab = 256
     data = []
     for _ in range(8):
-        ids = torch.randint(0, 256, (16, 65), generator=g).to(device)
+        ids = torch.randint(0, vocab, (16, 65), generator=g).to(device)
         data.append((ids[:, :-1], ids[:, 1:]))
     return model, torch.optim.Adam(model.parameters(), lr=3e-4), "lm", data
 
@@ -169,7 +199,9 @@ def peak_memory(name: str, cond: str, device: str, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["mlp", "gpt", "both"], default="both")
+    p.add_argument("--model", choices=["mlp", "gpt", "gpt-pos", "tinygpt", "both"], default="both",
+                   help="both: mlp, gpt (the zoo's) and gpt-pos (the zoo's with (B, T) position ids); tinygpt: "
+                        "the small GPT of earlier sessions")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=32, help="steps per condition per round (naive: steps/8)")
     p.add_argument("--no-naive", action="store_true")
@@ -177,7 +209,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
-    models = ["mlp", "gpt"] if args.model == "both" else [args.model]
+    models = ["mlp", "gpt", "gpt-pos"] if args.model == "both" else [args.model]
     conds = ["plain", "monitor", "monitor noise", "monitor/16"] + ([] if args.no_naive else ["naive"])
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps")

@@ -257,6 +257,12 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
             ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
                                     rng=rng_for(seed, keep[ci], SEED_CODES["moments"]))
             result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}
+        from gradlab.analysis.monitor import comparison_note, monitor_vs_probe  # the run's monitor.zarr, if any
+
+        pairs = monitor_vs_probe(ds, result)
+        if pairs:
+            result["monitor_comparison"] = pairs
+            result["notes"] += [comparison_note(c) for c in pairs]
     not_measured = dict(NOT_MEASURED_FROZEN) if frozen else {}
     result["not_measured"] = not_measured
     result["notes"] += [f"not shown: {k} ({v})" for k, v in not_measured.items()]

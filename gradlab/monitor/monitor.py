@@ -150,6 +150,7 @@ class NoiseMonitor:
             self.store.close()
             raise
         self._pending: Pending | None = None
+        self._warned_no_loss = False
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         self._handles: list[Any] = []
         for name, p in self.params.items():
@@ -394,6 +395,11 @@ class NoiseMonitor:
             self.hooks.disarm()
         n_layers = len(self.names)
         s1, q, nonfinite_t, missing, k = step_sums(pend, self.names, self.estimator)
+        if missing == 5 and not self._warned_no_loss:
+            self._warned_no_loss = True
+            log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
+                        "monitor.loss(batch), e.g. already reduced): recorded as missing; compute the loss with "
+                        "monitor.loss(batch), or call monitor.observe(batch) before the optimizer step", pend.step)
         parts = [s1, q]
         dist = upd = None
         if self.distances:

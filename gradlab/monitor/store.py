@@ -127,10 +127,9 @@ class MonitorStore:
         self.chunk_steps = int(chunk_steps)
         self.vars = {v.name: v for v in monitor_variables()}
         exists = self.path.exists()
-        if exists and not resume:
-            what = "a gradlab monitor store" if _is_monitor_store(self.path) else "other data"
-            raise StoreError(f"{self.path} already holds {what}; pass resume=True to continue a monitor store, or "
-                             "choose a new store path")
+        if exists and not resume and _is_monitor_store(self.path):
+            raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to continue it, "
+                             "or choose a new store path")
         if exists and not _is_monitor_store(self.path):
             raise StoreError(f"{self.path} holds other data, not a gradlab monitor store; choose a new store path")
         self.path.parent.mkdir(parents=True, exist_ok=True)

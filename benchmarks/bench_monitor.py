@@ -1,13 +1,18 @@
 """Training-step time with the noise monitor vs without, vs a naive per-example autograd loop; peak memory.
 
-Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data) and a small GPT
-(2 blocks, d = 128, 4 heads, T = 64, vocabulary 256, batch 16, Adam; attention written with nn.Linear so every
-parameter is on the hooked path).  Conditions, interleaved round by round on the same seeds:
+Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data); the zoo's ``gpt``
+(issue 12's size: 4 blocks, n_embd 128, 4 heads, T = 64, vocabulary 65, batch 16, Adam), whose position embedding
+is called on ids of shape (T,) without the batch dimension, so the monitor's hooks cannot split it into examples and
+that one tensor takes the torch.func fallback (a vmapped forward/backward per recorded step); ``gpt-pos``, the same
+model with position ids of shape (B, T), every tensor hooked; ``tinygpt`` (``--model tinygpt``), the 2-block GPT of
+earlier sessions (vocabulary 256, fused qkv).  Conditions, interleaved round by round on the same seeds:
 
 - ``plain``: the training step alone (forward, mean loss, backward, optimizer step);
 - ``monitor``: the same step with ``NoiseMonitor`` recording every step (per-example norms from the step's own
   backward, update norm, distance from init, moving averages, zarr appends every 64 steps);
 - ``monitor noise``: every step, without the update norm and distance from init (``distances=False``);
+- ``monitor sgd-upd``: every step, the update norm from SGD's own update (``distances="optimizer"``: no snapshot;
+  Adam falls back to the snapshot, so on the GPTs this equals ``monitor``);
 - ``monitor/16``: recording every 16th step;
 - ``naive``: the step plus a per-example autograd loop (B extra forward/backward passes) for Σ‖gᵢ‖², what a
   monitor without the backward hooks would do.
@@ -124,7 +129,8 @@ def make_step(cond: str, name: str, device: str, tmp: Path):
     if cond.startswith("monitor"):
         every = 16 if cond == "monitor/16" else 1
         mon = NoiseMonitor(model, loss_name, tmp / f"{name}-{cond.replace('/', '_').replace(' ', '_')}.zarr",
-                           optimizer=opt, every=every, distances=cond != "monitor noise")
+                           optimizer=opt, every=every,
+                           distances={"monitor noise": False, "monitor sgd-upd": "optimizer"}.get(cond, True))
     params = list(model.parameters())
     i = [0]
 
@@ -210,7 +216,8 @@ def main() -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     models = ["mlp", "gpt", "gpt-pos"] if args.model == "both" else [args.model]
-    conds = ["plain", "monitor", "monitor noise", "monitor/16"] + ([] if args.no_naive else ["naive"])
+    conds = ["plain", "monitor", "monitor noise", "monitor sgd-upd", "monitor/16"] + ([] if args.no_naive else
+                                                                                   ["naive"])
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps")
     results = {}

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,9 +36,10 @@ from torch import Tensor, nn
 
 from gradlab.errors import UsageError
 from gradlab.monitor.distances import MODES, Distances
-from gradlab.monitor.estimators import EmaRatio, noise_estimates, smooth
+from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
+from gradlab.monitor.rows import StepCopy, chunk_rows, step_row
 from gradlab.monitor.sums import Micro, Pending, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
                           source_sha256)
@@ -273,20 +273,7 @@ class NoiseMonitor:
         EMA state each step left (elementwise: the same numbers as step by step)."""
         if not self._rows:
             return
-        stacked = {k: np.stack([r[k] for r in self._rows]) for k in self._rows[0]}
-        sm = smooth(np.moveaxis(stacked.pop("_ema"), 1, 0), self.ema.level)  # (7, steps, parts)
-        stacked["n_eff"] = sm.n_eff[:, 0]
-        for name in ("grad_sq_norm_ema", "grad_sq_norm_ema_low", "grad_sq_norm_ema_high", "trace_cov_ema",
-                     "trace_cov_ema_low", "trace_cov_ema_high", "b_noise", "b_noise_low", "b_noise_high"):
-            stacked[name] = getattr(sm, name.replace("_ema", ""))
-        ng = len(GROUPS)
-        rows = {}
-        for name, v in stacked.items():
-            if v.ndim == 2:
-                rows[name] = np.ascontiguousarray(v[:, :ng], dtype=np.float64)
-                rows[name + "_layer"] = np.ascontiguousarray(v[:, ng:], dtype=np.float64)
-            else:
-                rows[name] = v
+        rows = chunk_rows(self._rows, self.ema.level)
         self.store.append(rows)
         self._rows = []
 
@@ -393,7 +380,6 @@ class NoiseMonitor:
         self._collect(pend)
         if self.hooks is not None:
             self.hooks.disarm()
-        n_layers = len(self.names)
         s1, q, nonfinite_t, missing, k = step_sums(pend, self.names, self.estimator)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
@@ -409,44 +395,15 @@ class NoiseMonitor:
         loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
         tail = torch.stack([torch.as_tensor(nonfinite_t, dtype=torch.float64, device=s1.device).reshape(()),
                             loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(())])
-        arr = torch.cat([x.to(s1.device) for x in parts] + [tail]).cpu().numpy()
-        nonfinite = int(arr[-2])
-        s1v, qv = arr[:n_layers], arr[n_layers:2 * n_layers]
-        dist_v = arr[2 * n_layers:3 * n_layers] if dist is not None else np.full(n_layers, np.nan)
-        upd_v = arr[3 * n_layers:4 * n_layers] if upd is not None else np.full(n_layers, np.nan)
-        loss_value = float(arr[-1]) / max(pend.batch_size, 1)
-        excluded = np.array([n in self.excluded for n in self.names])
-        s1v = np.where(excluded, np.nan, s1v)
-        qv = np.where(excluded, np.nan, qv)
-        nonfinite += int((~np.isfinite(s1v[~excluded])).sum())
-        if self.estimator == "two-batch":
-            nonfinite += int((~np.isfinite(qv[~excluded])).sum())
-        if nonfinite and missing == 0:
-            missing = 2
-        inc = self._group_masks & ~excluded
-        s1g = np.where(inc, s1v, 0.0).sum(1)
-        qg = np.where(inc, qv, 0.0).sum(1)
-        if missing:
-            g2 = np.full(len(GROUPS) + n_layers, np.nan)
-            tr = g2.copy()
-        else:
-            g2, tr = noise_estimates(np.concatenate([s1g, s1v]), np.concatenate([qg, qv]), pend.batch_size, k,
-                                     self.pool_size)
-        self.ema.update(tr, g2)
-        dsq_g = np.sqrt(np.where(self._group_masks, dist_v ** 2, 0.0).sum(1))
-        usq_g = np.sqrt(np.where(self._group_masks, upd_v ** 2, 0.0).sum(1))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bs = tr / g2
-        update = np.concatenate([usq_g, upd_v])
-        if upd is None:
-            update[:] = np.nan
-        self._rows.append({
-            "step": np.int64(pend.step), "examples_seen": np.int64(self.examples_seen),
-            "batch_size": np.int64(pend.batch_size), "n_groups": np.int64(k), "loss": loss_value, "lr": pend.lr,
-            "nonfinite_count": np.int64(nonfinite), "missing": np.int8(missing), "wall_time": time.time(),
-            "gram_sum": np.concatenate([s1g, s1v]), "gram_trace": np.concatenate([qg, qv]), "grad_sq_norm": g2,
-            "trace_cov": tr, "b_simple": bs, "update_norm": update, "dist_init": np.concatenate([dsq_g, dist_v]),
-            "_ema": self.ema.state.copy()})
+        arr = torch.cat([x.to(s1.device) for x in parts] + [tail]).cpu().numpy()  # the step's one copy
+        n = len(self.names)
+        copy = StepCopy(s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
+                        update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=int(arr[-2]),
+                        loss_sum=float(arr[-1]), step=pend.step, examples_seen=self.examples_seen,
+                        batch_size=pend.batch_size, n_groups=k, missing=missing, lr=pend.lr)
+        self._rows.append(step_row(copy, excluded=np.array([n in self.excluded for n in self.names]),
+                                   group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
+                                   pool_size=self.pool_size, ema=self.ema))
         if len(self._rows) >= self.store.chunk_steps:
             self.flush()
 

@@ -167,7 +167,7 @@ def test_a_loss_reduced_outside_the_monitor_is_recorded_as_missing_and_said_once
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()
     with caplog.at_level("WARNING", logger="gradlab.monitor.monitor"):
-        with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt) as mon:
+        with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt):
             for _ in range(3):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()

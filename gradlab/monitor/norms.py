@@ -69,6 +69,14 @@ def _cat1(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
+def _position_ids(module: nn.Module, ids: Any) -> bool:
+    """An embedding called on 0, 1, …, N − 1 of shape (N,): position ids without the batch dimension (the zoo gpt's
+    ``wpe(arange(T))``), told apart by their values when N happens to equal the batch size (a batch whose i-th
+    example is token i is the one case this misreads)."""
+    return isinstance(module, nn.Embedding) and isinstance(ids, Tensor) and ids.dim() == 1 and \
+        bool(torch.equal(ids, torch.arange(ids.shape[0], device=ids.device, dtype=ids.dtype)))
+
+
 def _as_btd(x: Tensor, d: int) -> Tensor:
     return x.reshape(x.shape[0], -1, d)
 
@@ -162,13 +170,16 @@ class PerExampleNorms:
 
         A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent).
         With ``n`` (the examples of the batch), a module called on inputs whose leading dimension is not n (e.g.
-        position embeddings of shape (1, T) broadcast over the batch) is unhooked for good: its parameters are
-        appended to :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func)."""
+        position embeddings of shape (1, T) broadcast over the batch), or an embedding called on position ids
+        0…N−1 of shape (N,) (also when N = n), is unhooked for good: its parameters are appended to
+        :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func).  Other unbatched inputs
+        whose leading dimension equals n cannot be told apart: give such modules batched inputs."""
         out: dict[str, Tensor] = {}
         self._grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this collect only)
         for module, calls in self._calls.items():
             calls = [c for c in calls if c.grad is not None]
-            if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n for c in calls):
+            if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n or _position_ids(module, c.inp)
+                                     for c in calls):
                 names = list(self.modules.pop(module).values())
                 self.unbatched.extend(names)
                 self.fallback.extend(names)

@@ -173,6 +173,15 @@ def test_shared_input_grams_large_vocabulary_and_unbatched_embedding_match(tmp_p
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randint(0, 30, (7, 2), generator=g), torch.randint(0, 3, (7,), generator=g)) for _ in range(2)]
     refs, ds = _run_steps(model, batches, tmp_path / "m.zarr")
+    # T = B: pos(arange(T)) has the batch's length; its values still say it is not per-example
+    torch.manual_seed(0)
+    square = _SharedInput(vocab=30, t=3).double()
+    sq_batch = (torch.randint(0, 30, (3, 3), generator=g), torch.randint(0, 3, (3,), generator=g))
+    (sq_ref,), sq_ds = _run_steps(square, [sq_batch], tmp_path / "square.zarr")
+    assert sq_ds.attrs["fallback_params"] == ["pos.weight"]
+    sq_layers = [str(v) for v in sq_ds.layer.values]
+    np.testing.assert_allclose(sq_ds.gram_trace_layer.isel(step=0).values, [sq_ref[1][n] for n in sq_layers],
+                               rtol=1e-12, atol=1e-25)
     assert ds.attrs["fallback_params"] == ["pos.weight"]
     layers = [str(v) for v in ds.layer.values]
     for k, (s1, s2) in enumerate(refs):

@@ -68,7 +68,9 @@ class NoiseMonitor:
     steps the restored checkpoint had taken): the store keeps its steps < start_step and continues; ``config``
     extra JSON-safe settings recorded in the store (seeds, data, ...); ``distances=False`` skips the update norm
     and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
-    the monitor's cost on memory-bound CPUs; they are then recorded as NaN).
+    the monitor's cost on memory-bound CPUs; they are then recorded as NaN); ``distances="optimizer"`` takes the
+    update norm of a ``torch.optim.SGD`` from its own update, without a snapshot of θ
+    (:mod:`gradlab.monitor.distances`).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,

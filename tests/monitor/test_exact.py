@@ -190,3 +190,37 @@ def test_shared_input_grams_large_vocabulary_and_unbatched_embedding_match(tmp_p
                                    atol=1e-25)
         np.testing.assert_allclose(ds.gram_trace_layer.isel(step=k).values, [s2[n] for n in layers], rtol=1e-12,
                                    atol=1e-25)
+
+
+@pytest.mark.parametrize("make_opt,kind", [
+    (lambda p: torch.optim.SGD(p, lr=0.3), "grad"),
+    (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, dampening=0.1, weight_decay=0.01), "momentum"),
+    (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True), None),  # not known: the snapshot
+    (lambda p: torch.optim.Adam(p, lr=0.01), None),                             # not known: the snapshot
+], ids=["sgd", "sgd-momentum", "nesterov", "adam"])
+def test_update_norm_from_the_optimizer_equals_the_realized_difference(tmp_path, make_opt, kind):
+    from gradlab.monitor.distances import sgd_direction
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    got = {}
+    for mode in (True, "optimizer", False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        model[2].bias.requires_grad_(False)  # a frozen tensor: not monitored, not moved
+        opt = make_opt([p for p in model.parameters() if p.requires_grad])
+        realized = []
+        with NoiseMonitor(model, "cross-entropy", tmp_path / f"{mode}.zarr", optimizer=opt, distances=mode) as mon:
+            for _ in range(3):
+                before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+                opt.zero_grad()
+                mon.loss((x, y)).backward()
+                opt.step()
+                after = [p.detach() for p in model.parameters() if p.requires_grad]
+                realized.append([float((a - b).norm()) for a, b in zip(after, before)])
+        got[mode] = xr.open_zarr(tmp_path / f"{mode}.zarr", consolidated=False).update_norm_layer.values
+    np.testing.assert_allclose(got[True], realized, rtol=1e-12)
+    np.testing.assert_allclose(got["optimizer"], realized, rtol=1e-12)
+    assert np.isnan(got[False]).all()
+    assert sgd_direction(make_opt([nn.Parameter(torch.zeros(1))])) == kind
+    with pytest.raises(Exception, match="distances must be"):
+        NoiseMonitor(nn.Linear(2, 2), "cross-entropy", tmp_path / "bad.zarr", distances="fast")

@@ -74,22 +74,28 @@ def monitor_vs_probe(probe: Any, result: dict[str, Any]) -> list[dict[str, Any]]
         if step is None or not steps.size or steps[0] > step:
             continue
         at = int(steps[np.searchsorted(steps, step, side="right") - 1])
-        probe_est = Estimate(est["value"], est["low"], est["high"], est.get("level", 0.95))
+        probe_est = Estimate(_num(est.get("value")), _num(est.get("low")), _num(est.get("high")),
+                             _num(est.get("level", 0.95)))
         cmp = compare_with_probe(mon, at, probe_est)
-        widths = {k: (v["high"] - v["low"]) / (2 * abs(v["value"])) if v["value"] else float("nan")
-                  for k, v in (("monitor", cmp["monitor"]), ("probe", cmp["probe"]))}
+        widths = {k: (_num(v["high"]) - _num(v["low"])) / (2 * abs(_num(v["value"]))) if _num(v["value"])
+                  else float("nan") for k, v in (("monitor", cmp["monitor"]), ("probe", cmp["probe"]))}
         out.append({"checkpoint": str(label), "monitor_store": str(path), "checkpoint_step": step,
                     "steps_before_checkpoint": step - at, "relative_half_width": widths, **cmp})
     return out
 
 
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def comparison_note(c: dict[str, Any]) -> str:
     """One line for ``gradlab analyze``'s output."""
-    m, p = c["monitor"], c["probe"]
+    m, p = ({k: f"{_num(v[k]):.4g}" for k in ("value", "low", "high")} for v in (c["monitor"], c["probe"]))
+    verdict = ("agree (intervals overlap)" if c["agree"] else
+               "no interval to compare" if "nan" in (m["low"], p["low"]) else "DISAGREE (intervals do not overlap)")
     return (f"monitor vs frozen probe at {c['checkpoint']} (step {c['step']}, {c['steps_before_checkpoint']} before "
-            f"the checkpoint): B_noise {m['value']:.4g} [{m['low']:.4g}, {m['high']:.4g}] vs {p['value']:.4g} "
-            f"[{p['low']:.4g}, {p['high']:.4g}]: {'agree' if c['agree'] else 'DISAGREE'} (intervals "
-            f"{'overlap' if c['agree'] else 'do not overlap'})")
+            f"the checkpoint): B_noise {m['value']} [{m['low']}, {m['high']}] vs {p['value']} "
+            f"[{p['low']}, {p['high']}]: {verdict}")
 
 
 def summarize(ds: Any) -> dict[str, Any]:

@@ -62,3 +62,14 @@ def test_a_probe_without_a_monitor_beside_its_checkpoint_reports_no_pair(pair, t
     assert len(monitor_vs_probe(ds, result)) == 1
     assert monitor_vs_probe(ds.assign_coords(checkpoint_path=("checkpoint", [str(tmp_path / "x.pt")])),
                             result) == []
+
+
+def test_a_probe_estimate_without_an_interval_is_compared_without_crashing(pair):
+    """Regression: ``gradlab analyze --n-boot 0`` (or a B_noise with no finite bound) stores low/high as None."""
+    from gradlab.analysis.monitor import comparison_note, monitor_vs_probe
+    from gradlab.store import open_store
+
+    d, _ = pair
+    result = {"checkpoints": {"late": {"estimates": {"b_noise": {"value": 80.0, "low": None, "high": None}}}}}
+    (c,) = monitor_vs_probe(open_store(d / "p.zarr"), result)
+    assert not c["agree"] and comparison_note(c).endswith("no interval to compare")

@@ -69,16 +69,7 @@ def step_sums(pend: Pending, names: list[str], estimator: str) -> tuple[Tensor, 
     nonfinite: Tensor | int = 0
     if estimator == "per-example":
         for m in micros:
-            rows = []
-            for n in names:
-                v = m.norms.get(n)
-                if v is not None:
-                    v = v / w2.to(v.dtype)
-                else:
-                    v = m.unscaled.get(n)
-                rows.append(torch.zeros(m.n, dtype=torch.float64, device=device) if v is None
-                            else v.to(torch.float64))
-            mat = torch.stack(rows)
+            mat = _per_example_rows(m, names, w2, device)
             q = q + mat.sum(1)
             nonfinite = nonfinite + (~torch.isfinite(mat)).sum()
         return s1, q, nonfinite, 1 if pend.batch_size < 2 else 0, pend.batch_size
@@ -88,3 +79,23 @@ def step_sums(pend: Pending, names: list[str], estimator: str) -> tuple[Tensor, 
         q = q + torch.where(present, col / (w2 * m.n), zero)
     k = len(micros)
     return s1, q, nonfinite, 4 if k < 2 else (1 if pend.batch_size < 2 else 0), k
+
+
+def _per_example_rows(m: Micro, names: list[str], w2: Tensor, device: Any) -> Tensor:
+    """(tensors, n) float64: the hooked rows ‖wᵢgᵢ‖²/w² (divided in their own dtype, stacked per dtype: a few
+    kernels, not a few per tensor), the fallback rows ‖gᵢ‖² as they are, zeros for tensors without a gradient."""
+    mat = torch.zeros(len(names), m.n, dtype=torch.float64, device=device)
+    groups: dict[tuple[bool, torch.dtype], list[int]] = {}
+    for j, n in enumerate(names):
+        v = m.norms.get(n)
+        if v is not None:
+            groups.setdefault((True, v.dtype), []).append(j)
+        elif n in m.unscaled:
+            groups.setdefault((False, m.unscaled[n].dtype), []).append(j)
+    for (scaled, dtype), idx in groups.items():
+        src = m.norms if scaled else m.unscaled
+        block = torch.stack([src[names[j]] for j in idx])
+        if scaled:
+            block = block / w2.to(dtype)
+        mat[idx] = block.to(torch.float64)
+    return mat

@@ -1,13 +1,18 @@
 """Training-step time with the noise monitor vs without, vs a naive per-example autograd loop; peak memory.
 
-Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data) and a small GPT
-(2 blocks, d = 128, 4 heads, T = 64, vocabulary 256, batch 16, Adam; attention written with nn.Linear so every
-parameter is on the hooked path).  Conditions, interleaved round by round on the same seeds:
+Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data); the zoo's ``gpt``
+(issue 12's size: 4 blocks, n_embd 128, 4 heads, T = 64, vocabulary 65, batch 16, Adam), whose position embedding
+is called on ids of shape (T,) without the batch dimension, so the monitor's hooks cannot split it into examples and
+that one tensor takes the torch.func fallback (a vmapped forward/backward per recorded step); ``gpt-pos``, the same
+model with position ids of shape (B, T), every tensor hooked; ``tinygpt`` (``--model tinygpt``), the 2-block GPT of
+earlier sessions (vocabulary 256, fused qkv).  Conditions, interleaved round by round on the same seeds:
 
 - ``plain``: the training step alone (forward, mean loss, backward, optimizer step);
 - ``monitor``: the same step with ``NoiseMonitor`` recording every step (per-example norms from the step's own
   backward, update norm, distance from init, moving averages, zarr appends every 64 steps);
 - ``monitor noise``: every step, without the update norm and distance from init (``distances=False``);
+- ``monitor sgd-upd``: every step, the update norm from SGD's own update (``distances="optimizer"``: no snapshot;
+  Adam falls back to the snapshot, so on the GPTs this equals ``monitor``);
 - ``monitor/16``: recording every 16th step;
 - ``naive``: the step plus a per-example autograd loop (B extra forward/backward passes) for Σ‖gᵢ‖², what a
   monitor without the backward hooks would do.
@@ -68,6 +73,27 @@ class TinyGPT(nn.Module):
         return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(pos))))
 
 
+def _batched_pos_gpt() -> type:
+    from gradlab.models.gpt import GPT
+
+    class BatchedPosGPT(GPT):
+        """The zoo gpt with position ids of shape (B, T) (the zoo passes (T,), broadcast over the batch, which the
+        monitor's hooks cannot split into examples: that tensor goes to the torch.func fallback)."""
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            b, t = idx.shape
+            pos = torch.arange(t, device=idx.device).expand(b, t)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+
+    return BatchedPosGPT
+
+
+BatchedPosGPT = _batched_pos_gpt()
+
+
 def setup(name: str, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -77,10 +103,19 @@ def setup(name: str, device: str, seed: int = 0):
         data = [(torch.rand(64, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device))
                 for _ in range(8)]
         return model, torch.optim.SGD(model.parameters(), lr=0.01), "cross-entropy", data
-    model = TinyGPT().to(device)
+    if name in ("gpt", "gpt-pos"):  # the zoo's gpt (issue 12's size): 4 blocks, n_embd 128, 4 heads, T 64, V 65
+        from gradlab.models import build_model
+
+        model = build_model("gpt", (64,), 65, n_layer=4, n_embd=128, n_head=4).to(device)
+        if name == "gpt-pos":
+            model.__class__ = BatchedPosGPT
+        vocab = 65
+    else:
+        model = TinyGPT().to(device)
+        vocab = 256
     data = []
     for _ in range(8):
-        ids = torch.randint(0, 256, (16, 65), generator=g).to(device)
+        ids = torch.randint(0, vocab, (16, 65), generator=g).to(device)
         data.append((ids[:, :-1], ids[:, 1:]))
     return model, torch.optim.Adam(model.parameters(), lr=3e-4), "lm", data
 
@@ -94,7 +129,8 @@ def make_step(cond: str, name: str, device: str, tmp: Path):
     if cond.startswith("monitor"):
         every = 16 if cond == "monitor/16" else 1
         mon = NoiseMonitor(model, loss_name, tmp / f"{name}-{cond.replace('/', '_').replace(' ', '_')}.zarr",
-                           optimizer=opt, every=every, distances=cond != "monitor noise")
+                           optimizer=opt, every=every,
+                           distances={"monitor noise": False, "monitor sgd-upd": "optimizer"}.get(cond, True))
     params = list(model.parameters())
     i = [0]
 
@@ -169,7 +205,9 @@ def peak_memory(name: str, cond: str, device: str, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["mlp", "gpt", "both"], default="both")
+    p.add_argument("--model", choices=["mlp", "gpt", "gpt-pos", "tinygpt", "both"], default="both",
+                   help="both: mlp, gpt (the zoo's) and gpt-pos (the zoo's with (B, T) position ids); tinygpt: "
+                        "the small GPT of earlier sessions")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=32, help="steps per condition per round (naive: steps/8)")
     p.add_argument("--no-naive", action="store_true")
@@ -177,8 +215,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
-    models = ["mlp", "gpt"] if args.model == "both" else [args.model]
-    conds = ["plain", "monitor", "monitor noise", "monitor/16"] + ([] if args.no_naive else ["naive"])
+    models = ["mlp", "gpt", "gpt-pos"] if args.model == "both" else [args.model]
+    conds = ["plain", "monitor", "monitor noise", "monitor sgd-upd", "monitor/16"] + ([] if args.no_naive else
+                                                                                   ["naive"])
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps")
     results = {}

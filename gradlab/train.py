@@ -69,7 +69,7 @@ class TrainConfig:
     checkpoint_format: str = "pt"
     loss: str | None = None  # per-example loss (gradlab.task): cross-entropy, mse, lm, pkg.module:fn; None: the data's
     dtype: str | None = None  # float32 / float64: model and floating data in this dtype (None: as they come)
-    monitor_every: int = 0  # record the gradient noise monitor every K steps into runs/<run>/monitor.zarr (0: off)
+    monitor_every: int = 1  # record the gradient noise monitor every K steps into runs/<run>/monitor.zarr (0: off)
     collate: str | None = None  # pkg.module:fn turning a Dataset's items into one batch
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def test_grid_writes_checkpoints_and_store(tmp_path):
         assert "long_name" in v.attrs and "units" in v.attrs
     run = ds.run_dir.values[0]
     files = sorted(p.name for p in (tmp_path / "r" / run).iterdir())
-    assert files == ["epoch000.pt", "epoch001.pt", "epoch003.pt"]
+    assert files == ["epoch000.pt", "epoch001.pt", "epoch003.pt", "monitor.zarr"]  # the monitor is on by default
     ck = load_checkpoint(tmp_path / "r" / run / "epoch003.pt")
     assert ck.meta["epoch"] == 3 and ck.meta["optimizer"] == "sgd" and ck.meta["lr_rule"]["scaling"] == "constant"
     net = build_model_from(ck)

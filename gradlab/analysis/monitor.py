@@ -4,7 +4,9 @@
 (B_noise, ‖G‖², tr Σ per group against steps and examples seen, with intervals) and ``monitor_layers``
 (B_noise per parameter tensor).  ``compare_with_probe`` relates the monitored B_noise at a step to the frozen
 probe's estimate at the checkpoint saved at that step: both estimate tr Σ/‖G‖² at (nearly) the same θ, the
-monitor from the moving average over recent steps, the probe from many trials at one θ.
+monitor from the moving average over recent steps, the probe from many trials at one θ.  ``monitor_vs_probe``
+finds the pairs: ``gradlab analyze`` on a frozen probe store of a ``gradlab train`` checkpoint reports them
+(``monitor_comparison`` in summary.json, one note line each).
 """
 
 from __future__ import annotations
@@ -39,6 +41,61 @@ def compare_with_probe(ds: Any, step: int, probe: Estimate, group: str = "all") 
     mon = estimate_at(ds, "b_noise", step, group)
     overlap = mon.has_interval and probe.has_interval and mon.low <= probe.high and probe.low <= mon.high
     return {"step": int(step), "monitor": mon.to_dict(), "probe": probe.to_dict(), "agree": bool(overlap)}
+
+
+def checkpoint_step(monitor: Any, epoch: float) -> int | None:
+    """The optimizer steps a ``gradlab train`` run had taken at the end of ``epoch``: epoch · ⌈n/m⌉ (n the pool
+    of the monitor's sampling, m the run's batch size; both recorded in the monitor store).  None if unknown."""
+    cfg = _json_attr(monitor.attrs.get("config", "{}"))
+    pool, m = int(monitor.attrs.get("pool_size", -1)), cfg.get("batch_size")
+    if pool < 1 or not m or not np.isfinite(epoch):
+        return None
+    return int(round(epoch)) * -(-pool // int(m))
+
+
+def monitor_vs_probe(probe: Any, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each checkpoint of an analysed frozen probe store (``result`` from ``gradlab analyze``) written by
+    ``gradlab train`` next to a ``monitor.zarr``, the monitored B_noise at the last recorded step ≤ the
+    checkpoint's step against the probe's headline B_noise (:func:`compare_with_probe`): both estimate
+    tr Σ/‖G‖² of the training pool at (nearly) the checkpoint's θ -- the probe from many trials at that θ, the
+    monitor from the moving average over the recent steps (θ moved during them: the monitor lags).  Each entry
+    gives both intervals, their relative half-widths and whether they overlap (``agree``)."""
+    from gradlab.analysis.interval import Estimate
+
+    out: list[dict[str, Any]] = []
+    for ci, label in enumerate(np.asarray(probe["checkpoint"].values).tolist()):
+        est = result.get("checkpoints", {}).get(str(label), {}).get("estimates", {}).get("b_noise")
+        path = Path(str(probe["checkpoint_path"].values[ci])).parent / "monitor.zarr"
+        if est is None or not (path / "zarr.json").exists():
+            continue
+        mon = open_monitor(path).load()
+        step = checkpoint_step(mon, float(probe["checkpoint_epoch"].values[ci]))
+        steps = np.asarray(mon["step"].values)
+        if step is None or not steps.size or steps[0] > step:
+            continue
+        at = int(steps[np.searchsorted(steps, step, side="right") - 1])
+        probe_est = Estimate(_num(est.get("value")), _num(est.get("low")), _num(est.get("high")),
+                             _num(est.get("level", 0.95)))
+        cmp = compare_with_probe(mon, at, probe_est)
+        widths = {k: (_num(v["high"]) - _num(v["low"])) / (2 * abs(_num(v["value"]))) if _num(v["value"])
+                  else float("nan") for k, v in (("monitor", cmp["monitor"]), ("probe", cmp["probe"]))}
+        out.append({"checkpoint": str(label), "monitor_store": str(path), "checkpoint_step": step,
+                    "steps_before_checkpoint": step - at, "relative_half_width": widths, **cmp})
+    return out
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def comparison_note(c: dict[str, Any]) -> str:
+    """One line for ``gradlab analyze``'s output."""
+    m, p = ({k: f"{_num(v[k]):.4g}" for k in ("value", "low", "high")} for v in (c["monitor"], c["probe"]))
+    verdict = ("agree (intervals overlap)" if c["agree"] else
+               "no interval to compare" if "nan" in (m["low"], p["low"]) else "DISAGREE (intervals do not overlap)")
+    return (f"monitor vs frozen probe at {c['checkpoint']} (step {c['step']}, {c['steps_before_checkpoint']} before "
+            f"the checkpoint): B_noise {m['value']} [{m['low']}, {m['high']}] vs {p['value']} "
+            f"[{p['low']}, {p['high']}]: {verdict}")
 
 
 def summarize(ds: Any) -> dict[str, Any]:
@@ -115,4 +172,4 @@ def _save(fig: Any, out: Path, stem: str) -> list[str]:
     return names
 
 
-__all__ = ["analyze_monitor", "compare_with_probe", "estimate_at", "summarize"]
+__all__ = ["analyze_monitor", "compare_with_probe", "estimate_at", "monitor_vs_probe", "summarize"]

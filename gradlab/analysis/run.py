@@ -257,6 +257,12 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
 
         headline_estimates(ds, done, labels, keep, result, pool_size=pool_size, replacement=replacement,
                            n_boot=n_boot, seed=seed, level=level)
+        from gradlab.analysis.monitor import comparison_note, monitor_vs_probe  # the run's monitor.zarr, if any
+
+        pairs = monitor_vs_probe(ds, result)
+        if pairs:
+            result["monitor_comparison"] = pairs
+            result["notes"] += [comparison_note(c) for c in pairs]
     from gradlab.analysis.quantities import add_quantities
 
     ads = add_quantities(ds, done, ads, result, labels)

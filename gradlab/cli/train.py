@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-format", choices=["pt", "safetensors"], help="checkpoint file format [pt]")
     add_task_arguments(p, default_loss=None)
     p.add_argument("--monitor-every", type=int, metavar="K",
-                   help="record the gradient noise monitor every K steps into runs/<run>/monitor.zarr [0: off]")
+                   help="record the gradient noise monitor every K steps into runs/<run>/monitor.zarr [1: every "
+                        "step; 0: off]")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="run the model and the data's floating tensors in this dtype [as they come]")
     p.add_argument("--out", required=True, help="output folder (train.zarr + runs/<name>/epochNNN.pt)")

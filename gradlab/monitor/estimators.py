@@ -163,22 +163,28 @@ class EmaRatio:
         self.state = self.state * decays + terms
 
     def current(self) -> Smoothed:
-        w, w2, wt, wg, wtt, wtg, wgg = self.state
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mt, mg = wt / w, wg / w
-            sum_w2 = w2 / (w * w)  # Σ w̃² with normalised weights w̃ = w/Σw
-            n_eff = 1.0 / sum_w2
-            # reliability-weighted sample (co)variances, unbiased for i.i.d. steps: Σw̃(x−x̄)² / (1 − Σw̃²)
-            denom = 1.0 - sum_w2
-            s_tt = (wtt / w - mt * mt) / denom
-            s_tg = (wtg / w - mt * mg) / denom
-            s_gg = (wgg / w - mg * mg) / denom
-            v_tt, v_tg, v_gg = sum_w2 * s_tt, sum_w2 * s_tg, sum_w2 * s_gg
-            q = _t_quantile(self.level, np.where(np.isfinite(n_eff), n_eff - 1.0, 0.0))
-            se_t, se_g = np.sqrt(np.maximum(v_tt, 0.0)), np.sqrt(np.maximum(v_gg, 0.0))
-            low, high = fieller(mt, mg, v_tt, v_tg, v_gg, q)
-            ratio = mt / mg
-        return Smoothed(mg, mg - q * se_g, mg + q * se_g, mt, mt - q * se_t, mt + q * se_t, ratio, low, high, n_eff)
+        return smooth(self.state, self.level)
+
+
+def smooth(state: np.ndarray, level: float) -> Smoothed:
+    """The smoothed estimates and intervals of :class:`EmaRatio` from its state (7, ...) -- any trailing shape, e.g.
+    (7, steps, parts) for the states of many recorded steps at once: every operation is elementwise."""
+    w, w2, wt, wg, wtt, wtg, wgg = np.asarray(state, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mt, mg = wt / w, wg / w
+        sum_w2 = w2 / (w * w)  # Σ w̃² with normalised weights w̃ = w/Σw
+        n_eff = 1.0 / sum_w2
+        # reliability-weighted sample (co)variances, unbiased for i.i.d. steps: Σw̃(x−x̄)² / (1 − Σw̃²)
+        denom = 1.0 - sum_w2
+        s_tt = (wtt / w - mt * mt) / denom
+        s_tg = (wtg / w - mt * mg) / denom
+        s_gg = (wgg / w - mg * mg) / denom
+        v_tt, v_tg, v_gg = sum_w2 * s_tt, sum_w2 * s_tg, sum_w2 * s_gg
+        q = _t_quantile(level, np.where(np.isfinite(n_eff), n_eff - 1.0, 0.0))
+        se_t, se_g = np.sqrt(np.maximum(v_tt, 0.0)), np.sqrt(np.maximum(v_gg, 0.0))
+        low, high = fieller(mt, mg, v_tt, v_tg, v_gg, q)
+        ratio = mt / mg
+    return Smoothed(mg, mg - q * se_g, mg + q * se_g, mt, mt - q * se_t, mt + q * se_t, ratio, low, high, n_eff)
 
 
 def ema_n_eff(decay: float) -> float:

@@ -58,8 +58,12 @@ class NoiseMonitorTrainerCallback(TrainerCallback):
         self._handle = model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if module.training and not self._observing and torch.is_grad_enabled() and "labels" in kwargs:
-            self._batches.append({k: v.detach() for k, v in kwargs.items() if isinstance(v, Tensor)})
+        labels = kwargs.get("labels")
+        if module.training and not self._observing and torch.is_grad_enabled() and isinstance(labels, Tensor):
+            # the per-example tensors only: the Trainer also passes scalars such as ``num_items_in_batch``
+            n = labels.shape[0]
+            self._batches.append({k: v.detach() for k, v in kwargs.items()
+                                  if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n})
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:

@@ -27,9 +27,7 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,9 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.errors import UsageError
-from gradlab.monitor.estimators import EmaRatio, noise_estimates
+from gradlab.monitor.distances import MODES, Distances
+from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
+from gradlab.monitor.rows import StepCopy, chunk_rows, step_row
+from gradlab.monitor.sums import Micro, Pending, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
                           source_sha256)
 
@@ -52,30 +53,6 @@ def _sqnorm(t: Tensor) -> Tensor:
     """‖t‖² without a temporary (a dot product of the flattened tensor with itself)."""
     v = t.reshape(-1)
     return torch.dot(v, v)
-
-
-@dataclass
-class _Micro:
-    """One loss() call of a step: its size, the weights wᵢ = ∂L/∂ℓᵢ of the backpropagated loss, its batch."""
-
-    n: int
-    batch: Any
-    weights: list[Tensor] = field(default_factory=list)
-    norms: dict[str, Tensor] = field(default_factory=dict)   # per-example: (n,) ‖wᵢgᵢ‖²; two-batch: ‖Σ wᵢgᵢ‖²
-    unscaled: dict[str, Tensor] = field(default_factory=dict)  # fallback parameters: (n,) ‖gᵢ‖²
-    collected: bool = False
-
-
-@dataclass
-class _Pending:
-    step: int
-    record: bool
-    batch_size: int = 0
-    loss_sum: Tensor | float = 0.0
-    micros: list[_Micro] = field(default_factory=list)
-    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # ‖.grad‖² per tensor after the last backward
-    lr: float = math.nan
-    observed: bool = False
 
 
 class NoiseMonitor:
@@ -91,7 +68,9 @@ class NoiseMonitor:
     steps the restored checkpoint had taken): the store keeps its steps < start_step and continues; ``config``
     extra JSON-safe settings recorded in the store (seeds, data, ...); ``distances=False`` skips the update norm
     and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
-    the monitor's cost on memory-bound CPUs; they are then recorded as NaN).
+    the monitor's cost on memory-bound CPUs; they are then recorded as NaN); ``distances="optimizer"`` takes the
+    update norm of a ``torch.optim.SGD`` from its own update, without a snapshot of θ
+    (:mod:`gradlab.monitor.distances`).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
@@ -119,7 +98,10 @@ class NoiseMonitor:
         self.every, self.estimator, self.reduction = int(every), estimator, reduction
         self.pool_size = None if pool_size is None else int(pool_size)
         self.optimizer = optimizer
+        if distances not in (True, False, *MODES):
+            raise UsageError(f"distances must be True, False or one of {MODES}, got {distances!r}")
         self.distances = bool(distances)
+        self.update_mode = distances if isinstance(distances, str) else "realized"
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise UsageError("the model has no trainable parameters to monitor")
@@ -141,7 +123,7 @@ class NoiseMonitor:
         task = {"loss": loss_name(loss), "loss_source_sha256": source_sha256(self.loss_fn),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "model_source_sha256": source_sha256(type(model))}
-        cfg = {"every": self.every, "distances": self.distances, "estimator": estimator, "reduction": reduction,
+        cfg = {"every": self.every, "distances": self.distances if self.update_mode == "realized" else self.update_mode, "estimator": estimator, "reduction": reduction,
                "pool_size": self.pool_size,
                "ema_decay": float(ema_decay), "level": float(level), "task": task, **dict(config or {})}
         attrs = {
@@ -169,9 +151,9 @@ class NoiseMonitor:
         except BaseException:
             self.store.close()
             raise
-        self._pending: _Pending | None = None
-        self._before: list[Tensor] | None = None
-        self._delta: list[Tensor] | None = None  # θ − θ₀
+        self._pending: Pending | None = None
+        self._warned_no_loss = False
+        self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         self._handles: list[Any] = []
         for name, p in self.params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(name)))
@@ -240,7 +222,7 @@ class NoiseMonitor:
         pending.batch_size += n
         pending.loss_sum = pending.loss_sum + per.detach().sum()
         if pending.record:
-            micro = _Micro(n, batch)
+            micro = Micro(n, batch)
             pending.micros.append(micro)
             if per.requires_grad:
                 per.register_hook(lambda g, m=micro: m.weights.append(g.detach()))
@@ -267,7 +249,7 @@ class NoiseMonitor:
                 per = self._per_example(batch, n)
                 params = list(self.params.values())
                 grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
-            micro = _Micro(n, batch, weights=[torch.ones_like(per.detach())])
+            micro = Micro(n, batch, weights=[torch.ones_like(per.detach())])
             pending.micros.append(micro)
             self._collect(pending)
             for name, g in zip(self.params, grads):
@@ -287,11 +269,15 @@ class NoiseMonitor:
             self._finish()
 
     def flush(self) -> None:
-        """Append the buffered steps to the store now (call before saving a checkpoint)."""
-        if self._rows:
-            rows = {k: np.stack([r[k] for r in self._rows]) for k in self._rows[0]}
-            self.store.append(rows)
-            self._rows = []
+        """Append the buffered steps to the store now (call before saving a checkpoint).
+
+        The moving averages' estimates and intervals of all buffered steps are computed here, at once, from the
+        EMA state each step left (elementwise: the same numbers as step by step)."""
+        if not self._rows:
+            return
+        rows = chunk_rows(self._rows, self.ema.level)
+        self.store.append(rows)
+        self._rows = []
 
     def close(self) -> None:
         """Flush, record the final attrs, remove every hook and release the store."""
@@ -319,9 +305,9 @@ class NoiseMonitor:
         if self.closed:
             raise UsageError("this NoiseMonitor is closed; create a new one (resume=True to continue its store)")
 
-    def _start(self) -> _Pending:
+    def _start(self) -> Pending:
         if self._pending is None:
-            self._pending = _Pending(self.t, self.t % self.every == 0)
+            self._pending = Pending(self.t, self.t % self.every == 0)
         return self._pending
 
     def _per_example(self, batch: Batch, n: int, need_grad: bool = True) -> Tensor:
@@ -343,14 +329,19 @@ class NoiseMonitor:
                 pend.micros[-1].norms[name] = _sqnorm(g.detach())
         return hook
 
-    def _collect(self, pending: _Pending) -> None:
+    def _collect(self, pending: Pending) -> None:
         """Per-example norms of the last loss() call's backward (its hooks have fired by now)."""
         if self.hooks is None or not pending.micros or pending.micros[-1].collected:
             return
         micro = pending.micros[-1]
         micro.collected = True
-        micro.norms = self.hooks.collect()
+        micro.norms = self.hooks.collect(micro.n)
         self.hooks.disarm()
+        new = [n for n in self.hooks.unbatched if n in self.params and n not in self.fallback]
+        if new:  # e.g. position embeddings called on (1, T): per-example gradients by torch.func from now on
+            self.fallback.extend(new)
+            log.info("NoiseMonitor: %s called without the batch dimension: per-example norms by torch.func", new)
+            self.store.set_attrs({"fallback_params": self.fallback})
         todo = [n for n in self.fallback if n not in self.excluded]
         if todo and micro.weights:
             try:
@@ -371,36 +362,15 @@ class NoiseMonitor:
         pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
         if pend.record:
             self._collect(pend)  # before the update: the fallback parameters' gradients are taken at θ_t
-        if pend.record and self.distances:
-            with torch.no_grad():
-                if self._before is None:
-                    self._before = [p.detach().clone() for p in self.params.values()]
-                else:
-                    torch._foreach_copy_(self._before, [p.detach() for p in self.params.values()])
+            if self.distances:
+                self._dist.before_step()
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._finish(updated=True)
 
-    def _distances(self, updated: bool) -> tuple[Any, Any]:
-        """Per-tensor ‖θ_{t+1} − θ_t‖ (None without an update) and ‖θ − θ₀‖, in preallocated buffers (computed
-        afresh at every recorded step, never carried forward: the numbers do not depend on resumes or flushes)."""
-        params = [p.detach() for p in self.params.values()]
-        upd = None
-        if not self.distances:
-            return None, None
-        with torch.no_grad():
-            if updated and self._before is not None:
-                torch._foreach_sub_(self._before, params)  # θ_t − θ_{t+1}
-                upd = torch._foreach_norm(self._before)
-            if self._delta is None:
-                self._delta = [p.clone() for p in params]
-            else:
-                torch._foreach_copy_(self._delta, params)
-            torch._foreach_sub_(self._delta, self.theta0)
-            dist = torch._foreach_norm(self._delta)
-        return upd, dist
-
     def _finish(self, updated: bool = False) -> None:
+        """Close the step: S₁, Q, the norms and the loss in one float64 vector copied to the host once; the
+        estimates and the moving-average state go to the row buffer (smoothed and written at :meth:`flush`)."""
         pend = self._pending
         self._pending = None
         self.t += 1
@@ -412,106 +382,32 @@ class NoiseMonitor:
         self._collect(pend)
         if self.hooks is not None:
             self.hooks.disarm()
-        n_layers = len(self.names)
-        vals = {"update": np.full(n_layers, np.nan), "dist": np.full(n_layers, np.nan)}
-        upd, dist = self._distances(updated)
-        s1, q, nonfinite_t, missing, k = self._sums(pend)
-        stacked = torch.stack([t.to(torch.float64).cpu() if isinstance(t, Tensor) else torch.tensor(float(t),
-                               dtype=torch.float64) for t in [*s1, *q, *(dist or []), *(upd or []), nonfinite_t,
-                                                              pend.loss_sum]])
-        arr = stacked.numpy()
-        nonfinite = int(arr[-2])
-        s1v, qv = arr[:n_layers], arr[n_layers:2 * n_layers]
-        if dist is not None:
-            vals["dist"] = arr[2 * n_layers:3 * n_layers]
-            if upd is not None:
-                vals["update"] = arr[3 * n_layers:4 * n_layers]
-        loss_value = float(arr[-1]) / max(pend.batch_size, 1)
-        excluded = np.array([n in self.excluded for n in self.names])
-        s1v = np.where(excluded, np.nan, s1v)
-        qv = np.where(excluded, np.nan, qv)
-        nonfinite += int((~np.isfinite(s1v[~excluded])).sum())
-        if self.estimator == "two-batch":
-            nonfinite += int((~np.isfinite(qv[~excluded])).sum())
-        if nonfinite and missing == 0:
-            missing = 2
-        inc = self._group_masks & ~excluded
-        s1g = np.where(inc, s1v, 0.0).sum(1)
-        qg = np.where(inc, qv, 0.0).sum(1)
-        if missing:
-            g2 = np.full(len(GROUPS) + n_layers, np.nan)
-            tr = g2.copy()
-        else:
-            g2, tr = noise_estimates(np.concatenate([s1g, s1v]), np.concatenate([qg, qv]), pend.batch_size, k,
-                                     self.pool_size)
-        self.ema.update(tr, g2)
-        sm = self.ema.current()
-        dsq_g = np.sqrt(np.where(self._group_masks, vals["dist"] ** 2, 0.0).sum(1))
-        usq_g = np.sqrt(np.where(self._group_masks, vals["update"] ** 2, 0.0).sum(1))
-        ng = len(GROUPS)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bs = tr / g2
-        row: dict[str, Any] = {
-            "step": np.int64(pend.step), "examples_seen": np.int64(self.examples_seen),
-            "batch_size": np.int64(pend.batch_size), "n_groups": np.int64(k), "loss": loss_value, "lr": pend.lr,
-            "n_eff": sm.n_eff[0], "nonfinite_count": np.int64(nonfinite), "missing": np.int8(missing),
-            "wall_time": time.time(),
-        }
-        parts = {"gram_sum": np.concatenate([s1g, s1v]),
-                 "gram_trace": np.concatenate([qg, qv]), "grad_sq_norm": g2, "trace_cov": tr, "b_simple": bs,
-                 "grad_sq_norm_ema": sm.grad_sq_norm, "grad_sq_norm_ema_low": sm.grad_sq_norm_low,
-                 "grad_sq_norm_ema_high": sm.grad_sq_norm_high, "trace_cov_ema": sm.trace_cov,
-                 "trace_cov_ema_low": sm.trace_cov_low, "trace_cov_ema_high": sm.trace_cov_high,
-                 "b_noise": sm.b_noise, "b_noise_low": sm.b_noise_low, "b_noise_high": sm.b_noise_high,
-                 "update_norm": np.concatenate([usq_g, vals["update"]]),
-                 "dist_init": np.concatenate([dsq_g, vals["dist"]])}
-        if upd is None:
-            parts["update_norm"][:] = np.nan
-        for name, v in parts.items():
-            row[name] = np.asarray(v[:ng], dtype=np.float64)
-            row[name + "_layer"] = np.asarray(v[ng:], dtype=np.float64)
-        self._rows.append(row)
+        s1, q, nonfinite_t, missing, k = step_sums(pend, self.names, self.estimator)
+        if missing == 5 and not self._warned_no_loss:
+            self._warned_no_loss = True
+            log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
+                        "monitor.loss(batch), e.g. already reduced): recorded as missing; compute the loss with "
+                        "monitor.loss(batch), or call monitor.observe(batch) before the optimizer step", pend.step)
+        parts = [s1, q]
+        dist = upd = None
+        if self.distances:
+            upd = self._dist.update_norms() if updated else None
+            dist = self._dist.dist_norms()
+            parts += [dist] + ([upd] if upd is not None else [])
+        loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
+        tail = torch.stack([torch.as_tensor(nonfinite_t, dtype=torch.float64, device=s1.device).reshape(()),
+                            loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(())])
+        arr = torch.cat([x.to(s1.device) for x in parts] + [tail]).cpu().numpy()  # the step's one copy
+        n = len(self.names)
+        copy = StepCopy(s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
+                        update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=int(arr[-2]),
+                        loss_sum=float(arr[-1]), step=pend.step, examples_seen=self.examples_seen,
+                        batch_size=pend.batch_size, n_groups=k, missing=missing, lr=pend.lr)
+        self._rows.append(step_row(copy, excluded=np.array([n in self.excluded for n in self.names]),
+                                   group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
+                                   pool_size=self.pool_size, ema=self.ema))
         if len(self._rows) >= self.store.chunk_steps:
             self.flush()
-
-    def _sums(self, pend: _Pending) -> tuple[list[Any], list[Any], Any, int, int]:
-        """S₁ and Q per tensor (torch scalars), the count of non-finite per-example norms, the missing code, k."""
-        zero = torch.zeros((), dtype=torch.float64)
-        nan = torch.full((), math.nan, dtype=torch.float64)
-        names = self.names
-        micros = pend.micros
-        if not micros or not pend.grad_sq:
-            return [nan] * len(names), [nan] * len(names), 0, 5, 0
-        weights = [torch.cat(m.weights) if m.weights else None for m in micros]
-        if any(w is None for w in weights):
-            return [nan] * len(names), [nan] * len(names), 0, 5, 0
-        w_all = torch.cat(weights).to(torch.float64)
-        w0 = w_all[0]
-        if not bool(torch.isfinite(w_all).all()) or float(w0) == 0.0 or \
-                float((w_all - w0).abs().max()) > 1e-6 * abs(float(w0)):
-            return [nan] * len(names), [nan] * len(names), 0, 3, 0
-        w2 = w0 * w0
-        s1 = [pend.grad_sq[n].to(torch.float64) / w2 if n in pend.grad_sq else zero for n in names]
-        q: list[Any] = []
-        nonfinite: Any = 0
-        if self.estimator == "per-example":
-            k = pend.batch_size
-            for n in names:
-                tot = zero
-                for m in micros:
-                    v = m.norms[n] / w2.to(m.norms[n].dtype) if n in m.norms else m.unscaled.get(n)
-                    if v is not None:
-                        v = v.to(torch.float64)
-                        tot = tot + v.sum()
-                        nonfinite = nonfinite + (~torch.isfinite(v)).sum()
-                q.append(tot)
-            missing = 1 if pend.batch_size < 2 else 0
-        else:
-            k = len(micros)
-            for n in names:
-                q.append(sum((m.norms[n].to(torch.float64) / (w2 * m.n) for m in micros if n in m.norms), zero))
-            missing = 4 if k < 2 else (1 if pend.batch_size < 2 else 0)
-        return s1, q, nonfinite, missing, k
 
 
 def attach_for_train(model: nn.Module, optimizer: torch.optim.Optimizer, loss: str | PerExampleLoss,

@@ -7,10 +7,13 @@ per-example gradient is materialised except where that is the cheaper way (long 
 - ``nn.Linear`` on (B, d): gᵢ = δᵢ aᵢᵀ, so ‖gᵢ‖² = ‖aᵢ‖²‖δᵢ‖² (weight), ‖δᵢ‖² (bias).
 - ``nn.Linear`` on (B, T…, d) or called several times per forward (positions t): gᵢ = Σ_t δ_it a_itᵀ and
   ‖gᵢ‖² = Σ_{t,s} (a_it·a_is)(δ_it·δ_is) (Gram of Grams, cost T²(d_in + d_out)) or ‖Σ_t δ_it a_itᵀ‖² materialised
-  (cost T·d_in·d_out), whichever is cheaper; bias ‖Σ_t δ_it‖².
-- ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is.
+  (cost T·d_in·d_out), whichever is cheaper (an input Gram a aᵀ read by several layers -- q, k, v -- is computed
+  once); bias ‖Σ_t δ_it‖².
+- ``nn.Embedding``: gᵢ adds δ_it to the row of token t: ‖gᵢ‖² = Σ_{t,s: id_t = id_s ≠ pad} δ_it·δ_is (T² d), or
+  for a vocabulary V ≤ T² the per-example gradients scattered into (B, V, d) and squared (V d).
 - ``nn.LayerNorm``: weight gᵢ = Σ_t δ_it ⊙ x̂_it, bias Σ_t δ_it (x̂ the normalised input).
 - ``nn.Conv2d`` (groups = 1, zero padding): a Linear on the unfolded patches, T = output positions.
+- transformers' ``Conv1D`` (GPT-2's projections, y = xW + b with W (d_in, d_out)): a Linear with Wᵀ.
 
 Every other parameter (and one shared by two modules, e.g. tied embeddings) is a *fallback* parameter: its
 per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples (an extra forward/backward on the
@@ -36,14 +39,42 @@ def _sq_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).pow(2).sum(1)
 
 
-def linear_sq_norms(a: Tensor, d: Tensor) -> Tensor:
-    """‖Σ_t d_t a_tᵀ‖² per example for a (B, T, d_in), d (B, T, d_out) (T = 1: ‖a‖²‖d‖²)."""
+def linear_sq_norms(a: Tensor, d: Tensor, grams: dict[int, Tensor] | None = None, key: int = 0) -> Tensor:
+    """‖Σ_t d_t a_tᵀ‖² per example for a (B, T, d_in), d (B, T, d_out) (T = 1: ‖a‖²‖d‖²).
+
+    ``grams``: a cache of input Grams a aᵀ keyed by ``key`` (the id of the module input), shared by the layers that read the same input
+    tensor (the query, key and value projections of an attention block); the cache costs nothing when the Gram of
+    Grams is counted at a shared input's full price (T²(d_in + d_out) per example against T·d_in·d_out)."""
     if a.shape[1] == 1:
         return _sq_rows(a) * _sq_rows(d)
     t, din, dout = a.shape[1], a.shape[2], d.shape[2]
-    if t * (din + dout) <= din * dout:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+    cached = grams is not None and key in grams
+    if t * (dout + (0 if cached else din)) <= din * dout:
+        if cached:
+            aa = grams[key]
+        else:
+            aa = torch.bmm(a, a.transpose(1, 2))
+            if grams is not None:
+                grams[key] = aa
+        return (aa * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
     return _sq_rows(torch.bmm(d.transpose(1, 2), a))
+
+
+def _lead(x: Any) -> int:
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() else -1
+
+
+def _cat1(parts: list[Tensor]) -> Tensor:
+    """Concatenate along the positions (dim 1); one part is returned as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _position_ids(module: nn.Module, ids: Any) -> bool:
+    """An embedding called on 0, 1, …, N − 1 of shape (N,): position ids without the batch dimension (the zoo gpt's
+    ``wpe(arange(T))``), told apart by their values when N happens to equal the batch size (a batch whose i-th
+    example is token i is the one case this misreads)."""
+    return isinstance(module, nn.Embedding) and isinstance(ids, Tensor) and ids.dim() == 1 and \
+        bool(torch.equal(ids, torch.arange(ids.shape[0], device=ids.device, dtype=ids.dtype)))
 
 
 def _as_btd(x: Tensor, d: int) -> Tensor:
@@ -60,8 +91,20 @@ class _Capture:
         self.grad: Tensor | None = None
 
 
-def supported(module: nn.Module) -> bool:
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): y = x W + b with W of shape (d_in, d_out), a Linear with Wᵀ."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return True
     if isinstance(module, nn.Embedding):
         return not module.sparse and not module.scale_grad_by_freq
@@ -94,6 +137,7 @@ class PerExampleNorms:
             else:
                 self.fallback.append(name)
         self.active = False
+        self.unbatched: list[str] = []  # parameters of modules once called without the batch dimension
         self._calls: dict[nn.Module, list[_Capture]] = defaultdict(list)
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
 
@@ -111,7 +155,7 @@ class PerExampleNorms:
         self._calls.clear()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not self.active or not isinstance(output, Tensor) or not output.requires_grad:
+        if not self.active or not isinstance(output, Tensor) or not output.requires_grad or module not in self.modules:
             return
         cap = _Capture(inputs[0])
         self._calls[module].append(cap)
@@ -121,42 +165,65 @@ class PerExampleNorms:
 
         output.register_hook(hook)
 
-    def collect(self) -> dict[str, Tensor]:
+    def collect(self, n: int | None = None) -> dict[str, Tensor]:
         """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them).
 
-        A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent)."""
+        A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent).
+        With ``n`` (the examples of the batch), a module called on inputs whose leading dimension is not n (e.g.
+        position embeddings of shape (1, T) broadcast over the batch), or an embedding called on position ids
+        0…N−1 of shape (N,) (also when N = n), is unhooked for good: its parameters are appended to
+        :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func).  Other unbatched inputs
+        whose leading dimension equals n cannot be told apart: give such modules batched inputs."""
         out: dict[str, Tensor] = {}
+        self._grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this collect only)
         for module, calls in self._calls.items():
             calls = [c for c in calls if c.grad is not None]
+            if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n or _position_ids(module, c.inp)
+                                     for c in calls):
+                names = list(self.modules.pop(module).values())
+                self.unbatched.extend(names)
+                self.fallback.extend(names)
+                continue
             if calls:
                 out.update(self._module_norms(module, calls))
         self._calls.clear()
+        self._grams = {}
         return out
 
     def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
         roles = self.modules[module]
         res: dict[str, Tensor] = {}
-        if isinstance(module, nn.Linear) and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
+        linear = isinstance(module, nn.Linear) or _is_hf_conv1d(module)  # ‖gᵢ‖² does not see the transpose
+        if linear and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
             a, d = calls[0].inp.detach(), calls[0].grad
             d2 = (d * d).sum(1)
             if "weight" in roles:
                 res[roles["weight"]] = (a * a).sum(1) * d2
             if "bias" in roles:
                 res[roles["bias"]] = d2
-        elif isinstance(module, nn.Linear):
-            a = torch.cat([_as_btd(c.inp.detach(), module.in_features) for c in calls], 1)
-            d = torch.cat([_as_btd(c.grad, module.out_features) for c in calls], 1)
+        elif linear:
+            d_in, d_out = _linear_dims(module)
+            a = _cat1([_as_btd(c.inp.detach(), d_in) for c in calls])
+            d = _cat1([_as_btd(c.grad, d_out) for c in calls])
+            # one call: the input tensor object (alive in the capture) keys the cache of input Grams
+            grams, key = (self._grams, id(calls[0].inp)) if len(calls) == 1 else (None, 0)
             if "weight" in roles:
-                res[roles["weight"]] = linear_sq_norms(a, d)
+                res[roles["weight"]] = linear_sq_norms(a, d, grams, key)
             if "bias" in roles:
                 res[roles["bias"]] = _sq_rows(d.sum(1))
         elif isinstance(module, nn.Embedding):
-            ids = torch.cat([c.inp.reshape(c.inp.shape[0], -1) for c in calls], 1)
-            d = torch.cat([_as_btd(c.grad, module.embedding_dim) for c in calls], 1)
+            ids = _cat1([c.inp.reshape(c.inp.shape[0], -1) for c in calls])
+            d = _cat1([_as_btd(c.grad, module.embedding_dim) for c in calls])
             if module.padding_idx is not None:
                 d = d * (ids != module.padding_idx).unsqueeze(-1).to(d.dtype)
+            b, t, dim = d.shape
+            v = module.num_embeddings
             if ids.shape[1] == 1:
                 res[roles["weight"]] = _sq_rows(d)
+            elif v <= t * t and b * v * dim <= 2**25:  # small vocabulary: the per-example gradients, scattered
+                g = d.new_zeros(b, v, dim)
+                g.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, dim), d)
+                res[roles["weight"]] = _sq_rows(g)
             else:
                 same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d.dtype)
                 res[roles["weight"]] = (same * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
@@ -184,7 +251,7 @@ class PerExampleNorms:
                                 stride=module.stride)  # (B, C k k, L)
                 a_parts.append(cols.transpose(1, 2))
                 d_parts.append(c.grad.reshape(x.shape[0], module.out_channels, -1).transpose(1, 2))
-            a, d = torch.cat(a_parts, 1), torch.cat(d_parts, 1)
+            a, d = _cat1(a_parts), _cat1(d_parts)
             if "weight" in roles:
                 res[roles["weight"]] = linear_sq_norms(a, d)
             if "bias" in roles:
@@ -239,7 +306,8 @@ class _swapped:
     def __init__(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
         from torch.nn.utils.stateless import _reparametrize_module
 
-        self._ctx = _reparametrize_module(model, tensors)
+        # tie_weights: a parameter reached under two names (tied embeddings) is replaced under both
+        self._ctx = _reparametrize_module(model, tensors, tie_weights=True)
 
     def __enter__(self) -> None:
         self._ctx.__enter__()

@@ -127,20 +127,13 @@ class MonitorStore:
         self.chunk_steps = int(chunk_steps)
         self.vars = {v.name: v for v in monitor_variables()}
         exists = self.path.exists()
-        if exists and not resume:
-            what = "a gradlab monitor store" if _is_monitor_store(self.path) else "other data"
-            raise StoreError(f"{self.path} already holds {what}; pass resume=True to continue a monitor store, or "
-                             "choose a new store path")
+        if exists and not resume and _is_monitor_store(self.path):
+            raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to continue it, "
+                             "or choose a new store path")
         if exists and not _is_monitor_store(self.path):
             raise StoreError(f"{self.path} holds other data, not a gradlab monitor store; choose a new store path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(lock_file(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreError(f"{self.path} is being written by another process; stop it or choose a new store "
-                             "path") from None
+        self._lock_fd = _acquire(lock_file(self.path), self.path)
         try:
             if not exists:
                 self._create(layers, kinds, sizes, config, attrs)
@@ -284,9 +277,33 @@ class MonitorStore:
 
     def close(self) -> None:
         if getattr(self, "_lock_fd", -1) >= 0:
+            try:  # the lock file goes with the lock (a writer that opened it meanwhile sees it gone: _acquire)
+                os.unlink(lock_file(self.path))
+            except OSError:
+                pass
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _acquire(lock: Path, store: Path) -> int:
+    """An exclusive flock on ``lock`` (created if missing), refused at once if another writer holds it.  The lock
+    file is removed at close, so a lock taken on a file that was unlinked meanwhile is retried on the new one."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{store} is being written by another process; stop it or choose a new store "
+                             "path") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

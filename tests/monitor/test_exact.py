@@ -142,3 +142,85 @@ def test_update_norm_distance_and_lr_are_the_optimizer_s(tmp_path):
     assert float(ds.update_norm.sel(group="all")[-1]) == pytest.approx(upd, rel=1e-12)
     assert float(ds.dist_init.sel(group="all")[-1]) == pytest.approx(dist, rel=1e-12)
     assert (ds.lr.values == 0.3).all() and list(ds.examples_seen.values) == [8, 16, 24]
+
+
+class _SharedInput(nn.Module):
+    """q, k, v projections reading one (B, T, d) tensor (their input Gram is computed once and shared), an output
+    projection reading another (its own Gram), a large-
+    vocabulary token embedding (V > T²: the Gram path) and a position embedding called on (T,) without the batch
+    dimension (unhooked into the torch.func fallback)."""
+
+    def __init__(self, vocab: int = 30, t: int = 2, d: int = 4) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(t, d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(t * d, 3)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
+        return self.head(self.proj(att @ self.v(x)).flatten(1))  # proj: another input, its own Gram
+
+
+def test_shared_input_grams_large_vocabulary_and_unbatched_embedding_match(tmp_path):
+    from gradlab.monitor.norms import PerExampleNorms
+
+    torch.manual_seed(0)
+    model = _SharedInput().double()
+    hooks = PerExampleNorms(model)
+    hooks.remove()
+    assert hooks.fallback == []  # every tensor is hooked until a call shows pos has no batch dimension
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 30, (7, 2), generator=g), torch.randint(0, 3, (7,), generator=g)) for _ in range(2)]
+    refs, ds = _run_steps(model, batches, tmp_path / "m.zarr")
+    # T = B: pos(arange(T)) has the batch's length; its values still say it is not per-example
+    torch.manual_seed(0)
+    square = _SharedInput(vocab=30, t=3).double()
+    sq_batch = (torch.randint(0, 30, (3, 3), generator=g), torch.randint(0, 3, (3,), generator=g))
+    (sq_ref,), sq_ds = _run_steps(square, [sq_batch], tmp_path / "square.zarr")
+    assert sq_ds.attrs["fallback_params"] == ["pos.weight"]
+    sq_layers = [str(v) for v in sq_ds.layer.values]
+    np.testing.assert_allclose(sq_ds.gram_trace_layer.isel(step=0).values, [sq_ref[1][n] for n in sq_layers],
+                               rtol=1e-12, atol=1e-25)
+    assert ds.attrs["fallback_params"] == ["pos.weight"]
+    layers = [str(v) for v in ds.layer.values]
+    for k, (s1, s2) in enumerate(refs):
+        # atol: the key bias's gradient is 0 up to rounding (softmax ignores a constant added to a row of scores)
+        np.testing.assert_allclose(ds.gram_sum_layer.isel(step=k).values, [s1[n] for n in layers], rtol=1e-12,
+                                   atol=1e-25)
+        np.testing.assert_allclose(ds.gram_trace_layer.isel(step=k).values, [s2[n] for n in layers], rtol=1e-12,
+                                   atol=1e-25)
+
+
+@pytest.mark.parametrize("make_opt,kind", [
+    (lambda p: torch.optim.SGD(p, lr=0.3), "grad"),
+    (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, dampening=0.1, weight_decay=0.01), "momentum"),
+    (lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True), None),  # not known: the snapshot
+    (lambda p: torch.optim.Adam(p, lr=0.01), None),                             # not known: the snapshot
+], ids=["sgd", "sgd-momentum", "nesterov", "adam"])
+def test_update_norm_from_the_optimizer_equals_the_realized_difference(tmp_path, make_opt, kind):
+    from gradlab.monitor.distances import sgd_direction
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    got = {}
+    for mode in (True, "optimizer", False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        model[2].bias.requires_grad_(False)  # a frozen tensor: not monitored, not moved
+        opt = make_opt([p for p in model.parameters() if p.requires_grad])
+        realized = []
+        with NoiseMonitor(model, "cross-entropy", tmp_path / f"{mode}.zarr", optimizer=opt, distances=mode) as mon:
+            for _ in range(3):
+                before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+                opt.zero_grad()
+                mon.loss((x, y)).backward()
+                opt.step()
+                after = [p.detach() for p in model.parameters() if p.requires_grad]
+                realized.append([float((a - b).norm()) for a, b in zip(after, before)])
+        got[mode] = xr.open_zarr(tmp_path / f"{mode}.zarr", consolidated=False).update_norm_layer.values
+    np.testing.assert_allclose(got[True], realized, rtol=1e-12)
+    np.testing.assert_allclose(got["optimizer"], realized, rtol=1e-12)
+    assert np.isnan(got[False]).all()
+    assert sgd_direction(make_opt([nn.Parameter(torch.zeros(1))])) == kind
+    with pytest.raises(Exception, match="distances must be"):
+        NoiseMonitor(nn.Linear(2, 2), "cross-entropy", tmp_path / "bad.zarr", distances="fast")

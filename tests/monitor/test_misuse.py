@@ -158,3 +158,34 @@ def test_attach_for_train_wires_the_loop_and_resumes(tmp_path):
     ds = xr.open_zarr(path, consolidated=False)
     assert list(ds.step.values) == [0, 1, 2, 3, 4] and "32 examples" in ds.attrs["sampling"]
     assert json.loads(ds.attrs["config"])["seed"] == 0
+
+
+def test_a_loss_reduced_outside_the_monitor_is_recorded_as_missing_and_said_once(tmp_path, caplog):
+    """Attached with optimizer=, but the loop backpropagates its own F.cross_entropy (already reduced): the steps
+    are recorded (update norm, lr) with missing code 5 and one log warning names the fix; training goes on."""
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    with caplog.at_level("WARNING", logger="gradlab.monitor.monitor"):
+        with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt):
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        with NoiseMonitor(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), tmp_path / "o.zarr") as other:
+            with pytest.raises(UsageError, match=r"scalar \(an already reduced loss\)"):  # observe(), such a fn
+                other.observe((x, y))
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert list(ds.missing.values) == [5, 5, 5] and "no backward pass" in MISSING[5]
+    assert np.isnan(ds.b_noise.values).all() and (ds.update_norm.sel(group="all").values > 0).all()
+    said = [r.getMessage() for r in caplog.records if "monitor.loss(batch)" in r.getMessage()]
+    assert len(said) == 1 and "step 0" in said[0]
+
+
+def test_a_store_path_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    f = tmp_path / "run.zarr"
+    f.write_text("mine")
+    for kw in ({}, {"resume": True, "start_step": 0}):
+        with pytest.raises(UsageError, match="holds other data, not a gradlab monitor store; choose a new"):
+            NoiseMonitor(nn.Linear(3, 2), "cross-entropy", f, **kw)
+    assert f.read_text() == "mine"

@@ -153,3 +153,16 @@ def test_resume_drops_steps_after_the_checkpoint_and_replays_the_averages(tmp_pa
     ref = xr.open_zarr(tmp_path / "ref.zarr", consolidated=False)
     for name in ("grad_sq_norm", "b_noise", "b_noise_high", "dist_init", "examples_seen"):
         np.testing.assert_array_equal(got[name].values, ref[name].values, err_msg=name)
+
+
+def test_a_second_writer_is_refused_and_the_lock_file_goes_at_close(tmp_path):
+    from gradlab.monitor.store import lock_file
+
+    model = nn.Linear(3, 2)
+    path = tmp_path / "m.zarr"
+    first = NoiseMonitor(model, "cross-entropy", path)
+    with pytest.raises(UsageError, match="being written by another process"):
+        NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=0)
+    first.close()
+    assert not lock_file(path).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
+    NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=0).close()

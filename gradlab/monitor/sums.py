@@ -1,0 +1,101 @@
+"""What one step of the monitor collects, and its additive sums S₁ and Q per parameter tensor (torch side).
+
+A step is one or more ``loss()`` calls (micro-batches) before the optimizer step.  Each backward pass leaves, per
+parameter tensor, the squared norm of its ``.grad`` (S₁ times w², from a post-accumulate-grad hook) and either the
+per-example ‖wᵢgᵢ‖² (:mod:`gradlab.monitor.norms`) or, for the two-batch estimator, the micro-batch's ‖Σ wᵢgᵢ‖²;
+w = ∂L/∂ℓᵢ is the weight the backpropagated loss gave each example (1/B for a mean, 1 for a sum).
+:func:`step_sums` turns them into S₁ and Q (:mod:`gradlab.monitor.estimators`) as float64 vectors over the
+tensors, in a handful of kernels and one host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: relative spread of the weights wᵢ above which the examples count as weighted unequally (missing code 3)
+WEIGHT_RTOL = 1e-6
+
+
+@dataclass
+class Micro:
+    """One loss() call of a step: its size, the weights wᵢ = ∂L/∂ℓᵢ of the backpropagated loss, its batch."""
+
+    n: int
+    batch: Any
+    weights: list[Tensor] = field(default_factory=list)
+    norms: dict[str, Tensor] = field(default_factory=dict)   # per-example: (n,) ‖wᵢgᵢ‖²; two-batch: ‖Σ wᵢgᵢ‖²
+    unscaled: dict[str, Tensor] = field(default_factory=dict)  # fallback parameters: (n,) ‖gᵢ‖²
+    collected: bool = False
+
+
+@dataclass
+class Pending:
+    step: int
+    record: bool
+    batch_size: int = 0
+    loss_sum: Tensor | float = 0.0
+    micros: list[Micro] = field(default_factory=list)
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # ‖.grad‖² per tensor after the last backward
+    lr: float = math.nan
+    observed: bool = False
+
+
+def step_sums(pend: Pending, names: list[str], estimator: str) -> tuple[Tensor, Tensor, Tensor | int, int, int]:
+    """S₁ and Q per tensor (float64 vectors), the count of non-finite per-example norms, the missing code, k.
+
+    The arithmetic is the one of the per-tensor loop it replaced, operation for operation (the stores it writes
+    are bitwise the same): S₁ = ‖.grad‖²/w², per example ‖wᵢgᵢ‖²/w² in the norms' dtype, then float64 sums.
+    """
+    n_t = len(names)
+    micros = pend.micros
+    device = next(iter(pend.grad_sq.values())).device if pend.grad_sq else torch.device("cpu")
+    nan = torch.full((n_t,), math.nan, dtype=torch.float64, device=device)
+    if not micros or not pend.grad_sq or any(not m.weights for m in micros):
+        return nan, nan.clone(), 0, 5, 0
+    w_all = torch.cat([w for m in micros for w in m.weights]).to(torch.float64)
+    w0 = w_all[0]
+    ok = torch.isfinite(w_all).all() & (w0 != 0) & ((w_all - w0).abs().max() <= WEIGHT_RTOL * w0.abs())
+    if not bool(ok):  # the step's one host synchronisation before the final copy
+        return nan, nan.clone(), 0, 3, 0
+    w2 = w0 * w0
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = torch.stack([pend.grad_sq[n].to(torch.float64) if n in pend.grad_sq else zero for n in names]) / w2
+    q = torch.zeros(n_t, dtype=torch.float64, device=device)
+    nonfinite: Tensor | int = 0
+    if estimator == "per-example":
+        for m in micros:
+            mat = _per_example_rows(m, names, w2, device)
+            q = q + mat.sum(1)
+            nonfinite = nonfinite + (~torch.isfinite(mat)).sum()
+        return s1, q, nonfinite, 1 if pend.batch_size < 2 else 0, pend.batch_size
+    for m in micros:
+        col = torch.stack([m.norms[n].to(torch.float64) if n in m.norms else zero for n in names])
+        present = torch.tensor([n in m.norms for n in names], device=device)
+        q = q + torch.where(present, col / (w2 * m.n), zero)
+    k = len(micros)
+    return s1, q, nonfinite, 4 if k < 2 else (1 if pend.batch_size < 2 else 0), k
+
+
+def _per_example_rows(m: Micro, names: list[str], w2: Tensor, device: Any) -> Tensor:
+    """(tensors, n) float64: the hooked rows ‖wᵢgᵢ‖²/w² (divided in their own dtype, stacked per dtype: a few
+    kernels, not a few per tensor), the fallback rows ‖gᵢ‖² as they are, zeros for tensors without a gradient."""
+    mat = torch.zeros(len(names), m.n, dtype=torch.float64, device=device)
+    groups: dict[tuple[bool, torch.dtype], list[int]] = {}
+    for j, n in enumerate(names):
+        v = m.norms.get(n)
+        if v is not None:
+            groups.setdefault((True, v.dtype), []).append(j)
+        elif n in m.unscaled:
+            groups.setdefault((False, m.unscaled[n].dtype), []).append(j)
+    for (scaled, dtype), idx in groups.items():
+        src = m.norms if scaled else m.unscaled
+        block = torch.stack([src[names[j]] for j in idx])
+        if scaled:
+            block = block / w2.to(dtype)
+        mat[idx] = block.to(torch.float64)
+    return mat

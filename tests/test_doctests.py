@@ -47,10 +47,7 @@ def _import(name: str) -> ModuleType:
 
 
 # examples known to fail in modules this test's author does not own; each is reported to the module's owner
-KNOWN_FAILURES = {
-    "gradlab.monitor.estimators": "noise_estimates' example expects (array(0.), array(1.)) but numpy 2 prints "
-                                  "(np.float64(0.0), np.float64(1.0)); the monitor's owner fixes the example",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # module -> why its examples fail (none today)
 
 
 def find_doctests(module: ModuleType) -> list[doctest.DocTest]:

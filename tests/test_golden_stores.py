@@ -28,10 +28,16 @@ NEW_ATTRS = {
 # come from the one implementation that probe stores use (gradlab.probe.distance: float64 dot products where
 # train.py summed squares), so they equal the old values up to float64 rounding, not bitwise; and sharpness stores'
 # losses come from the one evaluator that train uses too (cross-entropy summed by F.cross_entropy's own reduction,
-# where sharpness summed per-example values), equal up to float64 rounding.
+# where sharpness summed per-example values), equal up to float64 rounding; and the monitor's (below).
 ROUNDING_CHANGES = {
     "train/train.zarr": {"dist_init_layer", "cos_init_layer", "dist_init", "dist_origin"},
     "sharpness.zarr": {"train_loss", "test_loss"},
+    # the monitor's ‖G‖² estimate multiplies by the one finite-population factor (n − m)/(n − 1) where it divided
+    # inline; every variable derived from that estimate equals the old one up to float64 rounding
+    "train/runs/bs256_lr0.05_seed0_sgd/monitor.zarr": {
+        f"{name}{part}" for name in ("grad_sq_norm", "b_simple", "grad_sq_norm_ema", "grad_sq_norm_ema_low",
+                                     "grad_sq_norm_ema_high", "b_noise", "b_noise_low", "b_noise_high")
+        for part in ("", "_layer")},
 }
 ROUNDING_RTOL = 1e-14
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradlab.analysis.noise_model import finite_population_factor
+
 #: names of the exponentially weighted sums kept per part (in this order in the state array)
 EMA_STATE = ("w", "w2", "wt", "wg", "wtt", "wtg", "wgg")
 
@@ -49,8 +51,8 @@ def noise_estimates(s1: np.ndarray | float, q: np.ndarray | float, batch_size: i
     ``pool_size`` None: examples drawn with replacement (i.i.d.); an int n: one draw without replacement from n
     examples (Σ with 1/n).  Returns NaN where k < 2 (no variance estimate).
 
-    >>> noise_estimates(s1=2.0, q=2.0, batch_size=2, n_groups=2)   # g₁ = (1, 0), g₂ = (0, 1)
-    (array(0.), array(1.))
+    >>> [float(v) for v in noise_estimates(s1=2.0, q=2.0, batch_size=2, n_groups=2)]   # g₁ = (1, 0), g₂ = (0, 1)
+    [0.0, 1.0]
     """
     s1 = np.asarray(s1, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
@@ -66,7 +68,7 @@ def noise_estimates(s1: np.ndarray | float, q: np.ndarray | float, batch_size: i
     if pool_size < batch_size or pool_size < 2:
         raise ValueError(f"pool_size {pool_size} must be ≥ the batch size {batch_size} and ≥ 2")
     tr = (q - s1 / b) * (n - 1) / (n * (k - 1))
-    g2 = (s1 / b - tr * (n - b) / (n - 1)) / b
+    g2 = (s1 / b - tr * float(finite_population_factor(np.array([b]), pool_size, replacement=False)[0])) / b
     return g2, tr
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,75 +30,11 @@ import numpy as np
 
 from gradlab.errors import StoreError
 from gradlab.provenance import canonical_json, config_hash, provenance
+from gradlab.schema import GROUPS
+from gradlab.schema.monitor import MISSING, SQ, monitor_variables  # noqa: F401 - the public names
+from gradlab.store import SCHEMA_VERSION
 
 KIND = "monitor"
-SCHEMA_VERSION = 1
-GROUPS = ("all", "weight", "bias")
-SQ = "(loss / parameter unit)²"
-
-#: codes of the ``missing`` variable: why a recorded step has no noise estimate
-MISSING = {
-    0: "estimated",
-    1: "batch of 1 example: no variance estimate (needs ≥ 2 examples)",
-    2: "non-finite per-example gradient or gradient: step flagged, not estimated",
-    3: "examples weighted unequally in the backpropagated loss: not estimated",
-    4: "one micro-batch: the two-batch estimator needs ≥ 2 micro-batches",
-    5: "no backward pass reached the monitored parameters for this step",
-}
-
-
-@dataclass(frozen=True)
-class Var:
-    name: str
-    dims: tuple[str, ...]
-    dtype: str
-    long_name: str
-    units: str
-    attrs: Mapping[str, Any] | None = None
-
-    def fill(self) -> Any:
-        kind = np.dtype(self.dtype).kind
-        return np.nan if kind == "f" else (False if kind == "b" else 0)
-
-
-def monitor_variables() -> list[Var]:
-    """Every variable of a monitor store (each per-part variable twice: dims (step, group) and (step, layer))."""
-    s = ("step",)
-    per_part = [
-        ("gram_sum", "squared norm of the summed gradient S₁ = ‖Σᵢ gᵢ‖²", SQ),
-        ("gram_trace", "Q = Σ_j ‖s_j‖²/b_j (per example: Σᵢ ‖gᵢ‖²)", SQ),
-        ("grad_sq_norm", "unbiased estimate of ‖G‖² from this step's batch", SQ),
-        ("trace_cov", "unbiased estimate of tr Σ from this step's batch", SQ),
-        ("b_simple", "B_simple of one step", "examples"),
-        ("grad_sq_norm_ema", "‖G‖², moving average", SQ),
-        ("grad_sq_norm_ema_low", "‖G‖², moving average, interval low", SQ),
-        ("grad_sq_norm_ema_high", "‖G‖², moving average, interval high", SQ),
-        ("trace_cov_ema", "tr Σ, moving average", SQ),
-        ("trace_cov_ema_low", "tr Σ, moving average, interval low", SQ),
-        ("trace_cov_ema_high", "tr Σ, moving average, interval high", SQ),
-        ("b_noise", "B_noise = EMA(tr Σ) / EMA(‖G‖²)", "examples"),
-        ("b_noise_low", "B_noise, interval low", "examples"),
-        ("b_noise_high", "B_noise, interval high", "examples"),
-        ("update_norm", "update norm ‖θ_{t+1} − θ_t‖", "parameter unit"),
-        ("dist_init", "distance from init ‖θ_{t+1} − θ₀‖", "parameter unit"),
-    ]
-    out = [
-        Var("examples_seen", s, "int64", "examples seen up to and including this step", "examples"),
-        Var("batch_size", s, "int64", "examples in this step's batch B", "examples"),
-        Var("n_groups", s, "int64", "groups k the estimator used (per example: k = B; two-batch: micro-batches)",
-            "1"),
-        Var("loss", s, "float64", "mean per-example loss of this step's batch", "loss"),
-        Var("lr", s, "float64", "learning rate used by this step (optimizer param group 0)", "1"),
-        Var("n_eff", s, "float64", "effective number of recorded steps in the moving average", "steps"),
-        Var("nonfinite_count", s, "int64", "non-finite per-example or gradient squared norms in this step", "count"),
-        Var("missing", s, "int8", "why this step has no noise estimate (0: it has one)", "1",
-            {"flag_values": list(MISSING), "flag_meanings": " | ".join(MISSING.values())}),
-        Var("wall_time", s, "float64", "wall-clock time at the end of the step (Unix time)", "s"),
-    ]
-    for name, long_name, units in per_part:
-        out.append(Var(name, ("step", "group"), "float64", long_name, units))
-        out.append(Var(name + "_layer", ("step", "layer"), "float64", long_name + " (per tensor)", units))
-    return out
 
 
 def lock_file(path: Path) -> Path:
@@ -168,7 +103,7 @@ class MonitorStore:
         for v in self.vars.values():
             shape = tuple(0 if d == "step" else n[d] for d in v.dims)
             data_vars[v.name] = (v.dims, np.zeros(shape, dtype=v.dtype),
-                                 {"long_name": v.long_name, "units": v.units, **dict(v.attrs or {})})
+                                 {"long_name": v.long_name, "units": v.units, **dict(v.attrs)})
             enc[v.name] = {"chunks": tuple(self.chunk_steps if d == "step" else max(n[d], 1) for d in v.dims)}
         coords = {
             "step": ("step", np.zeros(0, dtype=np.int64), {"long_name": "optimizer step t", "units": "steps"}),
@@ -228,7 +163,7 @@ class MonitorStore:
         self.length = n1
 
     def _fill(self, name: str) -> Any:
-        return self.vars[name].fill() if name in self.vars else 0
+        return self.vars[name].fill_value() if name in self.vars else 0
 
     def _write_rows(self, name: str, n0: int, values: np.ndarray) -> None:
         """Write rows n0.. of ``name``: whole chunks, each to a temporary file renamed into place."""

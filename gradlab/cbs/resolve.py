@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlab.cbs.job import ENGINES, LR_SCALINGS, OPTIMIZERS, BranchPoint, CbsJob, tokens_per_example
+from gradlab.checkpoint_set import load_checkpoint_set, refuse_dropout
 from gradlab.errors import UsageError
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
@@ -66,9 +67,8 @@ def resolve_cbs(
     budget in tokens instead (language modelling: tokens = examples × labelled positions per example)."""
     import torch
 
-    from gradlab.checkpoint import build_model_from, checkpoint_sha256, load_checkpoint, require_finite
+    from gradlab.checkpoint import checkpoint_sha256
     from gradlab.datasets import load_data
-    from gradlab.probe.run import parse_checkpoint_arg
     from gradlab.task import check_task, loss_name, resolve_loss
 
     if lr_scaling not in LR_SCALINGS:
@@ -139,28 +139,11 @@ def resolve_cbs(
                          "(a factory returning {'train': ..., 'test': ...})")
 
     points: list[BranchPoint] = []
-    layout = None
-    labels: set[str] = set()
-    for arg in checkpoints:
-        label, path = parse_checkpoint_arg(arg)
-        if label in labels:
-            raise UsageError(f"checkpoint label {label!r} is used twice; name them with LABEL=PATH")
-        labels.add(label)
-        ckpt = load_checkpoint(path)
-        require_finite(ckpt.state_dict, str(path))
-        net = build_model_from(ckpt, model=model, model_kwargs=model_kwargs, input_shape=bundle.input_shape,
-                               n_classes=bundle.n_classes)
-        this = [(k, tuple(p.shape)) for k, p in net.named_parameters()]
-        if layout is None:
-            layout = this
-            for mod in net.modules():
-                if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
-                    raise UsageError(f"the model has active dropout ({type(mod).__name__}, p={mod.p}); branches must "
-                                     "be reproducible: build it with dropout 0")
+    for i, label, path, ckpt, net in load_checkpoint_set(checkpoints, model=model, model_kwargs=model_kwargs,
+                                                         bundle=bundle, what="branch"):
+        if i == 0:
+            refuse_dropout(net, "branches must be reproducible: build it with dropout 0")
             check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
-        elif this != layout:
-            raise UsageError(f"{path} has parameters {this}, unlike the first checkpoint's; branch checkpoints of "
-                             "one architecture per store")
         meta = ckpt.meta or {}
         opt = optimizer or meta.get("optimizer")
         if opt not in OPTIMIZERS:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gradlab.checkpoint_set import load_checkpoint_set, parse_checkpoint_arg, refuse_dropout  # noqa: F401 - re-exported
 from gradlab.devices import check_device
 from gradlab.errors import UsageError
 from gradlab.probe.sampling import DRAWS, seed_derivation
@@ -114,14 +115,6 @@ def _sha256(path: Path) -> str:
     return checkpoint_sha256(path)
 
 
-def parse_checkpoint_arg(arg: str) -> tuple[str, Path]:
-    """``LABEL=PATH`` or ``PATH`` (label = the file stem)."""
-    label, sep, path = arg.partition("=")
-    if sep and label and not Path(arg).exists():
-        return label, Path(path)
-    return Path(arg).stem, Path(arg)
-
-
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise UsageError(f"unknown {name} {value!r}; choose one of {list(choices)}")
@@ -159,7 +152,7 @@ def resolve_config(
     """
     import torch
 
-    from gradlab.checkpoint import build_model_from, load_checkpoint, require_finite
+    from gradlab.checkpoint import build_model_from, load_checkpoint
     from gradlab.datasets import load_data
     from gradlab.probe.distance import find_init
     from gradlab.task import LOSSES, check_task, loss_name, resolve_loss, source_sha256
@@ -206,28 +199,13 @@ def resolve_config(
 
     specs: list[CheckpointSpec] = []
     layout: list[tuple[str, tuple[int, ...]]] | None = None
-    labels: set[str] = set()
-    for arg in checkpoints:
-        label, path = parse_checkpoint_arg(arg)
-        if label in labels:
-            raise UsageError(f"checkpoint label {label!r} is used twice; name them with LABEL=PATH")
-        labels.add(label)
-        ckpt = load_checkpoint(path)
-        require_finite(ckpt.state_dict, str(path))
-        net = build_model_from(ckpt, model=model, model_kwargs=model_kwargs, input_shape=bundle.input_shape,
-                               n_classes=bundle.n_classes)
-        this = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
-        if layout is None:
-            layout = this
+    for i, label, path, ckpt, net in load_checkpoint_set(checkpoints, model=model, model_kwargs=model_kwargs,
+                                                         bundle=bundle, what="probe"):
+        if i == 0:
+            layout = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
             if protocol == "step":
-                for mod in net.modules():
-                    if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
-                        raise UsageError(f"the model has active dropout ({type(mod).__name__}, p={mod.p}); the step "
-                                         "probe needs a deterministic model: use --protocol frozen or dropout 0")
+                refuse_dropout(net, "the step probe needs a deterministic model: use --protocol frozen or dropout 0")
             check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
-        elif this != layout:
-            raise UsageError(f"{path} has parameters {this}, unlike the first checkpoint's {layout}; probe checkpoints "
-                             "of one architecture per store")
         init_path = Path(init) if init else find_init(path)
         init_sha = ""
         if init_path is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
+from gradlab.cli.common import add_model_data_arguments, add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
 from gradlab.errors import UsageError
 
 DEFAULT_BATCH_SIZES = "8,16,32,64,128,256,512"
@@ -17,9 +17,7 @@ DEFAULT_BATCH_SIZES = "8,16,32,64,128,256,512"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]PATH", required=True,
                         help="checkpoint to branch from (repeatable); label = file stem unless LABEL=PATH")
-    parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
-    parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
-    parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+    add_model_data_arguments(parser)
     add_task_arguments(parser, default_loss=None)
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")

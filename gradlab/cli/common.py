@@ -13,6 +13,13 @@ LOSS_HELP = ("per-example loss (default: the data's own, cross-entropy for class
              "returning the per-example losses (B,)")
 
 
+def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (required), ``--model``, ``--model-kwargs``: what a command that reads checkpoints builds."""
+    parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
+    parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+
+
 def add_task_arguments(parser: argparse.ArgumentParser, *, default_loss: str | None = "cross-entropy") -> None:
     parser.add_argument("--loss", default=default_loss, metavar="NAME|pkg.module:fn", help=LOSS_HELP)
     parser.add_argument("--collate", metavar="pkg.module:fn",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradlab.cli.common import add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
+from gradlab.cli.common import add_model_data_arguments, add_dispatch_arguments, add_task_arguments, dispatch_args, model_kwargs_arg
 from gradlab.errors import UsageError
 
 # Powers of two: the blog's 3, 5, 6, 7 do not divide its budget N = 1024, and every batch size must divide N.
@@ -21,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint to probe (repeatable); label = file stem unless given as LABEL=PATH")
     parser.add_argument("--init", metavar="PATH", help="init checkpoint θ₀ for distances and cosines (default: the "
                         "checkpoint tagged 'init' in each checkpoint's folder; NaN if none)")
-    parser.add_argument("--data", required=True, help="dataset name (digits, mnist, ...) or pkg.module:factory")
-    parser.add_argument("--model", help="model name or pkg.module:factory (needed for foreign checkpoints)")
-    parser.add_argument("--model-kwargs", metavar="JSON", help="model keyword arguments as a JSON object")
+    add_model_data_arguments(parser)
     add_task_arguments(parser, default_loss=None)
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")

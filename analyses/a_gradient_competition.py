@@ -112,20 +112,22 @@ for label, c in step["checkpoints"].items():
 #
 # On the full digits study (MLP 2×1024 trained at batch size 256, η = 0.05; 400 frozen and 100 step trials of
 # N = 1024): at a fixed θ the noise model is an identity of sampling, so it is not "tested" (no lack-of-fit p).
-# Early, ‖G‖² = 0.153 and tr Σ = 15.0, so B_noise = 98; late, ‖G‖² halves and tr Σ doubles, so B_noise grows
-# ×4.2 [4.2, 4.3] to 414 and ‖s_B‖ grows as m^0.54 over m = 1…1024 (m^0.64 early): late in training the summed
-# gradient of a minibatch is noise-dominated almost up to the whole budget, which is the √m law. With 400 trials
-# the local slopes are measured so precisely (±0.01) that they differ from ½ even at small m, so the "√m range"
+# Early, ‖G‖² = 0.153 and tr Σ = 15.0, so B_noise = 98.3 [98.1, 98.5]; late, ‖G‖² halves (×0.51 [0.50, 0.51])
+# and tr Σ doubles (×2.1 [2.1, 2.1]), so B_noise grows ×4.2 [4.2, 4.3] to 414 [410, 419] and ‖s_B‖ grows as
+# m^0.539 [0.536, 0.542] over m = 1…1024 (m^0.635 [0.632, 0.638] early; β falls by 0.096 [0.092, 0.10]): late in
+# training the summed gradient of a minibatch is noise-dominated almost up to the whole budget, which is the √m law.
+# The local slope rises from 0.51 (m = 1→2) to 0.94 (512→1024) early and from 0.50 to 0.77 late. With 400 trials
+# the slopes are measured so precisely that the exponent over m = 1…2 already differs from ½, so the "√m range"
 # is empty at this precision. The crossover of the two-term fit is fitted in the finite-population form (draws
-# without replacement), where it estimates B_noise; the earlier intercept form gave 106 early and 581 late, biased
-# upward late (B_noise 414), and is no longer reported.
+# without replacement), where it estimates B_noise: 98.3 [98.1, 98.6] early and 415 [410, 420] late; the earlier
+# intercept form gave 106 early and 581 late, biased upward late, and is no longer reported.
 #
 # Where this differs from the blog: the blog's quantity, ‖S‖ of the step protocol with mean reduction, does not
-# grow as √m here -- it falls as m^−0.91 early and m^−0.81 late, because each of the N/m steps carries the mean,
-# i.e. 1/m of the summed gradient. The blog's rising √m curve is what ‖s_B‖ (sum reduction) does; we could not
-# reproduce it with the step protocol as the blog describes it. Two other blog findings hold: late in training the
-# normalised std of ‖S‖ grows with m (0.0038 at m = 1 to 0.0087 at m = 1024; nearly flat early), and the entries
-# of S are heavier-tailed at large m by the α-stable index (1.40 → 0.88 early, 1.36 → 0.86 late). The binned
-# Hill index of the extreme tail does not agree (it rises with m late), so "heavier tails" depends on which part
-# of the tail one measures; both estimators are in the store.
-
+# grow as √m here -- it falls as m^−0.92 [−0.93, −0.90] early and m^−0.80 [−0.81, −0.79] late, because each of the
+# N/m steps carries the mean, i.e. 1/m of the summed gradient. The blog's rising √m curve is what ‖s_B‖ (sum
+# reduction) does; we could not reproduce it with the step protocol as the blog describes it. Two other blog
+# findings hold: late in training the normalised std of ‖S‖ grows with m (0.0034 at m = 1 to 0.0093 at m = 1024;
+# nearly flat early, 0.0026 to 0.0033), and the entries of S are heavier-tailed at large m by the α-stable index
+# (1.01 → 0.73 early, 1.07 → 0.63 late, m = 1 → 1024). The binned Hill index of the extreme tail does not agree: it
+# rises with m late (6.7 [6.6, 6.8] → 10.2 [9.9, 10.5]) and early within overlapping intervals (9.3 → 11.8), so
+# "heavier tails" depends on which part of the tail one measures; both estimators are in the store.

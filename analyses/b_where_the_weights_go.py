@@ -98,12 +98,12 @@ fig.tight_layout()
 # reached 96.6% test accuracy, batch size 256 moved 3.51 and reached 84.6%; larger learning rates move further
 # (3.2, 6.0, 8.3 at η = 0.01, 0.05, 0.2), and over the grid weight distance and test accuracy go together
 # (Spearman ρ = 0.90) -- the blog's "large batches stay closer to init and generalise worse at a fixed lr".
-# The log t law fits well (median R² 0.987), least well for runs that barely moved (batch 256 at η = 0.01,
-# R² 0.84). SGD stays on the sphere of the initial radius (26.3 → 26.5 from the origin while moving only
-# 0.3–3.2 from init), Adam leaves it (56 from init on average, up to 89 at η = 0.01), as the blog found with
-# 44 → 258 on MNIST.
+# The log t law fits well (median R² 0.987), least well for the slowest runs (η = 0.01 at batch 64 and 256,
+# R² 0.83 and 0.84, and batch 256 at η = 0.05, R² 0.86). SGD stays on the sphere of the initial radius (26.3 →
+# 26.5 from the origin on average while moving only 0.3–3.2 from init), Adam leaves it (52.5 from init on average,
+# up to 82 at η = 0.01, 86 from the origin), as the blog found with 44 → 258 on MNIST.
 #
 # Where digits differs: with 1,438 training images an epoch at batch size 256 is only 6 steps, so the large-batch
 # accuracy gap at a fixed number of epochs is partly a gap in the number of updates, which the blog could not
 # separate either; the absolute distances are smaller than the blog's because the 8×8 inputs make the first
-# layer 16× smaller.
+# layer 12× smaller (64 inputs against 784).

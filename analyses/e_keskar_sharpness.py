@@ -84,12 +84,13 @@ print(f"train loss at α = 0 (small batch): {float(sharp.interp_train_loss[i0]):
 # of stability, λ_max·η/2 = 1.07 and 0.83 (Cohen et al.: λ_max → 2/η), while the small-batch run stays far below
 # it (0.05): gradient noise keeps small-batch SGD out of sharp regions, as Keskar et al. and Jastrzębski et al.
 # argue. Across the whole grid, however, sharpness has no monotone relation with batch size or η/m (λ_max vs m:
-# exponent 0.12 [−0.52, 0.98] by the percentile bootstrap used then -- gradlab now gives a Student-t interval, which
-# is to be re-computed by re-running the study --, Spearman ρ = −0.37; vs η/m: ρ = 0.17; this grid has a constant
-# learning rate, so the rate applied at the checkpoint is the base rate), because at η = 0.01 the batch-256 run has
-# barely trained (70% test accuracy, λ_max = 2.2: still near its flat initialisation). Along the line from the
-# small-batch (m = 16) to the large-batch (m = 256) solution at η = 0.05 the training loss rises monotonically
-# from 0.042 to 0.44 with no barrier in between, the shape of Keskar's parametric plots.
+# exponent 0.12 [−0.69, 0.92] (Student-t interval over the nine points), Spearman ρ = −0.37; vs η/m: exponent
+# −0.14 [−0.68, 0.39], ρ = 0.17; every exponent of the Hessian trace and ε-sharpness has an interval spanning zero
+# too; this grid has a constant learning rate, so the rate applied at the checkpoint is the base rate), because at
+# η = 0.01 the batch-256 run has barely trained (70% test accuracy, λ_max = 2.2: still near its flat
+# initialisation). Along the line from the small-batch (m = 16) to the large-batch (m = 256) solution at η = 0.05
+# the training loss rises monotonically from 0.042 to 0.44 with no barrier in between, the shape of Keskar's
+# parametric plots.
 #
 # Where digits differs: Keskar et al. compared fully converged small- and large-batch solutions on larger data and
 # found the large-batch ones sharper and worse on test data. On digits, at a fixed number of epochs, the

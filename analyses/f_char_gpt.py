@@ -107,7 +107,8 @@ for ci, label in enumerate(labels):
     print(f"{label}: ‖G‖² = {g2:.4g} ± {float(fz.grad_sq_norm_se.isel(checkpoint=ci)):.2g}, "
           f"tr Σ = {tr:.4g} ± {float(fz.trace_cov_se.isel(checkpoint=ci)):.2g}, "
           f"B_noise = {b:.4g} ± {b_se:.2g} (delta method; bootstrap {fmt(nm['b_noise'])}); "
-          f"noise-model lack of fit p = {nm['lack_of_fit']['p_value']}")
+          + (f"noise-model lack of fit p = {nm['lack_of_fit']['p_value']}" if nm["lack_of_fit"]["p_value"] is not None
+             else "noise-model lack of fit not tested (an identity of sampling at fixed θ)"))
 for change in frozen["comparison"]:
     if change["quantity"] in ("b_noise", "grad_sq_norm", "trace_cov"):
         print(change["text"])
@@ -171,8 +172,11 @@ print(f"Finding: β = {e_beta[0]:.3g} {early}, {l_beta[0]:.3g} {late}: {beta_dir
 # ## Tails of the gradient entries (frozen probe, entry histograms)
 #
 # Counts of |entries| of the summed gradient S_m per log-magnitude bin, and the binned Hill index of their upper
-# tail against m (smaller = heavier tail). The α-stable index needs the vectors S (`--keep vectors`), which this
-# study does not keep for all 100k+ parameters; its points are absent from the right-hand panel.
+# tail (smaller = heavier tail). The frozen protocol's S_m = c_m·Σᵢgᵢ sums the same N windows at the same θ for
+# every m, so it only rescales with m and its tail index is the same at every m: the analysis estimates it once,
+# at the reference batch size (the largest), and the comparison here is early vs late. The α-stable index needs the
+# vectors S (`--keep vectors`), which this study does not keep for all 100k+ parameters; its points are absent from
+# the right-hand panel.
 
 # %%
 fig, axes = plt.subplots(1, len(labels) + 1, figsize=(16, 4))
@@ -183,16 +187,15 @@ fig.tight_layout()
 hill = {}
 for label in labels:
     t = frozen["checkpoints"][label]["tails"]
-    ms = sorted(t, key=int)
-    hill[label] = (interval(t[ms[0]]["hill"]), interval(t[ms[-1]]["hill"]))
-    print(f"{label}: Hill tail index {fmt(t[ms[0]]['hill'])} at m = {ms[0]}, {fmt(t[ms[-1]]['hill'])} at "
-          f"m = {ms[-1]} (KS distance of the tail fit {num(t[ms[0]]['hill_ks'])}, {num(t[ms[-1]]['hill_ks'])})")
-for label, (lo_m, hi_m) in hill.items():
-    have_ci = all(np.isfinite(x) for x in (*lo_m, *hi_m))
-    verdict = (direction("the Hill index", *lo_m[1:], *hi_m[1:]).replace("grew", "grew (lighter tails)")
-               .replace("fell", "fell (heavier tails)") if have_ci else
-               f"the Hill index went {lo_m[0]:.3g} → {hi_m[0]:.3g} (no interval: too few trials)")
-    print(f"Finding ({label}): from the smallest to the largest m, {verdict}.")
+    ref = sorted(t, key=int)[-1]
+    hill[label] = interval(t[ref]["hill"])
+    print(f"{label}: Hill tail index {fmt(t[ref]['hill'])} at m = {ref} (KS distance of the tail fit "
+          f"{num(t[ref]['hill_ks'])}; {t[ref]['hill_n_tail']} entries in the tail)")
+have_ci = all(np.isfinite(x) for x in (*hill[early], *hill[late]))
+verdict = (direction("the Hill index", *hill[early][1:], *hill[late][1:]).replace("grew", "grew (lighter tails)")
+           .replace("fell", "fell (heavier tails)") if have_ci else
+           f"the Hill index went {hill[early][0]:.3g} → {hill[late][0]:.3g} (no interval: too few trials)")
+print(f"Finding: from {early} to {late}, {verdict}.")
 
 # %% [markdown]
 # ## Sharpness at the early and late checkpoints
@@ -251,18 +254,24 @@ print(f"Finding: from the first to the last checkpoint λ_max went {lam[0]:.3g} 
 # %% [markdown]
 # ## The full-size run (make_studies.sh)
 #
-# On the stores of `analyses/make_studies.sh` (gpt 2×4×64, 114k parameters, SGD η = 0.5 at batch size 64 on all
-# 8,631 training windows; frozen probe of N = 256 windows at epochs 1 and 4, run here with 24 trials instead of the
-# script's 64 for time), `gradlab analyze` gave: ‖G‖² 0.017 → 0.188 (×11 [10, 12]) and tr Σ 0.40 → 2.80
-# (×7.0 [6.8, 7.2]) from epoch 1 to epoch 4, so B_noise **fell** from 23.5 [22.4, 24.6] to 14.9 [14.2, 15.6] (×0.63
-# [0.59, 0.68]); the noise model fits both checkpoints (lack-of-fit p = 0.27 and 0.99). ‖s_B‖ grows as m^0.67
-# [0.64, 0.69] early and m^0.72 [0.71, 0.74] late over m = 1…256, with local slopes rising from 0.53 (m = 1→2) to
-# 0.95 (128→256) early: the √m law is approached only well below B_noise ≈ 15–24 windows (nowhere exactly at
-# this precision), the crossover of the two-term fit matches B_noise, and β moved away from ½ as B_noise fell, as
-# the noise model says. The Hill index of the entries of S_m is about 1.5 early and 2.0 late and changes little with
-# m (1.52 → 1.48 early, intervals overlapping; 2.06 → 2.02 late, disjoint): the entries' tails got lighter during
-# training, and only slightly heavier with m. The next cell checks these directions whenever
-# the stores are the full-size ones, and says so otherwise.
+# On the stores of `analyses/make_studies.sh` as written (gpt 2×4×64, 114k parameters, SGD η = 0.5 at batch size
+# 64 on all 8,631 training windows; frozen probe of N = 256 windows at epochs 1 and 4, 64 trials), `gradlab
+# analyze` gave: ‖G‖² 0.0166 → 0.338 (×20 [20, 21]) and tr Σ 0.398 → 2.90 (×7.3 [7.2, 7.3]) from epoch 1 to
+# epoch 4, so B_noise **fell** from 24.0 [22.9, 25.1] to 8.56 [8.43, 8.69] (×0.36 [0.34, 0.37]). At a fixed θ the
+# noise model is an identity of sampling, so it has no lack-of-fit test; the RMS ‖s_B‖ it predicts from the
+# unbiased ‖G‖² and tr Σ matches the measured one within 0.2% at every m. ‖s_B‖ grows as m^0.645 [0.635, 0.656]
+# early and m^0.792 [0.784, 0.802] late over m = 1…256, with local slopes rising from 0.53 (m = 1→2) to 0.94
+# (128→256) early and from 0.57 to 0.98 late: the √m law is approached only well below B_noise ≈ 9–24 windows
+# (nowhere exactly at this precision), the crossover of the two-term fit matches B_noise (24.0 and 8.56), and β
+# moved away from ½ as B_noise fell, as the noise model says. The Hill index of the entries of S (estimated once
+# per checkpoint, at m = 256: the frozen S only rescales with m) grew from 1.46 [1.32, 8.27] early to 9.5
+# [9.0, 9.7] late: the entries' tails got lighter during training (the early interval is wide). On the 256 fixed
+# windows of the sharpness store, λ_max went 4.54 → 5.47 (λ_max·η/2 = 1.14 and 1.37: past the edge of stability
+# of full-batch GD, which SGD at batch size 64 need not respect), the Hessian trace 24.5 ± 1.5 → 266 ± 5.2 and the
+# ε-sharpness (ε = 1e-3) 0.248 → 3.39: the model sharpened while it trained. An earlier run of
+# this study (24 trials) gave ‖G‖² 0.017 → 0.188 and B_noise 23.5 → 14.9: the same directions, other sizes; the
+# numbers above are this run's. The next cell checks these directions whenever the stores are the full-size ones,
+# and says so otherwise.
 
 # %%
 full_size = config["data"] == "shakespeare-char" and budget == 256
@@ -270,7 +279,7 @@ if full_size:
     assert "fell" in direction("B_noise", *e_b[1:], *l_b[1:]), "B_noise no longer falls from early to late"
     assert "grew" in direction("‖G‖²", *e_g[1:], *l_g[1:]) and "grew" in direction("tr Σ", *e_t[1:], *l_t[1:])
     assert "grew" in direction("β", *e_beta[1:], *l_beta[1:]), "β no longer rises from early to late"
-    assert hill[late][0][0] > hill[early][0][0], "the Hill index at m = 1 no longer grows from early to late"
+    assert "grew" in direction("the Hill index", *hill[early][1:], *hill[late][1:]), "the Hill index no longer grows"
     print("full-size stores: the directions stated above hold on them")
 else:
     print(f"these are not the full-size stores (data {config['data']!r}, N = {budget}): the paragraph above is not "

@@ -93,7 +93,14 @@ def dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
         except (OSError, TimeoutError) as exc:
             raise UsageError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check --scheduler") from None
     logging.getLogger("distributed").setLevel(max(logging.getLogger("distributed").level, logging.WARNING))
-    cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=True, dashboard_address=None)
+    import dask
+
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap threshold at
+    # 128 KiB: every large torch temporary is then mmapped, page-faulted and unmapped again, and a frozen probe ran
+    # 2x slower on a worker than in the driver (benchmarks/bench_dask.py).  Our workers keep glibc's defaults.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
     return Client(cluster), cluster
 
 

@@ -41,6 +41,16 @@ ROUNDING_CHANGES = {
 }
 ROUNDING_RTOL = 1e-14
 
+# Variables made more accurate since (issue 13): the monitor's float32 update norms and distances from init are now
+# cascaded sums of squares, where torch's CPU vector_norm accumulated each SIMD lane sequentially (off by 1e-5 over
+# a million float32 entries; tests/monitor/test_exact.py::test_float32_norms_are_accurate_on_a_million_entries).
+# The golden train run is float32: the values move in their eighth digit.
+ACCURACY_CHANGES = {
+    "train/runs/bs256_lr0.05_seed0_sgd/monitor.zarr": {
+        f"{name}{part}" for name in ("dist_init", "update_norm") for part in ("", "_layer")},
+}
+ACCURACY_RTOL = 1e-6
+
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
@@ -57,6 +67,9 @@ def test_store_equals_the_one_written_before_the_redesign(written, store):
     for name, want in want_arrays.items():
         got = arrays[name]
         assert got.dtype == want.dtype and got.shape == want.shape, name
+        if name in ACCURACY_CHANGES.get(store, ()):
+            np.testing.assert_allclose(got, want, rtol=ACCURACY_RTOL, atol=0, err_msg=f"{store}: {name}")
+            continue
         if name in ROUNDING_CHANGES.get(store, ()):
             np.testing.assert_allclose(got, want, rtol=ROUNDING_RTOL, atol=0, err_msg=f"{store}: {name}")
             continue

@@ -14,10 +14,14 @@ __all__ = ["NoiseMonitor", "attach_for_train", "open_monitor"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("NoiseMonitor", "attach_for_train"):
-        from gradlab.monitor import monitor
+    if name == "NoiseMonitor":
+        from gradlab.monitor.monitor import NoiseMonitor
 
-        return getattr(monitor, name)
+        return NoiseMonitor
+    if name == "attach_for_train":
+        from gradlab.monitor.attach import attach_for_train
+
+        return attach_for_train
     if name == "open_monitor":
         from gradlab.monitor.store import open_monitor
 

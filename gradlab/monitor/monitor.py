@@ -39,7 +39,9 @@ from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
+from gradlab.monitor.writer import Appender
 from gradlab.monitor.rows import StepCopy, chunk_rows, step_row
+from gradlab.monitor.state import initial_parameters, store_attrs
 from gradlab.monitor.sums import Micro, Pending, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
                           source_sha256)
@@ -126,26 +128,15 @@ class NoiseMonitor:
         cfg = {"every": self.every, "distances": self.distances if self.update_mode == "realized" else self.update_mode, "estimator": estimator, "reduction": reduction,
                "pool_size": self.pool_size,
                "ema_decay": float(ema_decay), "level": float(level), "task": task, **dict(config or {})}
-        attrs = {
-            "task": task, "estimator": estimator, "every": self.every, "reduction": reduction,
-            "sampling": ("with replacement (i.i.d. examples)" if self.pool_size is None else
-                         f"without replacement from a pool of {self.pool_size} examples (Σ with 1/n)"),
-            "smoothing": (f"exponential moving averages, decay {ema_decay} per recorded step, weights normalised "
-                          "(bias-corrected); b_noise = EMA(trace_cov) / EMA(grad_sq_norm), not an EMA of ratios"),
-            "interval": (f"{level:.0%}: t intervals for the EMAs and Fieller's interval for their ratio, variance from "
-                         "the EMA-weighted spread of the per-step estimates, t quantile with n_eff − 1 degrees of "
-                         "freedom; assumes the recorded steps of the window are independent draws at a slowly "
-                         "moving θ (upper end inf when ‖G‖² is not distinguishable from 0)"),
-            "fallback_params": self.fallback, "excluded_params": [], "notes": notes,
-            "ema_decay": float(ema_decay), "level": float(level),
-            "pool_size": -1 if self.pool_size is None else self.pool_size,
-        }
+        attrs = store_attrs(task, estimator, self.every, reduction, self.pool_size, ema_decay, level, self.fallback,
+                            notes)
         self.store = MonitorStore(path, layers=names, kinds=kinds, sizes=[p.numel() for p in self.params.values()],
                                   config=cfg, attrs=attrs, chunk_steps=chunk_steps, resume=resume)
         self.ema = EmaRatio(len(GROUPS) + len(names), decay=ema_decay, level=level)
         self.t = 0
         self.examples_seen = 0
         self._rows: list[dict[str, Any]] = []
+        self._appender = Appender(self.store.append)  # full chunks are written in the background
         try:
             self._init_state(resume, start_step)
         except BaseException:
@@ -166,21 +157,7 @@ class NoiseMonitor:
 
     # -- state: θ₀, resume ----------------------------------------------------------------------------------
     def _init_state(self, resume: bool, start_step: int | None) -> None:
-        group = self.store.group
-        if "init" in group:
-            init = group["init"]
-            self.theta0 = [torch.as_tensor(np.asarray(init[n][...])).to(p.device, p.dtype).reshape(p.shape)
-                           for n, p in self.params.items()]
-        else:
-            self.theta0 = [p.detach().clone() for p in self.params.values()]
-            init = group.create_group("init", attributes={"long_name": "parameters θ₀ at the monitor's creation"})
-            for n, p in self.params.items():
-                values = p.detach().reshape(-1).cpu()
-                if values.dtype not in (torch.float64, torch.float32):
-                    values = values.float()
-                arr = init.create_array(n, shape=(p.numel(),), dtype=values.numpy().dtype,
-                                        chunks=(max(p.numel(), 1),))
-                arr[...] = values.numpy()
+        self.theta0 = initial_parameters(self.store.group, self.params)
         if not resume:
             return
         steps = self.store.read("step")
@@ -269,22 +246,30 @@ class NoiseMonitor:
             self._finish()
 
     def flush(self) -> None:
-        """Append the buffered steps to the store now (call before saving a checkpoint).
+        """Write the buffered steps to the store now and wait until they are on disk (call before saving a
+        checkpoint).
 
         The moving averages' estimates and intervals of all buffered steps are computed here, at once, from the
-        EMA state each step left (elementwise: the same numbers as step by step)."""
-        if not self._rows:
-            return
-        rows = chunk_rows(self._rows, self.ema.level)
-        self.store.append(rows)
-        self._rows = []
+        EMA state each step left (elementwise: the same numbers as step by step).  Full chunks are appended in a
+        background thread during training (:mod:`gradlab.monitor.writer`); this waits for those too."""
+        self._submit()
+        self._appender.wait()
+
+    def _submit(self) -> None:
+        if self._rows:
+            rows = chunk_rows(self._rows, self.ema.level)
+            self._rows = []
+            self._appender.submit(rows)
 
     def close(self) -> None:
         """Flush, record the final attrs, remove every hook and release the store."""
         if getattr(self, "closed", True):
             return
         try:
-            self.flush()
+            try:
+                self._submit()
+            finally:
+                self._appender.shutdown()
             self.store.set_attrs({"excluded_params": self.excluded})
         finally:
             for h in self._handles:
@@ -407,20 +392,5 @@ class NoiseMonitor:
                                    group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
                                    pool_size=self.pool_size, ema=self.ema))
         if len(self._rows) >= self.store.chunk_steps:
-            self.flush()
+            self._submit()
 
-
-def attach_for_train(model: nn.Module, optimizer: torch.optim.Optimizer, loss: str | PerExampleLoss,
-                     store_path: str | os.PathLike, *, every: int = 1, resume: bool = False, start_step: int = 0,
-                     pool_size: int | None = None, config: Mapping[str, Any] | None = None,
-                     reduction: str = "mean") -> NoiseMonitor:
-    """The monitor as ``gradlab train`` wires it: optimizer hooks close each step; ``monitor.loss(batch)`` replaces
-    the loss computation of the loop; ``monitor.flush()`` before each checkpoint; ``monitor.close()`` at the end.
-
-    ``pool_size``: the training-set size when every epoch is a shuffled pass (batches drawn without replacement).
-    ``resume`` with ``start_step`` (the optimizer steps of the restored checkpoint) continues the store, or starts one
-    at that step if there is none.
-    """
-    return NoiseMonitor(model, loss, store_path, optimizer=optimizer, every=every, resume=resume,
-                        start_step=start_step if resume else None, pool_size=pool_size, config=config,
-                        reduction=reduction)

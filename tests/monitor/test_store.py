@@ -65,13 +65,16 @@ def test_readable_while_training_and_after_partial_flush(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
     mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=3)
+    seen = 0
     for t in range(7):
         opt.zero_grad()
         mon.loss((x, y)).backward()
         opt.step()
-        ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
-        assert ds.sizes["step"] == 3 * ((t + 1) // 3)
-    mon.flush()  # a partial chunk
+        ds = open_monitor(tmp_path / "m.zarr")  # opens at any moment, at the length every array has reached
+        n = ds.sizes["step"]  # full chunks are appended in the background: visible once written
+        assert n % 3 == 0 and seen <= n <= 3 * ((t + 1) // 3)
+        seen = n
+    mon.flush()  # a partial chunk, and waits for the background appends
     assert xr.open_zarr(tmp_path / "m.zarr", consolidated=False).sizes["step"] == 7
     for _ in range(2):
         opt.zero_grad()
@@ -166,3 +169,21 @@ def test_a_second_writer_is_refused_and_the_lock_file_goes_at_close(tmp_path):
     first.close()
     assert not lock_file(path).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
     NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=0).close()
+
+
+def test_a_failed_background_append_is_raised_not_lost(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", chunk_steps=2)
+
+    def broken(rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mon._appender, "_append", broken)
+    for _ in range(2):  # a full chunk: submitted to the background thread, which fails
+        mon.loss((x, y)).backward()
+        mon.step()
+    with pytest.raises(OSError, match="disk full"):
+        mon.flush()
+    monkeypatch.undo()
+    mon.close()

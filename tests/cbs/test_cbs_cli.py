@@ -196,3 +196,31 @@ def test_python_api_writes_the_same_store(ckpts, store, tmp_path):
                          lr_factors=(1.0, 2.0))
     assert ds.attrs["gradlab_store"] == "cbs"
     assert_same_store(tmp_path / "a.zarr", store)
+
+
+def test_branches_on_dask_worker_processes_write_the_identical_store(ckpts, store, tmp_path):
+    """Each (checkpoint, batch size) unit computed by Dask worker processes: the store is the local one, bitwise
+    (assert_same_store compares every variable)."""
+    from distributed import LocalCluster
+
+    out = tmp_path / "dask.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(_args(ckpts, out, "--scheduler", cluster.scheduler_address)) == 0
+    assert_same_store(out, store)
+
+
+@pytest.mark.parametrize("stage", ["write:3", "done:2"])
+def test_a_killed_cbs_run_resumes_to_the_identical_store(ckpts, store, tmp_path, stage):
+    """SIGKILL of the process right after a unit's arrays are written (not yet marked done) or right after it is
+    marked done; --resume recomputes what is not done and the store is the uninterrupted one, bitwise."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "gradlab", *_args(ckpts, out)]
+    env = {**os.environ, "GRADLAB_KILL_AFTER": stage}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert main(_args(ckpts, out, "--resume")) == 0
+    assert_same_store(out, store)

@@ -155,11 +155,13 @@ class GPT(nn.Module):
         if idx.is_floating_point() or idx.is_complex() or idx.dim() != 2:
             raise UsageError(f"gpt takes token ids of shape (B, T) and an integer dtype, got {tuple(idx.shape)} "
                              f"{idx.dtype}; pass int64 token ids")
-        t = idx.shape[1]
+        b, t = idx.shape
         if t > self.config.block_size:
             raise UsageError(f"gpt got sequences of {t} tokens but its block_size is {self.config.block_size}; "
                              f"build it with block_size >= {t} or pass shorter windows")
-        pos = torch.arange(t, device=idx.device)
+        # position ids with the batch dimension, (B, T): the same sums as (T,) broadcast over the batch, and hooks
+        # that split gradients into examples (gradlab.monitor, the probe's Gram engine) see one row per example
+        pos = torch.arange(t, device=idx.device).expand(b, t)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)

@@ -138,7 +138,10 @@ def test_resume_drops_steps_after_the_checkpoint_and_replays_the_averages(tmp_pa
     mon.flush()
     state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
     train(mon, range(6, 9))
-    mon.flush()  # steps 6..8 reach the store, then the run dies (no close)
+    mon.flush()  # steps 6..8 reach the store, then the run dies (no close): nothing of it runs any more
+    for h in mon._handles:
+        h.remove()
+    mon.hooks.remove()
     mon.store.close()
     model.load_state_dict(state[0])
     opt.load_state_dict(state[1])

@@ -2,10 +2,10 @@
 
 Models: the blog's MLP (784-1024-1024-10, batch 64, SGD lr 0.01, synthetic MNIST-shaped data); the zoo's ``gpt``
 (issue 12's size: 4 blocks, n_embd 128, 4 heads, T = 64, vocabulary 65, batch 16, Adam), whose position embedding
-is called on ids of shape (T,) without the batch dimension, so the monitor's hooks cannot split it into examples and
-that one tensor takes the torch.func fallback (a vmapped forward/backward per recorded step); ``gpt-pos``, the same
-model with position ids of shape (B, T), every tensor hooked; ``tinygpt`` (``--model tinygpt``), the 2-block GPT of
-earlier sessions (vocabulary 256, fused qkv).  Conditions, interleaved round by round on the same seeds:
+is called on ids of shape (B, T) since this session, so the monitor's hooks split every tensor's gradient into
+examples; ``gpt-pos``, the same with the position ids built in the benchmark (kept for comparison with earlier
+figures, when the zoo passed (T,) and that tensor took the torch.func fallback); ``tinygpt`` (``--model tinygpt``),
+the 2-block GPT of earlier sessions (vocabulary 256, fused qkv).  Conditions, interleaved round by round on the same seeds:
 
 - ``plain``: the training step alone (forward, mean loss, backward, optimizer step);
 - ``monitor``: the same step with ``NoiseMonitor`` recording every step (per-example norms from the step's own
@@ -19,8 +19,12 @@ earlier sessions (vocabulary 256, fused qkv).  Conditions, interleaved round by 
 
 Ratios are medians over rounds of (condition time / plain time) in the same round.  Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` per condition; on CPU each condition runs in a subprocess (``--memory``) and
-reports how far its peak RSS during the steps rose above the RSS after set-up (Linux ``/proc``).  The monitor's stores use its default chunk of 128 recorded steps.  Cockpit (``cockpit-for-pytorch``) is not installed in this environment and
-is not run.
+reports how far its peak RSS during the steps rose above the RSS after set-up (Linux ``/proc``).  The monitor's
+stores use its default chunk of 128 recorded steps.
+
+- ``cockpit economy`` (MLP only, when ``cockpit-for-pytorch`` imports): Cockpit's economy configuration (Alpha,
+  Distance, GradHist1d, GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) tracked every step, through
+  BackPACK's extended modules.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_monitor.py              # both models, timings
     python benchmarks/bench_monitor.py --model mlp --rounds 7 --memory
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +125,72 @@ def setup(name: str, device: str, seed: int = 0):
     return model, torch.optim.Adam(model.parameters(), lr=3e-4), "lm", data
 
 
+def cockpit_available() -> str | None:
+    """None if Cockpit (``cockpit-for-pytorch``, with BackPACK) imports, else why not.  Cockpit 1.0.2 imports
+    ``pkg_resources`` only to read its own version; setuptools ≥ 81 has none, so a stand-in is provided here."""
+    import importlib.metadata as md
+    import types
+
+    if "pkg_resources" not in sys.modules:
+        try:
+            import pkg_resources  # noqa: F401
+        except ImportError:
+            shim = types.ModuleType("pkg_resources")
+
+            class DistributionNotFound(Exception):
+                pass
+
+            def get_distribution(name: str) -> Any:
+                for candidate in (name, f"{name}-for-pytorch"):
+                    try:
+                        return types.SimpleNamespace(version=md.version(candidate))
+                    except md.PackageNotFoundError:
+                        pass
+                raise DistributionNotFound(name)
+
+            shim.DistributionNotFound, shim.get_distribution = DistributionNotFound, get_distribution
+            sys.modules["pkg_resources"] = shim
+    try:
+        import cockpit  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - optional peer: report and skip
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def make_cockpit_step(name: str, device: str):
+    """Cockpit's ``economy`` configuration tracked every step (its quantities need BackPACK's extended modules:
+    the MLP only), the same model, data, optimizer and seeds as the other conditions."""
+    why = cockpit_available()
+    if why is not None:
+        raise SystemExit(f"Cockpit does not import: {why}")
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit.utils.configuration import configuration
+
+    model, opt, _, data = setup(name, device)
+    model = extend(model)
+    lossfunc = extend(nn.CrossEntropyLoss(reduction="mean"))
+    individual = nn.CrossEntropyLoss(reduction="none")
+    ck = Cockpit(list(model.parameters()), quantities=configuration("economy"))
+    i = [0]
+
+    def step() -> None:
+        t = i[0]  # global steps 0, 1, 2, ... (Alpha's end of step t reads what its start cached at t - 1)
+        i[0] += 1
+        x, y = data[t % len(data)]
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = lossfunc(out, y)
+        losses = individual(out, y)
+        with ck(t, info={"batch_size": y.shape[0], "individual_losses": losses, "loss": loss, "optimizer": opt}):
+            loss.backward(create_graph=ck.create_graph(t))
+        opt.step()
+    return step, None
+
+
 def make_step(cond: str, name: str, device: str, tmp: Path):
+    if cond == "cockpit economy":
+        return make_cockpit_step(name, device)
     from gradlab.task import resolve_loss
 
     model, opt, loss_name, data = setup(name, device)
@@ -221,7 +291,14 @@ def main() -> None:
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds × {args.steps} steps")
     results = {}
+    no_cockpit = cockpit_available()
+    if no_cockpit:
+        print(f"Cockpit not compared ({no_cockpit}; pip install --no-deps cockpit-for-pytorch "
+              "backpack-for-pytorch einops unfoldNd json-tricks)")
+    all_conds = conds
     for name in models:
+        # Cockpit's quantities need BackPACK-extended modules: the MLP only
+        conds = all_conds + (["cockpit economy"] if name == "mlp" and not no_cockpit else [])
         t = time_conditions(name, conds, args.rounds, args.steps, args.device)
         base = t["plain"]
         res = {"plain_ms": 1e3 * statistics.median(base)}
@@ -234,6 +311,9 @@ def main() -> None:
                   f"(rounds: {min(ratios):.3f}–{max(ratios):.3f})")
         if "naive" in res:
             print(f"  monitor vs naive per-example loop: {res['naive']['ms'] / res['monitor']['ms']:.1f}× faster")
+        if "cockpit economy" in res:
+            print(f"  monitor vs Cockpit economy (every step): "
+                  f"{res['cockpit economy']['ms'] / res['monitor']['ms']:.1f}× faster")
         if args.memory:
             for c in conds:
                 mib = peak_memory(name, c, args.device, 8)

@@ -120,10 +120,11 @@ def run_job(job: Job, out: str | os.PathLike, *, resume: bool = False, workers: 
             try:
                 _check_inputs(writer, job)
                 done = writer.done()
-                todo = [u for u in units if not unit_done(done, writer.unit_dims, u)]
+                held = [unit_done(done, writer.unit_dims, u) for u in units]  # one pass: linear in the units
+                todo = [u for u, h in zip(units, held) if not h]
                 say_line = _say_fn(job.kind, progress, say)
-                for u in units:
-                    if u not in todo:
+                for u, h in zip(units, held):
+                    if h:
                         job.on_skip(u, UnitContext(say=say_line))
                 log.info("%s %s: %d of %d units to compute", job.kind, out, len(todo), len(units))
                 threads = writer.group.attrs.get("torch_threads")

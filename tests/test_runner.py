@@ -47,7 +47,7 @@ class SquaresJob(Job):
         CALLS.append(int(unit.region["u"]))
         return {"x": float((self.seed + unit.region["u"]) ** 2) + state["offset"]}
 
-    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
+    def finalize(self, writer: Any, ctx: UnitContext) -> None:
         writer.write("total", {}, writer.read("x").sum())
 
 
@@ -99,6 +99,39 @@ def test_resume_recomputes_exactly_the_undone_units(tmp_path):
     for a, b in zip(_values(tmp_path / "a.zarr"), _values(tmp_path / "b.zarr")):
         np.testing.assert_array_equal(a, b)
 
+
+
+@dataclass(frozen=True)
+class CountingJob(SquaresJob):
+    """SquaresJob that records which units it skips and when its state is prepared."""
+
+    log: ClassVar[list[str]] = []
+
+    def prepare(self) -> Any:
+        self.log.append("prepare")
+        return super().prepare()
+
+    def on_skip(self, unit: Unit, ctx: UnitContext) -> None:
+        self.log.append(f"skip {unit.region['u']}")
+
+
+def test_resume_skips_held_units_in_order_and_prepares_only_to_compute(tmp_path):
+    """A fresh process resuming a complete store loads nothing (finalize does not need the state); one with undone
+    units prepares once; held units are reported in unit order."""
+    import zarr
+
+    from gradlab.runner import dispatch
+
+    run_job(CountingJob(), tmp_path / "a.zarr", progress=False)
+    dispatch._STATES.clear()  # what a new process (a later --resume) starts with
+    CountingJob.log.clear()
+    assert run_job(CountingJob(), tmp_path / "a.zarr", resume=True, progress=False).units_computed == 0
+    assert CountingJob.log == [f"skip {u}" for u in range(5)]
+    zarr.open_group(tmp_path / "a.zarr", mode="r+")["done"][2] = False
+    dispatch._STATES.clear()
+    CountingJob.log.clear()
+    assert run_job(CountingJob(), tmp_path / "a.zarr", resume=True, progress=False).units_computed == 1
+    assert CountingJob.log == ["skip 0", "skip 1", "skip 3", "skip 4", "prepare"]
 
 def test_dask_scheduler_writes_the_same_store(tmp_path):
     from distributed import LocalCluster

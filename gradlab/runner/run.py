@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import StoreError
-from gradlab.runner.dispatch import (check_dispatch, check_travels, dask_client, dask_results, local_results, prepared_state,
-                                     seed_state)
+from gradlab.runner.dispatch import check_dispatch, check_travels, dask_client, dask_results, local_results, seed_state
 from gradlab.runner.job import Job, RunSummary, Unit, UnitContext
 from gradlab.runner.threads import default_threads
 
@@ -149,7 +148,7 @@ def run_job(job: Job, out: str | os.PathLike, *, resume: bool = False, workers: 
                             totals[key] = totals.get(key, 0) + value
                         if client is not None:
                             bar.update(unit.work)
-                    job.finalize(writer, prepared_state(job), ctx)
+                    job.finalize(writer, ctx)  # a job that needs its state asks for it (job.state())
             except BaseException:
                 job.on_failure(writer, created_here and not writer.done().any())
                 raise

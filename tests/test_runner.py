@@ -1,5 +1,6 @@
 """The one runner (gradlab.runner) on a toy job and on the real commands: local and Dask runs write the same store,
-a resume recomputes only undone units, a changed config or input file is refused, live objects stay local."""
+a resume recomputes only undone units, a changed config or input file is refused, live objects stay local, units
+run with the store's thread count and Dask results land in their own units whatever order they finish in."""
 
 from __future__ import annotations
 
@@ -143,6 +144,51 @@ def test_dask_scheduler_writes_the_same_store(tmp_path):
     for a, b in zip(_values(tmp_path / "local.zarr"), _values(tmp_path / "dask.zarr")):
         np.testing.assert_array_equal(a, b)
 
+
+
+@dataclass(frozen=True)
+class SlowFirstJob(SquaresJob):
+    """SquaresJob whose earlier units take longer: on two Dask workers they finish out of submission order."""
+
+    def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
+        import time
+
+        time.sleep(0.3 * (self.n - 1 - int(unit.region["u"])))
+        return super().compute(state, unit, ctx)
+
+
+def test_dask_results_finishing_out_of_order_are_written_to_their_own_units(tmp_path):
+    from distributed import LocalCluster
+
+    run_job(SquaresJob(n=4), tmp_path / "local.zarr", progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        run_job(SlowFirstJob(n=4), tmp_path / "dask.zarr", scheduler=cluster.scheduler_address, progress=False)
+    for a, b in zip(_values(tmp_path / "local.zarr"), _values(tmp_path / "dask.zarr")):
+        np.testing.assert_array_equal(a, b)
+
+
+@dataclass(frozen=True)
+class ThreadsJob(SquaresJob):
+    """x[u, :] = the torch thread count unit u ran with."""
+
+    def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
+        import torch
+
+        return {"x": np.full(3, float(torch.get_num_threads()))}
+
+
+def test_units_run_with_the_thread_count_the_store_records(tmp_path, monkeypatch):
+    import torch
+    import xarray as xr
+
+    import gradlab.runner.run as runner_run
+
+    mine = torch.get_num_threads()
+    monkeypatch.setattr(runner_run, "default_threads", lambda workers=None: mine + 1)
+    run_job(ThreadsJob(n=2), tmp_path / "a.zarr", progress=False)
+    ds = xr.open_zarr(tmp_path / "a.zarr", consolidated=False)
+    assert int(ds.attrs["torch_threads"]) == mine + 1
+    assert (ds.x.values == mine + 1).all() and torch.get_num_threads() == mine  # restored after the units
 
 def test_dispatch_flags_are_checked(tmp_path):
     with pytest.raises(UsageError, match="--workers must be >= 1"):

@@ -1,5 +1,6 @@
 """The one runner (gradlab.runner) on a toy job and on the real commands: local and Dask runs write the same store,
-a resume recomputes only undone units, a changed config or input file is refused, live objects stay local."""
+a resume recomputes only undone units, a changed config or input file is refused, live objects stay local, units
+run with the store's thread count and Dask results land in their own units whatever order they finish in."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class SquaresJob(Job):
         CALLS.append(int(unit.region["u"]))
         return {"x": float((self.seed + unit.region["u"]) ** 2) + state["offset"]}
 
-    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
+    def finalize(self, writer: Any, ctx: UnitContext) -> None:
         writer.write("total", {}, writer.read("x").sum())
 
 
@@ -100,6 +101,39 @@ def test_resume_recomputes_exactly_the_undone_units(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+
+@dataclass(frozen=True)
+class CountingJob(SquaresJob):
+    """SquaresJob that records which units it skips and when its state is prepared."""
+
+    log: ClassVar[list[str]] = []
+
+    def prepare(self) -> Any:
+        self.log.append("prepare")
+        return super().prepare()
+
+    def on_skip(self, unit: Unit, ctx: UnitContext) -> None:
+        self.log.append(f"skip {unit.region['u']}")
+
+
+def test_resume_skips_held_units_in_order_and_prepares_only_to_compute(tmp_path):
+    """A fresh process resuming a complete store loads nothing (finalize does not need the state); one with undone
+    units prepares once; held units are reported in unit order."""
+    import zarr
+
+    from gradlab.runner import dispatch
+
+    run_job(CountingJob(), tmp_path / "a.zarr", progress=False)
+    dispatch._STATES.clear()  # what a new process (a later --resume) starts with
+    CountingJob.log.clear()
+    assert run_job(CountingJob(), tmp_path / "a.zarr", resume=True, progress=False).units_computed == 0
+    assert CountingJob.log == [f"skip {u}" for u in range(5)]
+    zarr.open_group(tmp_path / "a.zarr", mode="r+")["done"][2] = False
+    dispatch._STATES.clear()
+    CountingJob.log.clear()
+    assert run_job(CountingJob(), tmp_path / "a.zarr", resume=True, progress=False).units_computed == 1
+    assert CountingJob.log == ["skip 0", "skip 1", "skip 3", "skip 4", "prepare"]
+
 def test_dask_scheduler_writes_the_same_store(tmp_path):
     from distributed import LocalCluster
 
@@ -110,6 +144,51 @@ def test_dask_scheduler_writes_the_same_store(tmp_path):
     for a, b in zip(_values(tmp_path / "local.zarr"), _values(tmp_path / "dask.zarr")):
         np.testing.assert_array_equal(a, b)
 
+
+
+@dataclass(frozen=True)
+class SlowFirstJob(SquaresJob):
+    """SquaresJob whose earlier units take longer: on two Dask workers they finish out of submission order."""
+
+    def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
+        import time
+
+        time.sleep(0.3 * (self.n - 1 - int(unit.region["u"])))
+        return super().compute(state, unit, ctx)
+
+
+def test_dask_results_finishing_out_of_order_are_written_to_their_own_units(tmp_path):
+    from distributed import LocalCluster
+
+    run_job(SquaresJob(n=4), tmp_path / "local.zarr", progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        run_job(SlowFirstJob(n=4), tmp_path / "dask.zarr", scheduler=cluster.scheduler_address, progress=False)
+    for a, b in zip(_values(tmp_path / "local.zarr"), _values(tmp_path / "dask.zarr")):
+        np.testing.assert_array_equal(a, b)
+
+
+@dataclass(frozen=True)
+class ThreadsJob(SquaresJob):
+    """x[u, :] = the torch thread count unit u ran with."""
+
+    def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
+        import torch
+
+        return {"x": np.full(3, float(torch.get_num_threads()))}
+
+
+def test_units_run_with_the_thread_count_the_store_records(tmp_path, monkeypatch):
+    import torch
+    import xarray as xr
+
+    import gradlab.runner.run as runner_run
+
+    mine = torch.get_num_threads()
+    monkeypatch.setattr(runner_run, "default_threads", lambda workers=None: mine + 1)
+    run_job(ThreadsJob(n=2), tmp_path / "a.zarr", progress=False)
+    ds = xr.open_zarr(tmp_path / "a.zarr", consolidated=False)
+    assert int(ds.attrs["torch_threads"]) == mine + 1
+    assert (ds.x.values == mine + 1).all() and torch.get_num_threads() == mine  # restored after the units
 
 def test_dispatch_flags_are_checked(tmp_path):
     with pytest.raises(UsageError, match="--workers must be >= 1"):

@@ -4,7 +4,8 @@ This is the one orchestration module of the analysis side: it reads a probe stor
 reductions only: stores larger than memory work), hands the small per-trial arrays to the estimators
 (``stats``, ``noise_model``, ``power_law``, ``tails``, ``compare``), writes the ``analysis`` group back into the
 store (atomically: written beside the store, then renamed into place), ``summary.json``, and -- unless
-``figures=False`` -- the figures (PNG and SVG) and a one-page HTML report into ``out_dir``.
+``figures=False`` -- the figures (PNG and SVG) and a one-page HTML report into ``out_dir`` (the writing itself,
+and the claim on ``out_dir``, live in :mod:`gradlab.analysis.persist`).
 
 Sharpness: a store with ``gradlab_store == "sharpness"``, or a probe store with a ``sharpness`` group, is handed to
 ``gradlab.analysis.curvature.analyze(path, group=..., out_dir=..., n_boot=..., seed=...) -> dict`` when that
@@ -19,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,13 @@ from gradlab.analysis.probe_fits import (NOT_MEASURED_FROZEN, SEED_CODES, Checkp
                                         float_resolution, rng_for)
 from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, pooled_block_length, stable_pair_sums
 from gradlab.analysis.interval import Estimate
+from gradlab.analysis.persist import (ANALYSIS_GROUP, claim_out_dir, default_out_dir, remove_old_staging,
+                                     write_analysis_group, write_summary)
 from gradlab.errors import StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("grad_norm", "done")  # entry_hist is absent from --keep norms stores
-ANALYSIS_GROUP = "analysis"
-
-
-def default_out_dir(path: str | os.PathLike) -> Path:
-    """``norms.zarr`` → ``norms-analysis`` next to it."""
-    p = Path(path).resolve()
-    return p.with_name(p.name.removesuffix(".zarr") + "-analysis")
 
 
 def analyze_store(
@@ -72,7 +67,7 @@ def analyze_store(
     path = Path(path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
     if path.is_dir() and any(path.glob(".analysis.tmp-*")):
-        _remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
+        remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
     ds = open_store(path)
     claim_out_dir(out)
     kind = ds.attrs.get("gradlab_store")
@@ -80,18 +75,18 @@ def analyze_store(
         from gradlab.analysis.monitor import analyze_monitor
 
         result = analyze_monitor(path, out, figures=figures)
-        _write_summary(out, result)
+        write_summary(out, result)
         return result
     if kind == "cbs":  # critical batch size (gradlab.analysis.cbs); cbs_options: epsilon, target_loss, noise_store...
         from gradlab.analysis.cbs import analyze_cbs
 
         result = analyze_cbs(path, out, n_boot=n_boot, seed=seed, figures=figures, **(cbs_options or {}))
-        _write_summary(out, result)
+        write_summary(out, result)
         return result
     if kind == "sharpness":
         result = {"store": str(path), "gradlab_store": kind,
                   "sharpness": analyze_sharpness(path, None, out, n_boot=n_boot, seed=seed), "notes": []}
-        _write_summary(out, result)
+        write_summary(out, result)
         return result
     if kind != "probe":
         raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe', 'sharpness', 'monitor' and 'cbs' stores")
@@ -103,46 +98,8 @@ def analyze_store(
                             figures=figures, level=level, write_store=write_store)
     if (path / "sharpness" / "zarr.json").exists():
         result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed)
-    _write_summary(out, result)
+    write_summary(out, result)
     return result
-
-
-def _remove_old_staging(path: Path) -> None:
-    from gradlab.store import acquire_lock, release_lock, remove_stale_staging
-
-    try:
-        fd = acquire_lock(path)
-    except StoreError:
-        return  # a writer is at work: leave everything as it is
-    try:
-        remove_stale_staging(path)
-    finally:
-        release_lock(fd)
-
-
-OUT_MARKER = ".gradlab-analysis"
-
-
-def claim_out_dir(out: Path) -> None:
-    """Make ``out`` gradlab analyze's folder, or refuse it: a new or empty folder gets a marker file; a folder
-    holding other data (no marker, and no ``summary.json`` written by gradlab) is refused before anything is
-    written, so a user's own files are never overwritten."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder (new, empty, or an earlier gradlab analyze output)")
-    if out.is_dir() and not (out / OUT_MARKER).exists() and any(out.iterdir()):
-        if not _gradlab_summary(out / "summary.json"):
-            raise UsageError(f"{out} holds other data (not an earlier gradlab analyze output); choose an empty or "
-                             "new folder for --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUT_MARKER).touch()
-
-
-def _gradlab_summary(path: Path) -> bool:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and "gradlab_store" in d and "store" in d
 
 
 def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
@@ -376,38 +333,3 @@ def _compare(ds: Any, done: Any, labels: list[str], per_trial: dict[str, dict[st
             lambda r: power_law_statistic(r, m, "rms")[:1], ["beta (minibatch_sum_rms)"], ["difference"],
             labels=(e, la), paired=paired, n_boot=n_boot, rng=rng, level=level)
     return changes
-
-
-def write_analysis_group(path: Path, ads: Any) -> None:
-    """Write ``ads`` as the store's ``analysis`` group: beside the store first, then renamed into place.
-
-    Holds the store's writer lock, so it refuses (``StoreError``) while gradlab probe is still writing.
-    """
-    from gradlab.store import StoreWriter, consolidate, crash_point, remove_stale_staging, staging_for
-
-    with StoreWriter(path):
-        remove_stale_staging(path)  # left by a killed analyze
-        final = path / ANALYSIS_GROUP
-        tmp = staging_for(final)  # beside the store: nothing foreign ever lives inside the hierarchy
-        try:
-            target = tmp / ANALYSIS_GROUP
-            ads.to_zarr(target, mode="w", zarr_format=3, consolidated=False)
-            crash_point("analysis.write")
-            if final.exists():
-                old = tmp / "old"
-                os.rename(final, old)
-                crash_point("analysis.write")  # between the two renames: no analysis group for an instant
-            os.rename(target, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        crash_point("analysis.finish")
-        consolidate(path)
-
-
-def _write_summary(out: Path, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".summary.json.tmp"
-    from gradlab.analysis.output import jsonable
-
-    tmp.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False, ensure_ascii=False))
-    os.replace(tmp, out / "summary.json")

@@ -29,9 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gradlab.errors import UsageError
-from gradlab.store import VarSpec
-
 from gradlab.runner import Job, Template, Unit, UnitContext
+from gradlab.schema.cbs import cbs_variables
 
 LR_SCALINGS = ("constant", "linear", "sqrt")
 OPTIMIZERS = ("sgd", "adam")
@@ -125,17 +124,7 @@ class CbsJob(Job):
             "examples_seen": (("batch_size", "eval"), steps * np.array(self.batch_sizes)[:, None],
                               {**ex, "long_name": "examples seen"}),
         }
-        what = {"lm": "token cross-entropy"}.get(self.loss, self.loss)
-        units = "nats" if self.loss in ("cross-entropy", "lm") else "loss"
-        b = ("checkpoint", "batch_size", "lr_factor", "seed")
-        variables = [
-            VarSpec("train_loss", (*b, "eval"), "float64",
-                    f"training loss (mean {what} on {self.eval_examples} fixed training examples)", units),
-            VarSpec("test_loss", (*b, "eval"), "float64", f"held-out loss (mean {what} on the test split)", units),
-            VarSpec("lr", ("checkpoint", "batch_size", "lr_factor"), "float64", "learning rate of the branch", "1"),
-            VarSpec("diverged_step", b, "int64", "first eval step with a non-finite loss or one above "
-                    f"{self.diverge_factor:g}× the checkpoint's (-1: never)", "steps", fill=-2),
-        ]
+        variables = cbs_variables(self.loss, eval_examples=self.eval_examples, diverge_factor=self.diverge_factor)
         attrs = {"dataset": self.data, "loss": self.loss, "budget": self.budget, "lr_scaling": self.lr_scaling,
                  "diverge_factor": self.diverge_factor,
                  "tokens_per_example": self.tokens_per_example, "n_train": self.pool_size,

@@ -50,13 +50,14 @@ class SharpnessJob(Job):
         ctx.say(f"checkpoint {unit.label}: measuring ({state.n_params[c]} parameters)")
         return measure_checkpoint(self.config, state, c, ctx.say, lambda: ctx.tick(1))
 
-    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
+    def finalize(self, writer: Any, ctx: UnitContext) -> None:
         from gradlab.curvature.interpolation import parametric_curve
 
         config = self.config
         if config.interpolate is None or bool(writer.read("interp_done").all()):
             return
         ctx.say("interpolation: evaluating")
+        state = self.state()  # the interpolation's end points and data
         splits = {"train": state.data.train.batch}
         if state.data.test is not None:
             splits["test"] = state.data.test.batch

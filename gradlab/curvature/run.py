@@ -18,7 +18,6 @@ from gradlab.curvature.config import (  # noqa: F401 - the public names of gradl
     SharpnessConfig, _Prepared, applied_lr, prepare, validate)
 from gradlab.curvature.job import SharpnessJob, resolved
 from gradlab.curvature.layout import _template, alphas_for, config_dict  # noqa: F401
-from gradlab.curvature.measure import measure_checkpoint as _measure_checkpoint  # noqa: F401
 from gradlab.runner import store_exists_error
 
 

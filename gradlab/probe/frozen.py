@@ -108,16 +108,19 @@ def _sqrt0(v: np.ndarray) -> np.ndarray:
 
 
 def frozen_trial(grams: Mapping[str, torch.Tensor], kinds: Mapping[str, str], batch_sizes: Sequence[int],
-                 reduction: str, drop_last: bool = False) -> FrozenTrial:
+                 reduction: str, drop_last: bool = False, *, total: torch.Tensor | None = None) -> FrozenTrial:
     """Frozen-protocol norms of one trial from its per-layer Gram matrices (formulas in the module docstring).
 
     ``grams``: layer name -> (N, N) Gram matrix (ordered as the layers); ``kinds``: name -> ``weight``/``bias``.
     ``drop_last``: batch sizes that do not divide N use their ⌊N/m⌋ full minibatches, and S sums only those (the
     probe CLI requires divisors; the benchmark uses this for the blog's m = 3, 5, 6, 7 with N = 1024).
+    ``total``: :func:`total_gram` of ``grams``, when the caller has built it already (the probe's unit hands the
+    same K to the registered quantities), so the (N, N) sum is built once per trial; read, never modified.
     """
     names = list(grams)
     n = next(iter(grams.values())).shape[0]
-    total = total_gram(grams)
+    if total is None:
+        total = total_gram(grams)
     layer_sum = np.array([float(grams[name].double().sum()) for name in names])
     gram_sum = float(total.sum())
     gram_trace = float(total.diagonal().sum())

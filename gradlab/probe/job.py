@@ -62,7 +62,7 @@ class ProbeJob(Job):
                         total, trials)
         return {"nonfinite": total}
 
-    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
+    def finalize(self, writer: Any, ctx: UnitContext) -> None:
         finalize(writer, self.config)
 
 

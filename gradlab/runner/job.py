@@ -95,8 +95,10 @@ class Job:
         units into :attr:`RunSummary.results`."""
         return None
 
-    def finalize(self, writer: Any, state: Any, ctx: UnitContext) -> None:
-        """Write variables derived from the stored units; idempotent (a resume runs it again)."""
+    def finalize(self, writer: Any, ctx: UnitContext) -> None:
+        """Write variables derived from the stored units; idempotent (a resume runs it again).  Not handed the
+        prepared state: a job whose finalize needs it calls :meth:`state`, so resuming a complete store (or a
+        Dask run, whose units were prepared on the workers) loads no models or data on the driver for nothing."""
 
     def on_failure(self, writer: Any, created: bool) -> None:
         """Clean up the job's own files when the run fails (``created``: this run made the store)."""

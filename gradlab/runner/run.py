@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import StoreError
-from gradlab.runner.dispatch import (check_dispatch, check_travels, dask_client, dask_results, local_results, prepared_state,
-                                     seed_state)
+from gradlab.runner.dispatch import check_dispatch, check_travels, dask_client, dask_results, local_results, seed_state
 from gradlab.runner.job import Job, RunSummary, Unit, UnitContext
 from gradlab.runner.threads import default_threads
 
@@ -120,10 +119,11 @@ def run_job(job: Job, out: str | os.PathLike, *, resume: bool = False, workers: 
             try:
                 _check_inputs(writer, job)
                 done = writer.done()
-                todo = [u for u in units if not unit_done(done, writer.unit_dims, u)]
+                held = [unit_done(done, writer.unit_dims, u) for u in units]  # one pass: linear in the units
+                todo = [u for u, h in zip(units, held) if not h]
                 say_line = _say_fn(job.kind, progress, say)
-                for u in units:
-                    if u not in todo:
+                for u, h in zip(units, held):
+                    if h:
                         job.on_skip(u, UnitContext(say=say_line))
                 log.info("%s %s: %d of %d units to compute", job.kind, out, len(todo), len(units))
                 threads = writer.group.attrs.get("torch_threads")
@@ -148,7 +148,7 @@ def run_job(job: Job, out: str | os.PathLike, *, resume: bool = False, workers: 
                             totals[key] = totals.get(key, 0) + value
                         if client is not None:
                             bar.update(unit.work)
-                    job.finalize(writer, prepared_state(job), ctx)
+                    job.finalize(writer, ctx)  # a job that needs its state asks for it (job.state())
             except BaseException:
                 job.on_failure(writer, created_here and not writer.done().any())
                 raise

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.models import build_model
-from gradlab.probe.frozen import (block_sums, checkpoint_estimates, frozen_trial, leading_sum,
+from gradlab.probe.frozen import (block_sums, checkpoint_estimates, frozen_trial, leading_sum, total_gram,
                                   trial_moment_estimates)
 from gradlab.probe.gram import GramEngine
 from gradlab.probe.sampling import draw_trial
@@ -91,6 +91,23 @@ def _linear_regression_pool(n: int, d: int, seed: int) -> tuple[torch.Tensor, to
     grads = (resid[:, None] * torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)).numpy()  # (n, d+1)
     return x, y, model, grads
 
+
+def test_frozen_trial_with_a_given_total_gram_is_bitwise_the_same(digits):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = build_model("mlp", (1, 8, 8), 10, widths=[16, 12])
+    selected = [n for n, _ in net.named_parameters()]
+    idx = draw_trial(0, 0, 0, 24, len(digits.train))
+    res = GramEngine(net, selected, dtype=torch.float64)(digits.train.x[idx], digits.train.y[idx])
+    kinds = {n: n.rsplit(".", 1)[1] for n in selected}
+    total = total_gram(res.gram)
+    before = total.clone()
+    a = frozen_trial(res.gram, kinds, (1, 5, 24), "mean", drop_last=True)
+    b = frozen_trial(res.gram, kinds, (1, 5, 24), "mean", drop_last=True, total=total)
+    for name in ("grad_norm", "grad_norm_layer", "grad_norm_group", "minibatch_grad_norm"):
+        assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+    assert (a.gram_trace, a.gram_sum) == (b.gram_trace, b.gram_sum)
+    assert torch.equal(total, before)  # read, not modified: the quantities get the same tensor afterwards
 
 def _half_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((out.squeeze(-1) - target) ** 2).sum()

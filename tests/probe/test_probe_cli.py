@@ -183,3 +183,14 @@ def test_nonfinite_gradients_are_counted_warned_and_not_mistaken_for_unselected_
         assert np.isfinite(ds.grad_norm.values[0]).all() and np.isnan(ds.grad_norm.values[1]).all()
         assert "non-finite gradient entries" in caplog.text
         caplog.clear()
+
+
+def test_frozen_unit_builds_the_total_gram_once_per_trial(run_dir, tmp_path, monkeypatch):
+    """The norms and the registered quantities read one K = Σ_layers K_layer per trial (it is (N, N) in float64)."""
+    import gradlab.probe.frozen as fz
+
+    built = []
+    real = fz.total_gram
+    monkeypatch.setattr(fz, "total_gram", lambda grams: built.append(1) or real(grams))
+    assert main(probe_args(run_dir, tmp_path / "p.zarr")) == 0
+    assert len(built) == 2 * 5  # 2 checkpoints × 5 trials

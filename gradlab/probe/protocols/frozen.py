@@ -32,12 +32,13 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
     for j in range(len(idx)):
         rows = torch.as_tensor(idx[j], device=pool_device)
         res = engine(index_batch(pool, rows))
-        ft = frozen_trial(res.gram, kinds, config.batch_sizes, config.reduction)
+        total = total_gram(res.gram)  # K over the selected tensors: the norms and the quantities read the same one
+        ft = frozen_trial(res.gram, kinds, config.batch_sizes, config.reduction, total=total)
         out["grad_norm"][:, j] = ft.grad_norm
         out["grad_norm_layer"][:, j, sel_idx] = ft.grad_norm_layer
         out["grad_norm_group"][:, j] = ft.grad_norm_group
         out["minibatch_grad_norm"][:, j] = ft.minibatch_grad_norm
-        inputs = TrialInputs(config.batch_sizes, config.reduction, config.budget, gram=total_gram(res.gram),
+        inputs = TrialInputs(config.batch_sizes, config.reduction, config.budget, gram=total,
                              layer_grams=res.gram)
         put_quantities(quantities, inputs, out, j)
         base = torch.cat([res.grad_sum[n].reshape(-1) for n in order])

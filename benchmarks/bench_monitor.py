@@ -227,16 +227,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: conditions timed on steps/8 steps per round (they are 10-200x slower)
+SLOW = ("naive", "cockpit economy")
+
+
 def time_conditions(name: str, conds: list[str], rounds: int, steps: int, device: str) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {c: [] for c in conds}
     with tempfile.TemporaryDirectory() as d:
         runners = {c: make_step(c, name, device, Path(d)) for c in conds}
         for c, (step, _) in runners.items():  # warm-up (and the optimizer's first-step imports)
-            for _ in range(3 if c != "naive" else 1):
+            for _ in range(3 if c not in SLOW else 1):
                 step()
         for _ in range(rounds):
             for c, (step, _) in runners.items():
-                n = steps if c != "naive" else max(2, steps // 8)
+                n = steps if c not in SLOW else max(2, steps // 8)
                 sync(device)
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -279,7 +283,7 @@ def main() -> None:
                    help="both: mlp, gpt (the zoo's) and gpt-pos (the zoo's with (B, T) position ids); tinygpt: "
                         "the small GPT of earlier sessions")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=32, help="steps per condition per round (naive: steps/8)")
+    p.add_argument("--steps", type=int, default=32, help="steps per condition per round (naive, cockpit: steps/8)")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--memory", action="store_true", help="also measure peak memory per condition")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

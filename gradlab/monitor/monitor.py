@@ -197,8 +197,8 @@ class NoiseMonitor:
             self.hooks.arm()
         per = self._per_example(batch, n)
         pending.batch_size += n
-        pending.loss_sum = pending.loss_sum + per.detach().sum()
-        if pending.record:
+        if pending.record:  # a step that is not recorded costs no tensor operation here
+            pending.loss_sum = pending.loss_sum + per.detach().sum()
             micro = Micro(n, batch)
             pending.micros.append(micro)
             if per.requires_grad:
@@ -344,8 +344,8 @@ class NoiseMonitor:
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         pend = self._start()
-        pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
         if pend.record:
+            pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
             self._collect(pend)  # before the update: the fallback parameters' gradients are taken at θ_t
             if self.distances:
                 self._dist.before_step()

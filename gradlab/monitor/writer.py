@@ -47,7 +47,12 @@ class Appender:
                 self._pool = None
 
     def _reap(self) -> None:
-        done = [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if not f.done()]
+        """Raise the error of a finished append (one look at each future: one that finishes meanwhile stays
+        pending, never dropped)."""
+        done = []
+        pending = []
+        for f in self._pending:
+            (done if f.done() else pending).append(f)
+        self._pending = pending  # the unfinished ones stay waited for even if a finished one raises below
         for f in done:
             f.result()

@@ -4,6 +4,7 @@ run with the store's thread count and Dask results land in their own units whate
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -242,3 +243,48 @@ def test_probe_and_sharpness_check_a_device_the_same_way(tmp_path, capsys, devic
         lines.append(capsys.readouterr().err.strip().splitlines()[-1])
     assert lines[0] == lines[1] and "--device" in lines[0]
     assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "s.zarr").exists()
+
+
+_WORKER_FACTS = r"""
+import json, os, sys
+from gradlab.runner.dispatch import dask_client
+
+def facts():
+    # the environment the process was created with (what glibc and the preloaded BLAS read), not os.environ
+    with open("/proc/self/environ", "rb") as f:
+        start = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    get = lambda k: None if k not in start else start[k].decode()
+    return {"torch": "torch" in sys.modules, "gradlab": "gradlab.probe.job" in sys.modules,
+            "malloc": get(b"MALLOC_TRIM_THRESHOLD_"), "blas": get(b"OPENBLAS_NUM_THREADS"), "omp": get(b"OMP_NUM_THREADS")}
+
+if __name__ == "__main__":
+    client, cluster = dask_client(2, None)
+    try:
+        got = list(client.run(facts).values())
+    finally:
+        client.close()
+        cluster.close()
+    print(json.dumps({"workers": got, "driver_omp": os.environ.get("OMP_NUM_THREADS")}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/environ")
+def test_local_workers_fork_with_torch_loaded_one_blas_thread_and_glibc_defaults(tmp_path):
+    """A fresh process's local cluster: its workers come from a fork server that imported torch and gradlab
+    (no import per worker), with Dask's one-thread BLAS/OpenMP variables and without MALLOC_TRIM_THRESHOLD_
+    (which made torch 2x slower on workers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "facts.py"
+    script.write_text(_WORKER_FACTS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(res["workers"]) == 2
+    for w in res["workers"]:
+        assert w == {"torch": True, "gradlab": True, "malloc": None, "blas": "1", "omp": "1"}, w

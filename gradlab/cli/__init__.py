@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "workers", None) and not getattr(args, "scheduler", None):
+        from gradlab.runner.dispatch import prestart_local_workers
+
+        prestart_local_workers()  # the workers' imports overlap this process's own
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

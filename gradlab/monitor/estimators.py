@@ -105,11 +105,25 @@ def fieller(num: np.ndarray, den: np.ndarray, v_nn: np.ndarray, v_nd: np.ndarray
     """
     num, den, v_nn, v_nd, v_dd, q = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64)
                                                          for x in (num, den, v_nn, v_nd, v_dd, q)))
-    q2 = q * q
-    a = den * den - q2 * v_dd
-    bh = -(num * den - q2 * v_nd)  # b/2
-    c = num * num - q2 * v_nn
-    disc = bh * bh - a * c
+    with np.errstate(over="ignore", invalid="ignore"):
+        q2 = q * q
+        a = den * den - q2 * v_dd
+        bh = -(num * den - q2 * v_nd)  # b/2
+        c = num * num - q2 * v_nn
+        disc = bh * bh - a * c
+    # a huge quantile (a t quantile with n_eff − 1 ≪ 1 degrees of freedom, e.g. two recorded steps far apart) or
+    # huge values overflow the products: solve the same quadratic divided by q² there (the same roots and signs)
+    finite = np.isfinite(num) & np.isfinite(den) & np.isfinite(v_nn) & np.isfinite(v_nd) & np.isfinite(v_dd) & \
+        np.isfinite(q) & (q > 0)
+    redo = finite & ~(np.isfinite(a) & np.isfinite(bh) & np.isfinite(c) & np.isfinite(disc))
+    if redo.any():
+        with np.errstate(over="ignore", invalid="ignore"):
+            nq, dq = num[redo] / q[redo], den[redo] / q[redo]
+            a, bh, c, disc = a.copy(), bh.copy(), c.copy(), disc.copy()
+            a[redo] = dq * dq - v_dd[redo]
+            bh[redo] = -(nq * dq - v_nd[redo])
+            c[redo] = nq * nq - v_nn[redo]
+            disc[redo] = bh[redo] * bh[redo] - a[redo] * c[redo]
     low = np.full(num.shape, np.nan)
     high = np.full(num.shape, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
 from gradlab.monitor.writer import Appender
-from gradlab.monitor.rows import StepCopy, chunk_rows, step_row
+from gradlab.monitor.rows import StepCopy, chunk_rows
 from gradlab.monitor.state import initial_parameters, store_attrs
 from gradlab.monitor.sums import Micro, Pending, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
@@ -135,7 +136,7 @@ class NoiseMonitor:
         self.ema = EmaRatio(len(GROUPS) + len(names), decay=ema_decay, level=level)
         self.t = 0
         self.examples_seen = 0
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[StepCopy] = []
         self._appender = Appender(self.store.append)  # full chunks are written in the background
         try:
             self._init_state(resume, start_step)
@@ -257,7 +258,8 @@ class NoiseMonitor:
 
     def _submit(self) -> None:
         if self._rows:
-            rows = chunk_rows(self._rows, self.ema.level)
+            rows = chunk_rows(self._rows, group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
+                              pool_size=self.pool_size, ema=self.ema)
             self._rows = []
             self._appender.submit(rows)
 
@@ -367,6 +369,10 @@ class NoiseMonitor:
         self._collect(pend)
         if self.hooks is not None:
             self.hooks.disarm()
+        if self.pool_size is not None and pend.batch_size > self.pool_size:
+            raise UsageError(f"step {pend.step} has {pend.batch_size} examples, more than pool_size={self.pool_size} "
+                             "(the number of training examples batches are drawn from without replacement); pass "
+                             "the size of the training set, or pool_size=None for draws with replacement")
         s1, q, nonfinite_t, missing, k = step_sums(pend, self.names, self.estimator)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
@@ -384,13 +390,12 @@ class NoiseMonitor:
                             loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(())])
         arr = torch.cat([x.to(s1.device) for x in parts] + [tail]).cpu().numpy()  # the step's one copy
         n = len(self.names)
-        copy = StepCopy(s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
-                        update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=int(arr[-2]),
-                        loss_sum=float(arr[-1]), step=pend.step, examples_seen=self.examples_seen,
-                        batch_size=pend.batch_size, n_groups=k, missing=missing, lr=pend.lr)
-        self._rows.append(step_row(copy, excluded=np.array([n in self.excluded for n in self.names]),
-                                   group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
-                                   pool_size=self.pool_size, ema=self.ema))
+        self._rows.append(StepCopy(
+            s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
+            update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=int(arr[-2]), loss_sum=float(arr[-1]),
+            step=pend.step, examples_seen=self.examples_seen, batch_size=pend.batch_size, n_groups=k,
+            missing=missing, lr=pend.lr, excluded=np.array([name in self.excluded for name in self.names]),
+            wall_time=time.time()))
         if len(self._rows) >= self.store.chunk_steps:
             self._submit()
 

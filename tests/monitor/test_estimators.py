@@ -128,3 +128,23 @@ def test_fieller_is_unbounded_above_when_the_denominator_may_be_zero():
     low, high = fieller(np.array([10.0]), np.array([1.0]), np.array([0.01]), np.array([0.0]), np.array([0.0001]),
                         np.array([1.96]))
     assert low[0] < 10 < high[0] and np.isfinite(high[0])
+
+
+def test_fieller_with_a_huge_quantile_is_the_whole_line_without_overflow():
+    """Two recorded steps far apart give n_eff − 1 ≪ 1 degrees of freedom and a t quantile near 1e200: the
+    quadratic's products overflowed (NaN ends and a RuntimeWarning); the interval is then the whole line.
+    A moderate quantile gives the textbook roots, unchanged."""
+    import warnings
+
+    from gradlab.monitor.estimators import fieller
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low, high = fieller(np.array([2.0]), np.array([1.0]), np.array([0.1]), np.array([0.01]), np.array([0.05]),
+                            np.array([1e200]))
+    assert low[0] == -np.inf and high[0] == np.inf
+    num, den, vnn, vnd, vdd, q = 2.0, 1.0, 0.1, 0.01, 0.05, 2.0
+    a, bh, c = den ** 2 - q ** 2 * vdd, -(num * den - q ** 2 * vnd), num ** 2 - q ** 2 * vnn
+    roots = sorted([(-bh - np.sqrt(bh ** 2 - a * c)) / a, (-bh + np.sqrt(bh ** 2 - a * c)) / a])
+    low, high = fieller(*(np.array([v]) for v in (num, den, vnn, vnd, vdd, q)))
+    assert [low[0], high[0]] == roots

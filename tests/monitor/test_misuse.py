@@ -189,3 +189,17 @@ def test_a_store_path_that_is_a_file_is_refused_and_left_alone(tmp_path):
         with pytest.raises(UsageError, match="holds other data, not a gradlab monitor store; choose a new"):
             NoiseMonitor(nn.Linear(3, 2), "cross-entropy", f, **kw)
     assert f.read_text() == "mine"
+
+
+def test_a_batch_larger_than_the_pool_is_a_usage_error_naming_both(tmp_path):
+    """pool_size is the number of examples batches are drawn from without replacement: a step with more examples
+    cannot come from it (the finite-population factor would be negative)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, pool_size=8)
+    opt.zero_grad()
+    mon.loss((torch.randn(16, 3), torch.randint(0, 2, (16,)))).backward()
+    with pytest.raises(UsageError, match=r"16 examples, more than pool_size=8.*size of the training set"):
+        opt.step()
+    mon.close()

@@ -373,7 +373,7 @@ class NoiseMonitor:
             raise UsageError(f"step {pend.step} has {pend.batch_size} examples, more than pool_size={self.pool_size} "
                              "(the number of training examples batches are drawn from without replacement); pass "
                              "the size of the training set, or pool_size=None for draws with replacement")
-        s1, q, nonfinite_t, missing, k = step_sums(pend, self.names, self.estimator)
+        s1, q, mat, missing, k = step_sums(pend, self.names, self.estimator)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
@@ -386,13 +386,18 @@ class NoiseMonitor:
             dist = self._dist.dist_norms()
             parts += [dist] + ([upd] if upd is not None else [])
         loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
-        tail = torch.stack([torch.as_tensor(nonfinite_t, dtype=torch.float64, device=s1.device).reshape(()),
-                            loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(())])
-        arr = torch.cat([x.to(s1.device) for x in parts] + [tail]).cpu().numpy()  # the step's one copy
+        parts.append(loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
+        if mat is not None:  # the per-example rows' non-finite entries are counted on the host if they are few
+            parts.append(mat.reshape(-1) if mat.numel() <= 4096 else
+                         (~torch.isfinite(mat)).sum().to(torch.float64).reshape(1))
+        arr = torch.cat([x.to(s1.device) for x in parts]).cpu().numpy()  # the step's one copy
         n = len(self.names)
+        end = 2 * n + (n if dist is not None else 0) + (n if upd is not None else 0)
+        rows = arr[end + 1:]
+        nonfinite = 0 if mat is None else int(rows[0]) if mat.numel() > 4096 else int((~np.isfinite(rows)).sum())
         self._rows.append(StepCopy(
             s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
-            update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=int(arr[-2]), loss_sum=float(arr[-1]),
+            update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=nonfinite, loss_sum=float(arr[end]),
             step=pend.step, examples_seen=self.examples_seen, batch_size=pend.batch_size, n_groups=k,
             missing=missing, lr=pend.lr, excluded=np.array([name in self.excluded for name in self.names]),
             wall_time=time.time()))

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,40 +46,44 @@ class Pending:
     observed: bool = False
 
 
-def step_sums(pend: Pending, names: list[str], estimator: str) -> tuple[Tensor, Tensor, Tensor | int, int, int]:
-    """S₁ and Q per tensor (float64 vectors), the count of non-finite per-example norms, the missing code, k.
+def step_sums(pend: Pending, names: list[str], estimator: str
+              ) -> tuple[Tensor, Tensor, Tensor | None, int, int]:
+    """S₁ and Q per tensor (float64 vectors), the per-example rows (tensors, n) whose non-finite entries the caller
+    counts on the host (None for the two-batch estimator), the missing code, k.
 
     The arithmetic is the one of the per-tensor loop it replaced, operation for operation (the stores it writes
-    are bitwise the same): S₁ = ‖.grad‖²/w², per example ‖wᵢgᵢ‖²/w² in the norms' dtype, then float64 sums.
+    are bitwise the same): S₁ = ‖.grad‖²/w², per example ‖wᵢgᵢ‖²/w² in the norms' dtype, then float64 sums.  The
+    weights are checked on the host (the step's one synchronisation before its final copy; on CPU a view).
     """
     n_t = len(names)
     micros = pend.micros
     device = next(iter(pend.grad_sq.values())).device if pend.grad_sq else torch.device("cpu")
     nan = torch.full((n_t,), math.nan, dtype=torch.float64, device=device)
     if not micros or not pend.grad_sq or any(not m.weights for m in micros):
-        return nan, nan.clone(), 0, 5, 0
+        return nan, nan.clone(), None, 5, 0
     w_all = torch.cat([w for m in micros for w in m.weights]).to(torch.float64)
+    w_host = w_all.cpu().numpy()
+    w0h = w_host[0]
+    if not (np.isfinite(w_host).all() and w0h != 0 and np.abs(w_host - w0h).max() <= WEIGHT_RTOL * abs(w0h)):
+        return nan, nan.clone(), None, 3, 0
     w0 = w_all[0]
-    ok = torch.isfinite(w_all).all() & (w0 != 0) & ((w_all - w0).abs().max() <= WEIGHT_RTOL * w0.abs())
-    if not bool(ok):  # the step's one host synchronisation before the final copy
-        return nan, nan.clone(), 0, 3, 0
     w2 = w0 * w0
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    s1 = torch.stack([pend.grad_sq[n].to(torch.float64) if n in pend.grad_sq else zero for n in names]) / w2
-    q = torch.zeros(n_t, dtype=torch.float64, device=device)
-    nonfinite: Tensor | int = 0
+    s1 = torch.stack([pend.grad_sq[n] if n in pend.grad_sq else zero for n in names]).to(torch.float64) / w2
     if estimator == "per-example":
-        for m in micros:
-            mat = _per_example_rows(m, names, w2, device)
+        mats = [_per_example_rows(m, names, w2, device) for m in micros]
+        q = mats[0].sum(1)
+        for mat in mats[1:]:
             q = q + mat.sum(1)
-            nonfinite = nonfinite + (~torch.isfinite(mat)).sum()
-        return s1, q, nonfinite, 1 if pend.batch_size < 2 else 0, pend.batch_size
+        mat = mats[0] if len(mats) == 1 else torch.cat(mats, 1)
+        return s1, q, mat, 1 if pend.batch_size < 2 else 0, pend.batch_size
+    q = torch.zeros(n_t, dtype=torch.float64, device=device)
     for m in micros:
         col = torch.stack([m.norms[n].to(torch.float64) if n in m.norms else zero for n in names])
         present = torch.tensor([n in m.norms for n in names], device=device)
         q = q + torch.where(present, col / (w2 * m.n), zero)
     k = len(micros)
-    return s1, q, nonfinite, 4 if k < 2 else (1 if pend.batch_size < 2 else 0), k
+    return s1, q, None, 4 if k < 2 else (1 if pend.batch_size < 2 else 0), k
 
 
 def _per_example_rows(m: Micro, names: list[str], w2: Tensor, device: Any) -> Tensor:

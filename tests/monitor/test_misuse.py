@@ -203,3 +203,27 @@ def test_a_batch_larger_than_the_pool_is_a_usage_error_naming_both(tmp_path):
     with pytest.raises(UsageError, match=r"16 examples, more than pool_size=8.*size of the training set"):
         opt.step()
     mon.close()
+
+
+@pytest.mark.parametrize("n", [6, 2100], ids=["rows-copied", "rows-counted-on-device"])
+def test_the_non_finite_count_is_the_number_of_non_finite_per_example_norms(tmp_path, n):
+    """nonfinite_count = the non-finite per-example squared norms plus the non-finite squared norms of the batch
+    gradient (its long_name), counted the same way whether the rows are copied to the host (few) or counted where
+    they are (2 tensors × 2100 examples > 4096 entries): two examples with an infinite input make 2 × 2 + 2."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+    x[1, 0] = x[4, 2] = float("inf")
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr") as mon:
+        mon.loss((x, y)).backward()
+        mon.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    per = []  # the brute-force count: per-example gradients, one at a time
+    for i in range(n):
+        gs = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        per += [bool(torch.isfinite(g.pow(2).sum())) for g in gs]
+    batch = [bool(torch.isfinite(g.pow(2).sum())) for g in torch.autograd.grad(
+        F.cross_entropy(model(x), y, reduction="sum"), list(model.parameters()))]
+    assert per.count(False) == 4 and batch.count(False) == 2
+    assert int(ds.nonfinite_count.values[0]) == per.count(False) + batch.count(False)
+    assert int(ds.missing.values[0]) == 2

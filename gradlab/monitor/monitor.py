@@ -42,7 +42,7 @@ from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
 from gradlab.monitor.writer import Appender
 from gradlab.monitor.rows import StepCopy, chunk_rows
-from gradlab.monitor.state import initial_parameters, store_attrs
+from gradlab.monitor.state import initial_parameters, resume_store, store_attrs
 from gradlab.monitor.sums import Micro, Pending, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
                           source_sha256)
@@ -161,27 +161,7 @@ class NoiseMonitor:
         self.theta0 = initial_parameters(self.store.group, self.params)
         if not resume:
             return
-        steps = self.store.read("step")
-        keep = int(np.searchsorted(steps, int(start_step), side="left"))
-        if keep < steps.size:
-            log.info("NoiseMonitor: dropping %d recorded steps ≥ %d (after the checkpoint)", steps.size - keep,
-                     start_step)
-        self.store.truncate(keep)
-        self.t = int(start_step)
-        if keep:
-            self.examples_seen = int(self.store.read("examples_seen")[-1])
-            last = int(steps[keep - 1])
-            expected_last = ((self.t - 1) // self.every) * self.every
-            if last != expected_last:
-                note = (f"steps {last + 1}..{self.t - 1} were not in the store when training resumed at step "
-                        f"{self.t} (not flushed before the checkpoint): they are missing")
-                log.warning("NoiseMonitor: %s", note)
-                self.store.set_attrs({"notes": [*self._notes(), note]})
-            # replay the EMA over the kept steps: the same float operations as an uninterrupted run
-            tr = np.concatenate([self.store.read("trace_cov"), self.store.read("trace_cov_layer")], axis=1)
-            g2 = np.concatenate([self.store.read("grad_sq_norm"), self.store.read("grad_sq_norm_layer")], axis=1)
-            for k in range(keep):
-                self.ema.update(tr[k], g2[k])
+        self.t, self.examples_seen = resume_store(self.store, self.ema, int(start_step), self.every)
 
     def _notes(self) -> list[str]:
         raw = self.store.group.attrs.get("notes", [])

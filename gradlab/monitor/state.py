@@ -3,11 +3,15 @@ that say how its numbers were made."""
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger("gradlab.monitor.monitor")
 
 
 def initial_parameters(group: Any, params: dict[str, Tensor]) -> list[Tensor]:
@@ -46,3 +50,29 @@ def store_attrs(task: dict[str, Any], estimator: str, every: int, reduction: str
         "ema_decay": float(ema_decay), "level": float(level),
         "pool_size": -1 if pool_size is None else pool_size,
     }
+
+
+def resume_store(store: Any, ema: Any, start_step: int, every: int) -> tuple[int, int]:
+    """Continue ``store`` at optimizer step ``start_step`` (the restored checkpoint's): drop its steps ≥ it, note
+    the steps that were never flushed, replay the moving averages over the kept steps (the same float operations
+    as an uninterrupted run).  Returns (the next step, the examples seen so far)."""
+    steps = store.read("step")
+    keep = int(np.searchsorted(steps, start_step, side="left"))
+    if keep < steps.size:
+        log.info("NoiseMonitor: dropping %d recorded steps ≥ %d (after the checkpoint)", steps.size - keep,
+                 start_step)
+    store.truncate(keep)
+    if not keep:
+        return start_step, 0
+    last = int(steps[keep - 1])
+    if last != ((start_step - 1) // every) * every:
+        note = (f"steps {last + 1}..{start_step - 1} were not in the store when training resumed at step "
+                f"{start_step} (not flushed before the checkpoint): they are missing")
+        log.warning("NoiseMonitor: %s", note)
+        raw = store.group.attrs.get("notes", [])
+        store.set_attrs({"notes": [*(json.loads(raw) if isinstance(raw, str) else raw), note]})
+    tr = np.concatenate([store.read("trace_cov"), store.read("trace_cov_layer")], axis=1)
+    g2 = np.concatenate([store.read("grad_sq_norm"), store.read("grad_sq_norm_layer")], axis=1)
+    for k in range(keep):
+        ema.update(tr[k], g2[k])
+    return start_step, int(store.read("examples_seen")[-1])

@@ -145,6 +145,7 @@ class NoiseMonitor:
             raise
         self._pending: Pending | None = None
         self._warned_no_loss = False
+        self._uses_checked = False
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         self._handles: list[Any] = []
         for name, p in self.params.items():
@@ -178,6 +179,8 @@ class NoiseMonitor:
             self.hooks.arm()
         per = self._per_example(batch, n)
         pending.batch_size += n
+        if pending.record and self.hooks is not None and not self._uses_checked:
+            self._check_uses(per)
         if pending.record:  # a step that is not recorded costs no tensor operation here
             pending.loss_sum = pending.loss_sum + per.detach().sum()
             micro = Micro(n, batch)
@@ -205,6 +208,8 @@ class NoiseMonitor:
             self.hooks.arm()
             with torch.enable_grad():
                 per = self._per_example(batch, n)
+                if not self._uses_checked:
+                    self._check_uses(per)
                 params = list(self.params.values())
                 grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
             micro = Micro(n, batch, weights=[torch.ones_like(per.detach())])
@@ -281,6 +286,16 @@ class NoiseMonitor:
         """The per-example losses of ``batch`` (non-finite values allowed: such steps are counted and flagged)."""
         return check_loss_output(self.loss_fn(self.model, batch), n, name=loss_name(self.loss_fn),
                                  need_grad=need_grad and torch.is_grad_enabled(), finite=False)
+
+    def _check_uses(self, per: Tensor) -> None:
+        """Once, at the first recorded step: parameters used outside their hooked module go to the fallback."""
+        self._uses_checked = True
+        if per.grad_fn is None:
+            return
+        moved = self.hooks.check_uses(per)
+        if moved:
+            log.info("NoiseMonitor: %s used outside their module in the forward (e.g. tied weights): per-example "
+                     "norms by torch.func", moved)
 
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:

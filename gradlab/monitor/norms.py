@@ -15,7 +15,9 @@ per-example gradient is materialised except where that is the cheaper way (long 
 - ``nn.Conv2d`` (groups = 1, zero padding): a Linear on the unfolded patches, T = output positions.
 - transformers' ``Conv1D`` (GPT-2's projections, y = xW + b with W (d_in, d_out)): a Linear with Wᵀ.
 
-Every other parameter (and one shared by two modules, e.g. tied embeddings) is a *fallback* parameter: its
+Every other parameter (and one shared by two modules, e.g. tied embeddings, or used by its module and also
+directly in the forward, e.g. ``F.linear(h, self.emb.weight)``: :meth:`PerExampleNorms.check_uses` finds those in
+the autograd graph of the first recorded step) is a *fallback* parameter: its
 per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples (an extra forward/backward on the
 batch for those parameters only), or, where the loss cannot be vmapped (data-dependent checks), from one
 forward/backward per example; where both fail (batch norm in training mode, random ops) the parameter is
@@ -103,15 +105,24 @@ def _linear_dims(module: nn.Module) -> tuple[int, int]:
     return int(module.weight.shape[0]), int(module.weight.shape[1])
 
 
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """The module computes what ``base`` computes: a subclass that overrides ``forward`` (a masked or
+    reparametrised weight, say) may use its parameters otherwise, and goes to the fallback."""
+    return type(module).forward is base.forward
+
+
 def supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+    if isinstance(module, nn.Linear):
+        return _own_forward(module, nn.Linear)
+    if _is_hf_conv1d(module):
         return True
     if isinstance(module, nn.Embedding):
-        return not module.sparse and not module.scale_grad_by_freq
+        return not module.sparse and not module.scale_grad_by_freq and _own_forward(module, nn.Embedding)
     if isinstance(module, nn.LayerNorm):
-        return module.elementwise_affine
+        return module.elementwise_affine and _own_forward(module, nn.LayerNorm)
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str) and \
+            _own_forward(module, nn.Conv2d) and type(module)._conv_forward is nn.Conv2d._conv_forward
     return False
 
 
@@ -154,6 +165,28 @@ class PerExampleNorms:
         self.active = False
         self._calls.clear()
 
+    def check_uses(self, root: Tensor) -> list[str]:
+        """Unhook, for good, the parameters that the graph of ``root`` (this forward's per-example losses) uses more
+        often than their module was called -- a weight also used directly (``x @ self.a.weight``, an output layer
+        tied functionally to an embedding): the module's inputs and output gradients do not see those uses.  They
+        join :attr:`unbatched` and :attr:`fallback` (per-example gradients by torch.func); returns their names."""
+        params = dict(self.model.named_parameters())
+        wanted = {id(params[name]): name for roles in self.modules.values() for name in roles.values()}
+        uses = parameter_uses(root, wanted)
+        moved = []
+        for module in list(self.modules):
+            calls = len(self._calls.get(module, []))
+            roles = self.modules[module]
+            for role, name in list(roles.items()):
+                if uses.get(name, 0) > calls:
+                    del roles[role]
+                    moved.append(name)
+            if not roles:
+                del self.modules[module]
+        self.unbatched.extend(moved)
+        self.fallback.extend(moved)
+        return moved
+
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not self.active or not isinstance(output, Tensor) or not output.requires_grad or module not in self.modules:
             return
@@ -177,6 +210,8 @@ class PerExampleNorms:
         out: dict[str, Tensor] = {}
         self._grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this collect only)
         for module, calls in self._calls.items():
+            if module not in self.modules:  # unhooked since it was called (check_uses)
+                continue
             calls = [c for c in calls if c.grad is not None]
             if n is not None and any(_lead(c.inp) != n or c.grad.shape[0] != n or _position_ids(module, c.inp)
                                      for c in calls):
@@ -257,6 +292,31 @@ class PerExampleNorms:
             if "bias" in roles:
                 res[roles["bias"]] = _sq_rows(d.sum(1))
         return res
+
+
+def parameter_uses(root: Tensor, wanted: dict[int, str]) -> dict[str, int]:
+    """For the parameters ``wanted`` (id -> name): how many edges of ``root``'s autograd graph lead into each one's
+    gradient accumulator -- one per use of the parameter in the computation of ``root``."""
+    uses = dict.fromkeys(wanted.values(), 0)
+    fn = root.grad_fn
+    if fn is None:
+        return uses
+    seen = {fn}
+    stack = [fn]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                name = wanted.get(id(var))
+                if name is not None:
+                    uses[name] += 1
+            elif nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
 
 
 def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,

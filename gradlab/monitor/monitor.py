@@ -14,6 +14,9 @@ For loops you cannot change, ``monitor.observe(batch)`` runs its own forward/bac
 Without ``optimizer=`` call ``monitor.step()`` after each backward, before the parameters change (no learning
 rate or update norm is recorded then).  The user must zero the gradients before each step's first ``loss()``
 (S₁ is read from ``.grad``); examples must not interact (no batch norm in training mode: noted in the store).
+Backpropagate ``monitor.loss(batch)`` alone (scaled as you like): a penalty added to it (λ‖θ‖²; use the optimizer's
+weight decay instead) puts its gradient in ``.grad``; the first recorded step finds that (the hooked Linear layers'
+Σᵢ wᵢgᵢ against ``.grad``) and no step is then estimated (``missing`` 6, with a note).
 Gradient accumulation: call ``monitor.loss(micro_batch)`` for each micro-batch before the optimizer step; the
 per-example estimator pools the examples of all micro-batches, the two-batch estimator
 (``estimator="two-batch"``, McCandlish et al. 2018, App. A) uses the micro-batch gradients instead of per-example
@@ -146,6 +149,7 @@ class NoiseMonitor:
         self._pending: Pending | None = None
         self._warned_no_loss = False
         self._uses_checked = False
+        self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         self._handles: list[Any] = []
         for name, p in self.params.items():
@@ -297,6 +301,33 @@ class NoiseMonitor:
             log.info("NoiseMonitor: %s used outside their module in the forward (e.g. tied weights): per-example "
                      "norms by torch.func", moved)
 
+    def _check_sums(self, sums: dict[str, Tensor]) -> None:
+        """Once, at the first recorded step of one micro-batch: Σᵢ wᵢgᵢ of the hooked Linear layers equals their
+        ``.grad``, unless the backpropagated loss holds other terms (a penalty such as λ‖θ‖² added to
+        ``monitor.loss(batch)``): then S₁ = ‖.grad‖² is not the data gradient's and no step is estimated."""
+        bad, judged = [], False
+        for name, g in sums.items():
+            grad = self.params[name].grad if name in self.params else None
+            if grad is None:
+                continue
+            tol = (1e-4 if grad.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9)
+            err, ref = float((grad.detach() - g).norm()), float(grad.detach().norm())
+            if not (math.isfinite(err) and math.isfinite(ref)):
+                continue  # a non-finite step (flagged on its own) tells nothing: a later step is checked
+            judged = True
+            if not err <= tol * ref + 1e-30:
+                bad.append(name)
+        if not judged:
+            return
+        self._sums_check = bool(bad)
+        if bad:
+            note = (f"the backpropagated loss has terms besides monitor.loss(batch) (.grad of {bad[:3]} differs from "
+                    "the sum of the per-example gradients: a penalty such as λ‖θ‖² added to the loss, or .grad not zeroed before the step?): ‖.grad‖² is "
+                    "not the data gradient's, so no step is estimated (missing = 6); use the optimizer's "
+                    "weight_decay, or add the penalty's gradient to .grad directly, after backward()")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.set_attrs({"notes": [*self._notes(), note]})
+
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:
             pend = self._pending
@@ -317,7 +348,11 @@ class NoiseMonitor:
             return
         micro = pending.micros[-1]
         micro.collected = True
-        micro.norms = self.hooks.collect(micro.n)
+        check = self._sums_check is None and len(pending.micros) == 1 and not pending.observed
+        sums: dict[str, Tensor] | None = {} if check else None
+        micro.norms = self.hooks.collect(micro.n, sums)
+        if check and sums:
+            self._check_sums(sums)
         self.hooks.disarm()
         new = [n for n in self.hooks.unbatched if n in self.params and n not in self.fallback]
         if new:  # e.g. position embeddings called on (1, T): per-example gradients by torch.func from now on
@@ -369,6 +404,8 @@ class NoiseMonitor:
                              "(the number of training examples batches are drawn from without replacement); pass "
                              "the size of the training set, or pool_size=None for draws with replacement")
         s1, q, mat, missing, k = step_sums(pend, self.names, self.estimator)
+        if missing == 0 and self._sums_check:
+            missing = 6
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "

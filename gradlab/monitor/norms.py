@@ -198,8 +198,9 @@ class PerExampleNorms:
 
         output.register_hook(hook)
 
-    def collect(self, n: int | None = None) -> dict[str, Tensor]:
-        """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them).
+    def collect(self, n: int | None = None, sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them); with
+        ``sums``, also fills it with Σᵢ wᵢgᵢ of the Linear layers on (B, d) (:meth:`_module_sums`).
 
         A module whose outputs got no gradient in this backward contributes nothing (its parameters are absent).
         With ``n`` (the examples of the batch), a module called on inputs whose leading dimension is not n (e.g.
@@ -221,9 +222,25 @@ class PerExampleNorms:
                 continue
             if calls:
                 out.update(self._module_norms(module, calls))
+                if sums is not None:
+                    sums.update(self._module_sums(module, calls))
         self._calls.clear()
         self._grams = {}
         return out
+
+    def _module_sums(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
+        """Σᵢ wᵢgᵢ of a Linear on (B, d) called once -- what its parameters' ``.grad`` holds when nothing else
+        enters the backpropagated loss (one GEMM; :meth:`collect` computes it on request)."""
+        if not isinstance(module, nn.Linear) or len(calls) != 1 or calls[0].inp.dim() != 2:
+            return {}
+        roles = self.modules[module]
+        a, d = calls[0].inp.detach(), calls[0].grad
+        res = {}
+        if "weight" in roles:
+            res[roles["weight"]] = d.t() @ a
+        if "bias" in roles:
+            res[roles["bias"]] = d.sum(0)
+        return res
 
     def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
         roles = self.modules[module]

@@ -15,6 +15,7 @@ MISSING = {
     3: "examples weighted unequally in the backpropagated loss: not estimated",
     4: "one micro-batch: the two-batch estimator needs ≥ 2 micro-batches",
     5: "no backward pass reached the monitored parameters for this step",
+    6: "the backpropagated loss has terms besides the per-example losses (e.g. a penalty): not estimated",
 }
 
 

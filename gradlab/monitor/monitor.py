@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.errors import UsageError
+from gradlab.monitor.checks import extra_loss_terms, extra_terms_note
 from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
-from gradlab.monitor.norms import PerExampleNorms, loop_sq_norms, vmap_sq_norms
+from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
 from gradlab.monitor.writer import Appender
 from gradlab.monitor.rows import StepCopy, chunk_rows
@@ -294,37 +295,19 @@ class NoiseMonitor:
     def _check_uses(self, per: Tensor) -> None:
         """Once, at the first recorded step: parameters used outside their hooked module go to the fallback."""
         self._uses_checked = True
-        if per.grad_fn is None:
-            return
-        moved = self.hooks.check_uses(per)
+        moved = self.hooks.check_uses(per) if per.grad_fn is not None else []
         if moved:
             log.info("NoiseMonitor: %s used outside their module in the forward (e.g. tied weights): per-example "
                      "norms by torch.func", moved)
 
     def _check_sums(self, sums: dict[str, Tensor]) -> None:
-        """Once, at the first recorded step of one micro-batch: Σᵢ wᵢgᵢ of the hooked Linear layers equals their
-        ``.grad``, unless the backpropagated loss holds other terms (a penalty such as λ‖θ‖² added to
-        ``monitor.loss(batch)``): then S₁ = ‖.grad‖² is not the data gradient's and no step is estimated."""
-        bad, judged = [], False
-        for name, g in sums.items():
-            grad = self.params[name].grad if name in self.params else None
-            if grad is None:
-                continue
-            tol = (1e-4 if grad.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9)
-            err, ref = float((grad.detach() - g).norm()), float(grad.detach().norm())
-            if not (math.isfinite(err) and math.isfinite(ref)):
-                continue  # a non-finite step (flagged on its own) tells nothing: a later step is checked
-            judged = True
-            if not err <= tol * ref + 1e-30:
-                bad.append(name)
-        if not judged:
+        """Once (:func:`gradlab.monitor.checks.extra_loss_terms`): a loss with other terms estimates no step."""
+        bad = extra_loss_terms(self.params, sums)
+        if bad is None:
             return
         self._sums_check = bool(bad)
         if bad:
-            note = (f"the backpropagated loss has terms besides monitor.loss(batch) (.grad of {bad[:3]} differs from "
-                    "the sum of the per-example gradients: a penalty such as λ‖θ‖² added to the loss, or .grad not zeroed before the step?): ‖.grad‖² is "
-                    "not the data gradient's, so no step is estimated (missing = 6); use the optimizer's "
-                    "weight_decay, or add the penalty's gradient to .grad directly, after backward()")
+            note = extra_terms_note(bad)
             log.warning("NoiseMonitor: %s", note)
             self.store.set_attrs({"notes": [*self._notes(), note]})
 
@@ -357,15 +340,13 @@ class NoiseMonitor:
         new = [n for n in self.hooks.unbatched if n in self.params and n not in self.fallback]
         if new:  # e.g. position embeddings called on (1, T): per-example gradients by torch.func from now on
             self.fallback.extend(new)
-            log.info("NoiseMonitor: %s called without the batch dimension: per-example norms by torch.func", new)
+            log.info("NoiseMonitor: %s called without the batch dimension (or used outside their module): "
+                     "per-example norms by torch.func", new)
             self.store.set_attrs({"fallback_params": self.fallback})
         todo = [n for n in self.fallback if n not in self.excluded]
         if todo and micro.weights:
             try:
-                try:
-                    micro.unscaled = vmap_sq_norms(self.model, self.loss_fn, micro.batch, todo)
-                except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
-                    micro.unscaled = loop_sq_norms(self.model, self.loss_fn, micro.batch, todo)
+                micro.unscaled = fallback_sq_norms(self.model, self.loss_fn, micro.batch, todo)
             except Exception as exc:  # noqa: BLE001 - any failure: exclude those tensors, say so
                 self.excluded.extend(todo)
                 note = (f"no per-example gradients for {todo} ({type(exc).__name__}: "

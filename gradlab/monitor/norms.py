@@ -336,6 +336,16 @@ def parameter_uses(root: Tensor, wanted: dict[int, str]) -> dict[str, int]:
     return uses
 
 
+def fallback_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,
+                      names: list[str]) -> dict[str, Tensor]:
+    """Per-example ‖∂ℓᵢ/∂p‖² of the fallback parameters ``names``: by :func:`vmap_sq_norms`, or, where torch.func
+    cannot map the loss, :func:`loop_sq_norms`; raises what the loop raises."""
+    try:
+        return vmap_sq_norms(model, loss, batch, names)
+    except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
+        return loop_sq_norms(model, loss, batch, names)
+
+
 def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,
                   names: list[str]) -> dict[str, Tensor]:
     """Per-example ‖∂ℓᵢ/∂p‖² for the parameters ``names`` by ``torch.func.vmap(grad(...))`` over the examples.

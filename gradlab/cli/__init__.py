@@ -75,6 +75,32 @@ def describe_os_error(exc: OSError) -> str:
     return f"{cause}{': ' + where if where else ''}" + (f" ({fix})" if fix else "")
 
 
+def user_code_failure(exc: BaseException) -> str | None:
+    """One line for an exception raised in the user's own code while a command runs (a ``--loss`` or a model's
+    ``forward`` failing on one batch, say): the innermost frame that is neither Python's, an installed package's
+    nor gradlab's is the user's.  None when that frame is gradlab's (a failure of gradlab itself)."""
+    import traceback
+    from pathlib import Path
+
+    from gradlab.errors import _GRADLAB_DIR, _SYSTEM_DIRS
+
+    def kind(fs: traceback.FrameSummary) -> str:
+        if not fs.filename or fs.filename.startswith("<"):
+            return "system"
+        f = str(Path(fs.filename).resolve())
+        return "gradlab" if f.startswith(_GRADLAB_DIR) else "system" if f.startswith(_SYSTEM_DIRS) else "user"
+
+    frames = [(fs, kind(fs)) for fs in traceback.extract_tb(exc.__traceback__)]
+    ours = [(fs, k) for fs, k in frames if k != "system"]
+    if not ours or ours[-1][1] != "user":
+        return None
+    where = " <- ".join(f"{Path(fs.filename).name}:{fs.lineno} in {fs.name}" for fs, k in reversed(frames)
+                        if k == "user")
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return _one_line(f"your code raised {type(exc).__name__}: {first} (at {where}); fix it and rerun (--debug shows "
+                     "the full traceback)")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
@@ -98,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = describe_os_error(exc) if isinstance(exc, OSError) else exc
         print(f"gradlab: error: {_one_line(problem)}", file=sys.stderr)  # a user's error names the user's frames
         return 2 if isinstance(exc, UsageError) else 1
+    except Exception as exc:
+        line = None if args.debug else user_code_failure(exc)
+        if line is None:  # gradlab's own failure: the whole traceback, to report
+            raise
+        print(f"gradlab: error: {line}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -433,3 +433,39 @@ def test_defect_11_local_and_dask_worker_processes_write_identical_stores(tmp_pa
     finally:
         torch.set_num_threads(old)
     assert_same_values(tmp_path / "dask.zarr", tmp_path / "local.zarr")
+
+
+def test_defect_5_a_loss_that_fails_on_one_batch_during_the_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A --loss that passes the first check but raises on a later batch (a hard-coded .view(4, -1), say) gave a
+    41-line traceback and exit 1 (an external user's report); gradlab's own failures still show their traceback."""
+    (tmp_path / "userloss.py").write_text(textwrap.dedent("""
+        import torch.nn.functional as F
+
+        def late(model, batch):
+            x, y = batch
+            if x.shape[0] > 4:
+                raise ValueError("boom on a big batch")
+            return F.cross_entropy(model(x), y, reduction="none")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main([*TRAIN_ARGS, "--out", str(tmp_path / "R")]) == 0
+    ck = next((tmp_path / "R" / "runs").glob("*/epoch*.pt"))
+    argv = ["probe", "--checkpoint", str(ck), "--data", "digits", "--loss", "userloss:late", "--protocol", "step",
+            "--batch-sizes", "1,8", "--budget", "8", "--trials", "2", "--no-progress", "--out", str(tmp_path / "p.zarr")]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == ("gradlab: error: your code raised ValueError: boom on a big batch (at userloss.py:7 in late); "
+                    "fix it and rerun (--debug shows the full traceback)")
+    assert not (tmp_path / "p.zarr").exists()
+    with pytest.raises(ValueError, match="boom"):
+        main([*argv, "--debug"])
+
+
+def test_defect_5_gradlabs_own_failure_keeps_its_traceback():
+    """An exception whose innermost non-system frame is gradlab's is gradlab's failure: no one-line rewrite."""
+    from gradlab.cli import user_code_failure
+    from gradlab.task import batch_len
+
+    with pytest.raises(Exception) as info:
+        batch_len(object())
+    assert user_code_failure(info.value) is None

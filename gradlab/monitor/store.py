@@ -62,14 +62,19 @@ class MonitorStore:
         self.chunk_steps = int(chunk_steps)
         self.vars = {v.name: v for v in monitor_variables()}
         exists = self.path.exists()
-        if exists and not resume and _is_monitor_store(self.path):
-            raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to continue it, "
-                             "or choose a new store path")
         if exists and not _is_monitor_store(self.path):
             raise StoreError(f"{self.path} holds other data, not a gradlab monitor store; choose a new store path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _acquire(lock_file(self.path), self.path)
+        self._lock_fd = _acquire(lock_file(self.path), self.path)  # a live writer is refused here
         try:
+            if exists and not resume:
+                if consistent_length(zarr.open_group(self.path, mode="r")) > 0:
+                    raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to "
+                                     "continue it, or choose a new store path")
+                import shutil  # no step recorded (a first loss() that failed, say): nothing to keep; start afresh
+
+                shutil.rmtree(self.path)
+                exists = False
             if not exists:
                 self._create(layers, kinds, sizes, config, attrs)
             self.group = zarr.open_group(self.path, mode="r+")

@@ -258,3 +258,20 @@ def test_a_penalty_added_to_the_monitored_loss_is_found_and_no_step_is_estimated
             assert "terms besides monitor.loss(batch)" in caplog.text
         else:
             assert list(ds.missing.values) == [0, 0, 0] and np.isfinite(ds.trace_cov.values).all()
+
+
+def test_a_store_without_steps_is_started_afresh_and_one_with_steps_is_kept(tmp_path):
+    """A first loss() that fails (here: an already reduced loss) leaves a store with no step; the corrected rerun
+    at the same path starts afresh instead of asking for resume=True.  A store with steps still needs resume."""
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    path = tmp_path / "m.zarr"
+    mon = NoiseMonitor(nn.Linear(3, 2), lambda m, b: F.cross_entropy(m(b[0]), b[1]), path)
+    with pytest.raises(UsageError, match="already reduced"):
+        mon.loss((x, y))
+    mon.close()
+    with NoiseMonitor(nn.Linear(3, 2), "cross-entropy", path) as mon:
+        mon.loss((x, y)).backward()
+        mon.step()
+    assert xr.open_zarr(path, consolidated=False).sizes["step"] == 1
+    with pytest.raises(Exception, match="already holds a gradlab monitor store; pass resume=True"):
+        NoiseMonitor(nn.Linear(3, 2), "cross-entropy", path)

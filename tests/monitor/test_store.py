@@ -112,7 +112,9 @@ def test_refuses_other_data_and_an_existing_store(tmp_path):
     with pytest.raises(UsageError, match="holds other data"):
         NoiseMonitor(model, "cross-entropy", tmp_path / "other", resume=True, start_step=0)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
-    NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr").close()
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr") as mon:  # one recorded step: a store to keep
+        mon.loss((torch.randn(4, 3), torch.randint(0, 2, (4,)))).backward()
+        mon.step()
     with pytest.raises(UsageError, match="already holds a gradlab monitor store"):
         NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr")
     with pytest.raises(UsageError, match="another monitor config"):

@@ -9,6 +9,8 @@ is one :class:`~gradlab.errors.UsageError` naming the fix.
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -20,6 +22,8 @@ from gradlab.checkpoint_set import load_checkpoint_set, refuse_dropout
 from gradlab.errors import UsageError
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+
+log = logging.getLogger(__name__)
 
 
 def _finite(name: str, v: float, *, low: float | None = None, strict: bool = False) -> float:
@@ -169,6 +173,10 @@ def resolve_cbs(
         if not supports_chain(net, loss, x):
             raise UsageError("engine 'chain' needs a chain of nn.Linear/nn.ReLU (gradlab's MLP without batch norm) "
                              "with the cross-entropy loss; use engine 'auto'")
+    if eval_examples > n:  # the training loss is evaluated on all of them: the store says how many
+        log.info("cbs: --eval-examples %d is more than the %d training examples: the training loss uses all %d",
+                 eval_examples, n, n)
+        eval_examples = n
     return CbsJob(
         checkpoints=tuple(points), data=data, model=model,
         model_kwargs_json=json.dumps(dict(model_kwargs) if model_kwargs is not None else None, sort_keys=True),

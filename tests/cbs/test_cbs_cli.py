@@ -224,3 +224,17 @@ def test_a_killed_cbs_run_resumes_to_the_identical_store(ckpts, store, tmp_path,
     assert r.returncode == -9, r.stderr[-2000:]
     assert main(_args(ckpts, out, "--resume")) == 0
     assert_same_store(out, store)
+
+
+def test_more_eval_examples_than_the_training_set_uses_all_and_says_how_many(ckpts):
+    """--eval-examples above the training set was clipped silently while the store's long_name kept the asked-for
+    number (an external user's report); the job now holds the real count, and so does the long_name."""
+    from gradlab.cbs.resolve import resolve_cbs
+    from gradlab.schema.cbs import cbs_variables
+
+    job = resolve_cbs([f"early={ckpts['early']}"], data="digits", batch_sizes=[4, 16], budget=64, seeds=2,
+                      n_evals=2, eval_examples=10**6)
+    assert job.eval_examples == job.pool_size < 10**6
+    train_loss = next(v for v in cbs_variables(job.loss, eval_examples=job.eval_examples, diverge_factor=10.0)
+                      if v.name == "train_loss")
+    assert f"on {job.pool_size} fixed training examples" in train_loss.long_name

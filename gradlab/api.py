@@ -65,7 +65,20 @@ def _data_spec(data: Any) -> str:
         from gradlab.task import source_sha256
 
         return register_live("data", data, _name(data, "data"), source_sha256(data) or _digest_tensors(()))
+    _refuse_numpy(data)
     return register_live("data", lambda: data, type(data).__name__, _digest_tensors(data))
+
+
+def _refuse_numpy(data: Any) -> None:
+    """NumPy arrays in the data: say how to pass them (gradlab does not convert a user's data behind their back)."""
+    import numpy as np
+    from torch.utils._pytree import tree_flatten
+
+    if isinstance(data, (tuple, list, dict, np.ndarray)) and any(
+            isinstance(leaf, np.ndarray) for leaf in tree_flatten(data)[0]):
+        raise UsageError("data holds NumPy arrays; pass torch tensors, e.g. data=(torch.from_numpy(x), "
+                         "torch.from_numpy(y)) (keeping their dtypes: float32 inputs and int64 labels for a "
+                         "classifier)")
 
 
 def _loss_spec(loss: Any) -> str | None:
@@ -144,6 +157,27 @@ def _open(path: PathLike) -> Any:
     return xr.open_zarr(path, consolidated=False)
 
 
+def _cleans_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A refused or failed call that wrote no store removes the ``<out>.inputs/`` folder it made (the live
+    modules saved for it), so that nothing of it is left behind."""
+    import functools
+    import shutil
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = kwargs.get("out")
+        inputs = Path(f"{out}.inputs") if out is not None else None
+        made = inputs is not None and not inputs.exists()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            if made and inputs.exists() and not Path(out).exists():
+                shutil.rmtree(inputs, ignore_errors=True)
+            raise
+    return call
+
+
+@_cleans_inputs
 def probe(
     checkpoints: Any,
     *,
@@ -199,6 +233,7 @@ def probe(
     return _open(summary.path)
 
 
+@_cleans_inputs
 def sharpness(
     checkpoints: Any,
     *,

@@ -90,3 +90,22 @@ def test_train_api_with_a_factory_and_sharpness_on_its_checkpoint(tmp_path):
     ck = sorted((tmp_path / "t" / "runs").glob("*/epoch002.pt"))[0]
     s = gradlab.sharpness(ck, model=factory, data=(x, y), out=tmp_path / "s.zarr", samples=None, eps=(1e-3,))
     assert np.isfinite(s.lambda_max.values).all()
+
+
+def test_numpy_data_is_refused_with_the_fix_and_a_refused_run_leaves_nothing(tmp_path):
+    """NumPy data got 'data factory live:data:tuple-e3b0c44298fc returned tuple' (the digest of no tensors); a
+    refused run left <out>.inputs/ with the saved model (both from an external user's report)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import gradlab
+    from gradlab.errors import UsageError
+
+    x, y = np.random.rand(40, 4).astype(np.float32), np.random.randint(0, 2, 40)
+    with pytest.raises(UsageError, match=r"NumPy arrays; pass torch tensors, e\.g\. data=\(torch\.from_numpy"):
+        gradlab.probe(nn.Linear(4, 2), data=(x, y), out=tmp_path / "a.zarr", batch_sizes=[1, 4], budget=8)
+    with pytest.raises(UsageError, match="exceeds the 40 training examples"):
+        gradlab.probe(nn.Linear(4, 2), data=(torch.from_numpy(x), torch.from_numpy(y)), out=tmp_path / "b.zarr",
+                      batch_sizes=[1, 64], budget=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -75,10 +75,26 @@ def describe_os_error(exc: OSError) -> str:
     return f"{cause}{': ' + where if where else ''}" + (f" ({fix})" if fix else "")
 
 
-def user_code_failure(exc: BaseException) -> str | None:
+def _named_modules(args: argparse.Namespace) -> set[str]:
+    """The files of the user modules the command line names (``--model``/``--data``/``--loss``/``--collate``
+    ``pkg.module:attr``), as far as they are imported."""
+    files = set()
+    for key in ("model", "data", "loss", "collate"):
+        spec = getattr(args, key, None)
+        if isinstance(spec, str) and ":" in spec and not spec.startswith("live:"):
+            mod = sys.modules.get(spec.split(":", 1)[0])
+            if getattr(mod, "__file__", None):
+                from pathlib import Path
+
+                files.add(str(Path(mod.__file__).resolve()))
+    return files
+
+
+def user_code_failure(exc: BaseException, user_files: set[str]) -> str | None:
     """One line for an exception raised in the user's own code while a command runs (a ``--loss`` or a model's
-    ``forward`` failing on one batch, say): the innermost frame that is neither Python's, an installed package's
-    nor gradlab's is the user's.  None when that frame is gradlab's (a failure of gradlab itself)."""
+    ``forward`` failing on one batch, say): the innermost frame that is neither Python's nor an installed
+    package's is in one of ``user_files`` (the modules the command names).  None otherwise: gradlab's own
+    failure (or code it was not told about) keeps its traceback."""
     import traceback
     from pathlib import Path
 
@@ -88,11 +104,13 @@ def user_code_failure(exc: BaseException) -> str | None:
         if not fs.filename or fs.filename.startswith("<"):
             return "system"
         f = str(Path(fs.filename).resolve())
-        return "gradlab" if f.startswith(_GRADLAB_DIR) else "system" if f.startswith(_SYSTEM_DIRS) else "user"
+        if f in user_files:
+            return "user"
+        return "gradlab" if f.startswith(_GRADLAB_DIR) else "system" if f.startswith(_SYSTEM_DIRS) else "other"
 
     frames = [(fs, kind(fs)) for fs in traceback.extract_tb(exc.__traceback__)]
     ours = [(fs, k) for fs, k in frames if k != "system"]
-    if not ours or ours[-1][1] != "user":
+    if not ours or ours[-1][1] != "user":  # gradlab's, or code the command line did not name
         return None
     where = " <- ".join(f"{Path(fs.filename).name}:{fs.lineno} in {fs.name}" for fs, k in reversed(frames)
                         if k == "user")
@@ -125,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gradlab: error: {_one_line(problem)}", file=sys.stderr)  # a user's error names the user's frames
         return 2 if isinstance(exc, UsageError) else 1
     except Exception as exc:
-        line = None if args.debug else user_code_failure(exc)
+        line = None if args.debug else user_code_failure(exc, _named_modules(args))
         if line is None:  # gradlab's own failure: the whole traceback, to report
             raise
         print(f"gradlab: error: {line}", file=sys.stderr)

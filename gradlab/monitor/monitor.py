@@ -263,6 +263,7 @@ class NoiseMonitor:
             finally:
                 self._appender.shutdown()
             self.store.set_attrs({"excluded_params": self.excluded})
+            self.store.consolidate()  # finished: plain xr.open_zarr(path) opens quietly
         finally:
             for h in self._handles:
                 h.remove()

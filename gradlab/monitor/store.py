@@ -67,8 +67,10 @@ class MonitorStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _acquire(lock_file(self.path), self.path)  # a live writer is refused here
         try:
+            if exists:  # a writer again: consolidated metadata (written at close) would go stale as steps append
+                _drop_consolidated(self.path)
             if exists and not resume:
-                if consistent_length(zarr.open_group(self.path, mode="r")) > 0:
+                if consistent_length(zarr.open_group(self.path, mode="r", use_consolidated=False)) > 0:
                     raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to "
                                      "continue it, or choose a new store path")
                 import shutil  # no step recorded (a first loss() that failed, say): nothing to keep; start afresh
@@ -77,7 +79,7 @@ class MonitorStore:
                 exists = False
             if not exists:
                 self._create(layers, kinds, sizes, config, attrs)
-            self.group = zarr.open_group(self.path, mode="r+")
+            self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
             if exists:
                 stored = self.group.attrs.get("config_hash")
                 if stored != config_hash(dict(config)):
@@ -215,6 +217,13 @@ class MonitorStore:
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         self.group.attrs.update({k: _attr(v) for k, v in attrs.items()})
 
+    def consolidate(self) -> None:
+        """Consolidated metadata, once the run has written everything (``xr.open_zarr(path)`` then opens quietly);
+        the next writer of the store removes it first (:func:`_drop_consolidated`)."""
+        from gradlab.store import consolidate
+
+        consolidate(self.path)
+
     def close(self) -> None:
         if getattr(self, "_lock_fd", -1) >= 0:
             try:  # the lock file goes with the lock (a writer that opened it meanwhile sees it gone: _acquire)
@@ -224,6 +233,14 @@ class MonitorStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _drop_consolidated(path: Path) -> None:
+    """Remove the consolidated metadata from the store's root ``zarr.json`` (atomically)."""
+    root = path / "zarr.json"
+    meta = json.loads(root.read_text())
+    if meta.pop("consolidated_metadata", None) is not None:
+        _atomic_write(root, json.dumps(meta, indent=2).encode())
 
 
 def _acquire(lock: Path, store: Path) -> int:
@@ -310,7 +327,7 @@ def open_monitor(path: str | os.PathLike, retries: int = 20) -> Any:
             time.sleep(0.05)
     import dask.array as da
 
-    group = zarr.open_group(p, mode="r")
+    group = zarr.open_group(p, mode="r", use_consolidated=False)
     n = consistent_length(group)
     ds = xr.Dataset(attrs=dict(group.attrs))
     for name, arr in group.arrays():

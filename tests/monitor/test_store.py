@@ -192,3 +192,39 @@ def test_a_failed_background_append_is_raised_not_lost(tmp_path, monkeypatch):
         mon.flush()
     monkeypatch.undo()
     mon.close()
+
+
+def test_a_finished_store_opens_quietly_and_a_resumed_one_never_shows_stale_steps(tmp_path):
+    """After close() plain xr.open_zarr(path) opens without xarray's consolidated-metadata warning (the README's
+    promise for every finished store); a resumed writer first removes that metadata, so a plain open while it
+    appends (or after it truncated) never reads the old lengths."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "m.zarr"
+
+    def steps(mon, k):
+        for _ in range(k):
+            opt.zero_grad()
+            mon.loss((torch.randn(4, 3), torch.randint(0, 2, (4,)))).backward()
+            opt.step()
+
+    with NoiseMonitor(model, "cross-entropy", path, optimizer=opt, chunk_steps=2) as mon:
+        steps(mon, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xr.open_zarr(path).sizes["step"] == 5
+    mon = NoiseMonitor(model, "cross-entropy", path, optimizer=opt, chunk_steps=2, resume=True, start_step=3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no consolidated metadata while a writer has it: xarray says so
+            assert xr.open_zarr(path).sizes["step"] == 3  # truncated to the checkpoint, not the stale 5
+        steps(mon, 4)
+    finally:
+        mon.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(path)
+    assert list(ds.step.values) == list(range(7))

@@ -468,4 +468,4 @@ def test_defect_5_gradlabs_own_failure_keeps_its_traceback():
 
     with pytest.raises(Exception) as info:
         batch_len(object())
-    assert user_code_failure(info.value) is None
+    assert user_code_failure(info.value, set()) is None

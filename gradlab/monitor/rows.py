@@ -103,7 +103,13 @@ def chunk_rows(copies: list[StepCopy], *, group_masks: np.ndarray, two_batch: bo
         "gram_sum": s1a, "gram_trace": qa, "grad_sq_norm": g2, "trace_cov": tr, "b_simple": bs,
         "update_norm": update,
         "dist_init": np.concatenate([np.sqrt(np.where(groups, dist[:, None, :] ** 2, 0.0).sum(2)), dist], axis=1)}
-    sm = smooth(np.moveaxis(np.stack(states), 1, 0), ema.level)  # (7, steps, parts)
+    return smoothed_variables(stacked, np.stack(states), ema.level)
+
+
+def smoothed_variables(stacked: dict[str, np.ndarray], states: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """``stacked`` (per-step variables over the parts) with the moving averages' estimates from the EMA state of
+    each step (steps, 7, parts), every per-part variable split into its groups and ``_layer`` halves."""
+    sm = smooth(np.moveaxis(states, 1, 0), level)  # (7, steps, parts)
     stacked["n_eff"] = sm.n_eff[:, 0]
     for name, field in SMOOTHED.items():
         stacked[name] = getattr(sm, field)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradlab.monitor.estimators import EmaRatio, noise_estimates, smooth
-from gradlab.monitor.rows import SMOOTHED, StepCopy, chunk_rows
+from gradlab.monitor.estimators import EmaRatio, noise_estimates
+from gradlab.monitor.rows import StepCopy, chunk_rows, smoothed_variables
 from gradlab.monitor.store import GROUPS
 
 
@@ -49,22 +49,9 @@ def _reference_row(c, *, excluded, group_masks: np.ndarray, two_batch: bool,
 
 
 def _reference_chunk(rows, level):
-    """The store's variables for a chunk of rows: the moving averages' estimates and intervals of every step at
-    once from the EMA state each step left (elementwise: the same numbers as step by step)."""
+    """The rows stacked, then the smoothing and the split shared with the store's code (not under test here)."""
     stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    sm = smooth(np.moveaxis(stacked.pop("_ema"), 1, 0), level)  # (7, steps, parts)
-    stacked["n_eff"] = sm.n_eff[:, 0]
-    for name, field in SMOOTHED.items():
-        stacked[name] = getattr(sm, field)
-    ng = len(GROUPS)
-    out: dict[str, np.ndarray] = {}
-    for name, v in stacked.items():
-        if v.ndim == 2:
-            out[name] = np.ascontiguousarray(v[:, :ng], dtype=np.float64)
-            out[name + "_layer"] = np.ascontiguousarray(v[:, ng:], dtype=np.float64)
-        else:
-            out[name] = v
-    return out
+    return smoothed_variables(stacked, stacked.pop("_ema"), level)
 
 
 def _copies(rng, n_steps, n_t, pool):

@@ -1,4 +1,5 @@
-"""Checks the monitor runs once, at its first recorded step, on how the user's loop computes the gradient.
+"""The monitor's checks: of its arguments (:func:`check_arguments`), and, once, at its first recorded step, of
+how the user's loop computes the gradient:
 
 - :meth:`gradlab.monitor.norms.PerExampleNorms.check_uses`: a parameter used outside its hooked module goes to
   the per-example fallback (its module's inputs and output gradients do not see the other uses).
@@ -12,7 +13,31 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from gradlab.errors import UsageError
+
+ESTIMATORS = ("per-example", "two-batch")
+
+
+def check_arguments(model: object, *, every: int, estimator: str, reduction: str, ema_decay: float,
+                    pool_size: int | None, resume: bool, start_step: int | None) -> None:
+    """NoiseMonitor's arguments, before anything is written (each a one-line UsageError)."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
+    if int(every) < 1:
+        raise UsageError(f"every must be ≥ 1 (record every K-th step), got {every}")
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    if reduction not in ("mean", "sum"):
+        raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise UsageError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if pool_size is not None and int(pool_size) < 2:
+        raise UsageError(f"pool_size must be the number of training examples (≥ 2), got {pool_size}")
+    if resume and start_step is None:
+        raise UsageError("resume=True needs start_step: the number of optimizer steps of the checkpoint you "
+                         "restored (the store keeps the steps before it)")
 
 
 def extra_loss_terms(params: dict[str, Tensor], sums: dict[str, Tensor]) -> list[str] | None:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.errors import UsageError
-from gradlab.monitor.checks import extra_loss_terms, extra_terms_note
+from gradlab.monitor.checks import ESTIMATORS, check_arguments, extra_loss_terms, extra_terms_note
 from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
@@ -52,9 +52,6 @@ from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, l
                           source_sha256)
 
 log = logging.getLogger(__name__)
-
-ESTIMATORS = ("per-example", "two-batch")
-
 
 def _sqnorm(t: Tensor) -> Tensor:
     """‖t‖² without a temporary (a dot product of the flattened tensor with itself)."""
@@ -85,21 +82,8 @@ class NoiseMonitor:
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
                  level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
                  distances: bool = True, config: Mapping[str, Any] | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
-        if int(every) < 1:
-            raise UsageError(f"every must be ≥ 1 (record every K-th step), got {every}")
-        if estimator not in ESTIMATORS:
-            raise UsageError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-        if reduction not in ("mean", "sum"):
-            raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise UsageError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if pool_size is not None and int(pool_size) < 2:
-            raise UsageError(f"pool_size must be the number of training examples (≥ 2), got {pool_size}")
-        if resume and start_step is None:
-            raise UsageError("resume=True needs start_step: the number of optimizer steps of the checkpoint you "
-                             "restored (the store keeps the steps before it)")
+        check_arguments(model, every=every, estimator=estimator, reduction=reduction, ema_decay=ema_decay,
+                        pool_size=pool_size, resume=resume, start_step=start_step)
         self.model = model
         self.loss_fn = resolve_loss(loss)
         self.every, self.estimator, self.reduction = int(every), estimator, reduction

@@ -47,3 +47,17 @@ def test_into_needs_a_probe_store(probe_store, tmp_path, capsys):
     assert main(["sharpness", "--checkpoint", str(ck / "epoch002.pt"), "--data", "digits", "--into",
                  str(tmp_path / "x")]) == 2
     assert "not a zarr v3 store" in capsys.readouterr().err
+
+
+def test_into_refuses_a_checkpoint_the_probe_store_does_not_hold(probe_store, capsys):
+    """--into puts curvature beside the probe's numbers of the same checkpoints; another checkpoint was accepted
+    silently and then analysed beside the probe (an external user's report)."""
+    d, ck = probe_store
+    store = d / "norms.zarr"
+    before = sorted(p.name for p in store.iterdir())
+    capsys.readouterr()
+    assert main(["sharpness", "--checkpoint", str(ck / "epoch000.pt"), "--data", "digits", "--into", str(store),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one of the probe store's" in err[0] and "['early']" in err[0]
+    assert sorted(p.name for p in store.iterdir()) == before

@@ -75,6 +75,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dispatch_arguments(parser)
 
 
+def _check_into(probe: object, checkpoints: list[str], into: str) -> None:
+    """``--into`` puts sharpness beside the probe's numbers of the same checkpoints: each must be one of the probe
+    store's (by content, SHA-256)."""
+    import json
+
+    from gradlab.checkpoint import checkpoint_sha256
+    from gradlab.checkpoint_set import parse_checkpoint_arg
+    from gradlab.errors import UsageError
+
+    cfg = json.loads(probe.attrs.get("config", "{}"))
+    known = {c.get("sha256"): c.get("label") for c in cfg.get("checkpoints", [])}
+    for arg in checkpoints:
+        _, path = parse_checkpoint_arg(arg)
+        if path.is_file() and checkpoint_sha256(path) not in known:
+            raise UsageError(f"checkpoint {str(path)!r} is not one of the probe store's {into!r} (its checkpoints: "
+                             f"{sorted(str(v) for v in known.values())}); --into measures the probe's own "
+                             "checkpoints: pass one of them, or write another store with --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from gradlab.curvature.run import SharpnessConfig, run_sharpness
 
@@ -84,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     if args.into is not None:
         from gradlab.store import open_store
 
-        open_store(args.into, kind="probe")  # a clear error unless it is a gradlab probe store
+        probe = open_store(args.into, kind="probe")  # a clear error unless it is a gradlab probe store
+        _check_into(probe, args.checkpoint, args.into)
         out = str(Path(args.into) / "sharpness")
     config = SharpnessConfig(
         checkpoints=tuple(args.checkpoint),

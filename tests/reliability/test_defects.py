@@ -408,6 +408,8 @@ def test_defect_10_plain_open_zarr_is_quiet_on_every_finished_store(tmp_path):
         assert len(xr.open_zarr(tmp_path / "p.zarr", group="sharpness").data_vars)
         assert "beta" in xr.open_zarr(tmp_path / "s.zarr", group="analysis")
         assert "grad_norm" in xr.open_zarr(tmp_path / "s.zarr")
+        monitors = list((tmp_path / "R" / "runs").glob("*/monitor.zarr"))  # gradlab train's noise monitor
+        assert monitors and all("b_noise" in xr.open_zarr(m) for m in monitors)
 
 
 # ---- defect 11: local and distributed runs differ in the last bits ------------------------------------------------

@@ -344,15 +344,16 @@ def build_model_from(
     """Rebuild the checkpoint's model and load its weights.
 
     The recipe is used when present; ``model``/``model_kwargs`` override it (and are required for foreign
-    checkpoints).  A recipe naming a user factory is only followed when the same factory is passed as ``model``.
+    checkpoints).  A recipe naming a user factory is never imported from the checkpoint: ``model`` must name the
+    factory (the same, or another one -- a renamed factory -- whose model the weights must fit exactly).
     """
     from gradlab.models import build_model
 
     recipe = ckpt.recipe
-    if recipe is not None and is_factory_spec(recipe.model) and model != recipe.model:
+    if recipe is not None and is_factory_spec(recipe.model) and model is None:
         raise UsageError(
             f"{ckpt.path} was made by the user factory {recipe.model!r}; gradlab never imports code named in a "
-            f"checkpoint. Pass --model {recipe.model} if you trust it."
+            f"checkpoint. Pass --model {recipe.model} if you trust it (or --model of the factory it is now)."
         )
     name = model or (recipe.model if recipe else None)
     if name is None:

@@ -123,3 +123,24 @@ def test_garbage_file_is_a_usage_error(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_factory_recipe_with_another_model_passed_uses_the_one_passed(tmp_path, tiny_mlp, monkeypatch):
+    """A checkpoint made by 'old_models:make' and --model 'new_models:make' (a renamed factory) was refused with
+    'pass --model old_models:make' although the user had passed --model (an external user's report): the factory
+    the user names is built and the weights must fit it; the checkpoint's own factory is never imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "old_models.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "new_models.py").write_text(
+        "from gradlab.models import build_model\n"
+        "def make(**kw):\n    return build_model('mlp', (1, 8, 8), 10, **kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kwargs = {"widths": [16, 12]}  # the tiny model's
+    save_checkpoint(tmp_path / "c.pt", tiny_mlp, Recipe("old_models:make", kwargs, (1, 8, 8), 10), {})
+    net = build_model_from(load_checkpoint(tmp_path / "c.pt"), model="new_models:make")
+    assert list(net.state_dict()) == list(tiny_mlp.state_dict())
+    for a, b in zip(net.state_dict().values(), tiny_mlp.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not marker.exists()
+    with pytest.raises(UsageError, match="never imports code named in a checkpoint"):
+        build_model_from(load_checkpoint(tmp_path / "c.pt"))

@@ -137,6 +137,9 @@ def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
     if y.is_floating_point() or y.dtype == torch.bool:
         raise UsageError(f"the cross-entropy loss needs integer class-index targets, got {y.dtype}; use --loss mse "
                          "for float targets")
+    if y.dtype not in (torch.int64, torch.uint8):
+        raise UsageError(f"the cross-entropy loss needs int64 class indices, got {y.dtype}; give the labels as "
+                         "torch.long (y.long(), or np.int64 in your data)")
     if out.dim() < 2 or out.shape[0] != y.shape[0] or tuple(out.shape[2:]) != tuple(y.shape[1:]):
         raise UsageError(f"the cross-entropy loss needs logits (B, C, …) matching targets (B, …), got logits "
                          f"{tuple(out.shape)} and targets {tuple(y.shape)}")
@@ -170,6 +173,9 @@ def lm(model: nn.Module, batch: Batch) -> Tensor:
                          f"labels {tuple(labels.shape)}")
     if labels.is_floating_point():
         raise UsageError(f"the lm loss needs integer token labels, got {labels.dtype}")
+    if labels.dtype != torch.int64:
+        raise UsageError(f"the lm loss needs int64 token labels, got {labels.dtype}; give them as torch.long "
+                         "(labels.long(), or np.int64 in your data)")
     keep = labels != -100
     vocab = out.shape[-1]
     valid = labels[keep] if _concrete() else labels

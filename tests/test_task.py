@@ -163,6 +163,18 @@ def test_labels_out_of_range_for_the_model_are_refused():
         check_task(model, cross_entropy, (torch.randn(6, 3), torch.tensor([0, 1, 4, 0, 1, 0])))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_class_labels_of_another_integer_dtype_get_the_fix(dtype):
+    """int32 labels (common from NumPy on some platforms) failed deep in torch ('expected target dtype to be Long
+    or Byte'); the loss now names the dtype and the fix (gradlab does not cast the user's data)."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(UsageError, match=rf"needs int64 class indices, got {dtype}; give the labels as torch.long"):
+        cross_entropy(model, (torch.randn(4, 3), torch.tensor([0, 1, 1, 0], dtype=dtype)))
+    emb = nn.Embedding(5, 5)
+    with pytest.raises(UsageError, match=rf"needs int64 token labels, got {dtype}"):
+        lm(emb, (torch.tensor([[1, 2]]), torch.tensor([[2, 3]], dtype=dtype)))
+
+
 # -- probe on a user's tabular model and data (CLI, frozen and step) ------------------------------------------
 @pytest.mark.parametrize("ckpt, model", [("linear.pt", "usermod:linear"), ("mlp.pt", "usermod:flat_mlp")])
 def test_frozen_probe_of_a_tabular_model_matches_per_example_autograd(user, tmp_path, ckpt, model):

@@ -26,7 +26,6 @@ norms.  The estimators, their sampling model and the smoothing: :mod:`gradlab.mo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.errors import UsageError
-from gradlab.monitor.checks import ESTIMATORS, check_arguments, extra_loss_terms, extra_terms_note
+from gradlab.monitor.checks import check_arguments, extra_loss_terms, extra_terms_note
 from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
@@ -152,10 +151,6 @@ class NoiseMonitor:
         if not resume:
             return
         self.t, self.examples_seen = resume_store(self.store, self.ema, int(start_step), self.every)
-
-    def _notes(self) -> list[str]:
-        raw = self.store.group.attrs.get("notes", [])
-        return list(json.loads(raw) if isinstance(raw, str) else raw)
 
     # -- the user's calls -------------------------------------------------------------------------------------
     def loss(self, batch: Batch) -> Tensor:
@@ -294,7 +289,7 @@ class NoiseMonitor:
         if bad:
             note = extra_terms_note(bad)
             log.warning("NoiseMonitor: %s", note)
-            self.store.set_attrs({"notes": [*self._notes(), note]})
+            self.store.add_note(note)
 
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:
@@ -337,7 +332,7 @@ class NoiseMonitor:
                 note = (f"no per-example gradients for {todo} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}): excluded from every group")
                 log.warning("NoiseMonitor: %s", note)
-                self.store.set_attrs({"excluded_params": self.excluded, "notes": [*self._notes(), note]})
+                self.store.add_note(note, excluded_params=self.excluded)
         micro.batch = None
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

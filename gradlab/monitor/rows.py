@@ -9,7 +9,6 @@ row is split into ``x`` (dims step, group) and ``x_layer`` (step, layer) when th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

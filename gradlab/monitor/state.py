@@ -3,7 +3,6 @@ that say how its numbers were made."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -69,8 +68,7 @@ def resume_store(store: Any, ema: Any, start_step: int, every: int) -> tuple[int
         note = (f"steps {last + 1}..{start_step - 1} were not in the store when training resumed at step "
                 f"{start_step} (not flushed before the checkpoint): they are missing")
         log.warning("NoiseMonitor: %s", note)
-        raw = store.group.attrs.get("notes", [])
-        store.set_attrs({"notes": [*(json.loads(raw) if isinstance(raw, str) else raw), note]})
+        store.add_note(note)
     tr = np.concatenate([store.read("trace_cov"), store.read("trace_cov_layer")], axis=1)
     g2 = np.concatenate([store.read("grad_sq_norm"), store.read("grad_sq_norm_layer")], axis=1)
     for k in range(keep):

@@ -217,6 +217,11 @@ class MonitorStore:
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         self.group.attrs.update({k: _attr(v) for k, v in attrs.items()})
 
+    def add_note(self, note: str, **attrs: Any) -> None:
+        """Append ``note`` to the store's ``notes`` attr (and set ``attrs`` with it)."""
+        raw = self.group.attrs.get("notes", [])
+        self.set_attrs({**attrs, "notes": [*(json.loads(raw) if isinstance(raw, str) else raw), note]})
+
     def consolidate(self) -> None:
         """Consolidated metadata, once the run has written everything (``xr.open_zarr(path)`` then opens quietly);
         the next writer of the store removes it first (:func:`_drop_consolidated`)."""

@@ -150,17 +150,21 @@ def resolve_cbs(
             check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
         meta = ckpt.meta or {}
         opt = optimizer or meta.get("optimizer")
-        if opt not in OPTIMIZERS:
-            raise UsageError(f"{path} records no optimizer (meta {sorted(meta)}); pass --optimizer sgd|adam")
         mom = momentum if momentum is not None else float(meta.get("momentum") or 0.0)
         eta = lr if lr is not None else meta.get("lr_applied")
+        m_c = base_batch_size or meta.get("batch_size")
+        missing = []  # every missing part of the recipe in one message, not one per run
+        if opt not in OPTIMIZERS:
+            missing.append(("no optimizer", "--optimizer sgd|adam"))
         if not isinstance(eta, (int, float)) or not eta > 0:
-            raise UsageError(f"{path} records no learning rate (lr_applied); pass --lr (the rate at --base-batch-size)")
+            missing.append(("no learning rate (lr_applied)", "--lr (the rate at --base-batch-size)"))
+        if not isinstance(m_c, int) or m_c < 1:
+            missing.append(("no training batch size", "--base-batch-size"))
+        if missing:
+            raise UsageError(f"{path} records {', '.join(w for w, _ in missing)} (meta {sorted(meta)}); pass "
+                             + " and ".join(f for _, f in missing))
         if lr is None and meta.get("reduction") == "sum":  # η̃ of a sum-reduced run: η = η̃·m for mean reduction
             eta = float(eta) * float(meta.get("batch_size") or 1)
-        m_c = base_batch_size or meta.get("batch_size")
-        if not isinstance(m_c, int) or m_c < 1:
-            raise UsageError(f"{path} records no training batch size; pass --base-batch-size")
         epoch = meta.get("epoch")
         points.append(BranchPoint(label, str(Path(path).resolve()), checkpoint_sha256(path),
                                   float(epoch) if isinstance(epoch, (int, float)) else math.nan, str(opt), float(mom),

@@ -106,9 +106,12 @@ def test_checkpoint_without_recipe_meta_needs_flags(tmp_path, capsys):
     del torch
     args = ["cbs", "--checkpoint", str(path), *GRID, "--out", str(tmp_path / "x.zarr")]
     assert main(args) == 2
-    assert "records no optimizer" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()  # all three missing parts in one line, each with its flag
+    assert "records no optimizer, no learning rate (lr_applied), no training batch size" in err
+    assert "pass --optimizer sgd|adam and --lr" in err and "--base-batch-size" in err and len(err.splitlines()) == 1
     assert main([*args, "--optimizer", "sgd"]) == 2
-    assert "records no learning rate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "records no learning rate" in err and "no optimizer" not in err and "--optimizer" not in err
     assert main([*args, "--optimizer", "sgd", "--lr", "0.05", "--base-batch-size", "32",
                  "--batch-sizes", "16,64", "--lr-factors", "1"]) == 0
 

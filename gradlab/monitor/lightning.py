@@ -20,6 +20,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
+from gradlab.errors import UsageError
 from gradlab.monitor.monitor import NoiseMonitor
 from gradlab.task import PerExampleLoss
 
@@ -30,16 +31,21 @@ class NoiseMonitorCallback(Callback):
     def __init__(self, loss: str | PerExampleLoss, path: str | os.PathLike, *, every: int = 1,
                  **monitor_kwargs: Any) -> None:
         super().__init__()
+        given = sorted({"resume", "start_step", "optimizer"} & set(monitor_kwargs))
+        if given:
+            raise UsageError(f"NoiseMonitorCallback sets {given} itself (resume and start_step from the trainer's "
+                             "global_step when fit(ckpt_path=...) resumes, the optimizer from the trainer); remove "
+                             f"{'it' if len(given) == 1 else 'them'}")
         self.loss, self.path, self.every, self.kwargs = loss, path, every, monitor_kwargs
         self.monitor: NoiseMonitor | None = None
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # not on_fit_start: Lightning restores global_step and the optimizers (fit(ckpt_path=...)) after that hook
         opts = trainer.optimizers
         opt = getattr(opts[0], "optimizer", opts[0]) if opts else None
         start = int(trainer.global_step)
         self.monitor = NoiseMonitor(pl_module, self.loss, self.path, optimizer=opt, every=self.every,
-                                    resume=start > 0,
-                                    start_step=start, **self.kwargs)
+                                    resume=start > 0, start_step=start, **self.kwargs)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:

@@ -199,9 +199,12 @@ class NoiseMonitor:
             micro = Micro(n, batch, weights=[torch.ones_like(per.detach())])
             pending.micros.append(micro)
             self._collect(pending)
-            for name, g in zip(self.params, grads):
+            for name, g in zip(self.params, grads):  # S₁ is of the step's summed gradient: every observed batch
                 if g is not None:
-                    pending.grad_sq[name] = _sqnorm(g.detach())
+                    acc = pending.observed_grads.get(name)
+                    acc = g.detach() if acc is None else acc + g.detach()
+                    pending.observed_grads[name] = acc
+                    pending.grad_sq[name] = _sqnorm(acc)
             pending.loss_sum = pending.loss_sum + per.detach().sum()
         if self.optimizer is None:
             self._finish()
@@ -224,6 +227,14 @@ class NoiseMonitor:
         background thread during training (:mod:`gradlab.monitor.writer`); this waits for those too."""
         self._submit()
         self._appender.wait()
+        self._mark_examples()
+
+    def _mark_examples(self) -> None:
+        """Record the examples seen by the steps closed so far (a resume at this step restores the count, which
+        the store's rows cannot give when the last steps before it were not recorded)."""
+        marks = self.store.json_attr("examples_at_step", {})
+        if marks.get(str(self.t)) != self.examples_seen:
+            self.store.set_attrs({"examples_at_step": {**marks, str(self.t): self.examples_seen}})
 
     def _submit(self) -> None:
         if self._rows:
@@ -241,6 +252,7 @@ class NoiseMonitor:
                 self._submit()
             finally:
                 self._appender.shutdown()
+            self._mark_examples()
             self.store.set_attrs({"excluded_params": self.excluded})
             self.store.consolidate()  # finished: plain xr.open_zarr(path) opens quietly
         finally:

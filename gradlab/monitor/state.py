@@ -61,16 +61,27 @@ def resume_store(store: Any, ema: Any, start_step: int, every: int) -> tuple[int
         log.info("NoiseMonitor: dropping %d recorded steps ≥ %d (after the checkpoint)", steps.size - keep,
                  start_step)
     store.truncate(keep)
+    marks = {int(k): int(v) for k, v in store.json_attr("examples_at_step", {}).items()}
+    store.set_attrs({"examples_at_step": {str(k): v for k, v in marks.items() if k <= start_step}})
     if not keep:
-        return start_step, 0
+        return start_step, marks.get(start_step, 0)
     last = int(steps[keep - 1])
+    seen = int(store.read("examples_seen")[-1])
     if last != ((start_step - 1) // every) * every:
         note = (f"steps {last + 1}..{start_step - 1} were not in the store when training resumed at step "
                 f"{start_step} (not flushed before the checkpoint): they are missing")
+        log.warning("NoiseMonitor: %s", note)
+        store.add_note(note)
+    if start_step in marks:  # flushed at the checkpoint: the count includes the unrecorded steps before it
+        seen = marks[start_step]
+    elif last != start_step - 1:
+        note = (f"examples_seen from step {start_step} on leaves out the examples of the unrecorded steps "
+                f"{last + 1}..{start_step - 1} (the store was not flushed at step {start_step}: call "
+                "monitor.flush() before saving a checkpoint)")
         log.warning("NoiseMonitor: %s", note)
         store.add_note(note)
     tr = np.concatenate([store.read("trace_cov"), store.read("trace_cov_layer")], axis=1)
     g2 = np.concatenate([store.read("grad_sq_norm"), store.read("grad_sq_norm_layer")], axis=1)
     for k in range(keep):
         ema.update(tr[k], g2[k])
-    return start_step, int(store.read("examples_seen")[-1])
+    return start_step, seen

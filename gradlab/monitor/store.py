@@ -219,8 +219,12 @@ class MonitorStore:
 
     def add_note(self, note: str, **attrs: Any) -> None:
         """Append ``note`` to the store's ``notes`` attr (and set ``attrs`` with it)."""
-        raw = self.group.attrs.get("notes", [])
-        self.set_attrs({**attrs, "notes": [*(json.loads(raw) if isinstance(raw, str) else raw), note]})
+        self.set_attrs({**attrs, "notes": [*self.json_attr("notes", []), note]})
+
+    def json_attr(self, name: str, default: Any) -> Any:
+        """A root attr that :meth:`set_attrs` stored as JSON text (dicts, lists of numbers), decoded."""
+        raw = self.group.attrs.get(name, default)
+        return json.loads(raw) if isinstance(raw, str) else raw
 
     def consolidate(self) -> None:
         """Consolidated metadata, once the run has written everything (``xr.open_zarr(path)`` then opens quietly);

@@ -42,6 +42,7 @@ class Pending:
     loss_sum: Tensor | float = 0.0
     micros: list[Micro] = field(default_factory=list)
     grad_sq: dict[str, Tensor] = field(default_factory=dict)  # ‖.grad‖² per tensor after the last backward
+    observed_grads: dict[str, Tensor] = field(default_factory=dict)  # observe(): Σ of its batches' gradients
     lr: float = math.nan
     observed: bool = False
 

@@ -108,6 +108,21 @@ def test_observe_equals_the_hooked_backward_and_leaves_grad_alone(seq_task, tmp_
     assert np.isnan(ds.update_norm.values).all() and np.isnan(ds.lr.values).all()
 
 
+def test_observe_over_several_batches_of_one_step_measures_their_summed_gradient(seq_task, tmp_path):
+    model, (ids, y) = seq_task  # Lightning/HF with gradient accumulation: one observe() per micro-batch
+    s1, s2 = per_example_sums(model, cross_entropy, (ids, y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "o.zarr", optimizer=opt) as mon:
+        for sl in (slice(0, 4), slice(4, 7), slice(7, 9)):
+            mon.observe((ids[sl], y[sl]))
+        opt.step()
+    ds = xr.open_zarr(tmp_path / "o.zarr", consolidated=False)
+    assert int(ds.batch_size[0]) == 9 and int(ds.missing[0]) == 0
+    layers = [str(v) for v in ds.layer.values]
+    np.testing.assert_allclose(ds.gram_sum_layer.isel(step=0).values, [s1[n] for n in layers], rtol=1e-12)
+    np.testing.assert_allclose(ds.gram_trace_layer.isel(step=0).values, [s2[n] for n in layers], rtol=1e-12)
+
+
 def test_gradient_accumulation_pools_the_micro_batches(seq_task, tmp_path):
     model, (ids, y) = seq_task
     s1, s2 = per_example_sums(model, cross_entropy, (ids, y))

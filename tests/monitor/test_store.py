@@ -228,3 +228,49 @@ def test_a_finished_store_opens_quietly_and_a_resumed_one_never_shows_stale_step
         warnings.simplefilter("error")
         ds = xr.open_zarr(path)
     assert list(ds.step.values) == list(range(7))
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_resume_with_every_counts_the_examples_of_unrecorded_steps(tmp_path, flushed, caplog):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5 + t % 3, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5 + t % 3,),
+             generator=g)) for t in range(14)]
+
+    def run(path, steps, mon_kw, model, opt, close=True):
+        mon = NoiseMonitor(model, "cross-entropy", path, optimizer=opt, every=3, **mon_kw)
+        for t in steps:
+            opt.zero_grad()
+            mon.loss(data[t]).backward()
+            opt.step()
+        if close:
+            mon.close()
+        return mon
+
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    run(tmp_path / "ref.zarr", range(14), {}, *fresh())
+    model, opt = fresh()
+    mon = run(tmp_path / "m.zarr", range(8), {}, model, opt, close=False)
+    if flushed:
+        mon.flush()  # before the checkpoint at step 8 (steps 6, 7 done; 7 not recorded)
+    mon._submit()
+    mon._appender.shutdown()
+    for h in mon._handles:
+        h.remove()
+    mon.hooks.remove()
+    mon.store.close()  # the run dies
+    with caplog.at_level("WARNING", logger="gradlab.monitor.monitor"):
+        run(tmp_path / "m.zarr", range(8, 14), {"resume": True, "start_step": 8}, model, opt)
+    got = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    ref = xr.open_zarr(tmp_path / "ref.zarr", consolidated=False)
+    assert list(got.step.values) == list(ref.step.values) == [0, 3, 6, 9, 12]
+    if flushed:
+        np.testing.assert_array_equal(got.examples_seen.values, ref.examples_seen.values)
+        assert "leaves out" not in caplog.text
+    else:  # the count cannot be known: said, in the log and the store's notes
+        assert (got.examples_seen.values[3:] < ref.examples_seen.values[3:]).all()
+        assert "leaves out the examples of the unrecorded steps 7..7" in caplog.text
+        assert any("leaves out" in note for note in got.attrs["notes"])

@@ -52,6 +52,14 @@ from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, l
 
 log = logging.getLogger(__name__)
 
+def _rng_states(params: dict[str, Tensor]) -> list[Tensor]:
+    """The CPU generator's state and, for parameters on CUDA, that device's (to see whether a forward drew)."""
+    states = [torch.get_rng_state()]
+    devices = {p.device for p in params.values() if p.device.type == "cuda"}
+    states += [torch.cuda.get_rng_state(d) for d in sorted(devices, key=str)]
+    return states
+
+
 def _sqnorm(t: Tensor) -> Tensor:
     """‖t‖² without a temporary (a dot product of the flattened tensor with itself)."""
     v = t.reshape(-1)
@@ -133,6 +141,7 @@ class NoiseMonitor:
         self._pending: Pending | None = None
         self._warned_no_loss = False
         self._uses_checked = False
+        self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
         self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         self._handles: list[Any] = []
@@ -280,8 +289,16 @@ class NoiseMonitor:
         return self._pending
 
     def _per_example(self, batch: Batch, n: int, need_grad: bool = True) -> Tensor:
-        """The per-example losses of ``batch`` (non-finite values allowed: such steps are counted and flagged)."""
-        return check_loss_output(self.loss_fn(self.model, batch), n, name=loss_name(self.loss_fn),
+        """The per-example losses of ``batch`` (non-finite values allowed: such steps are counted and flagged).
+
+        At the first recorded step it also notes whether the forward drew random numbers (dropout, noise
+        layers): the torch.func fallback re-runs the loss and would draw others, so its parameters are then
+        excluded."""
+        states = _rng_states(self.params) if self._random_forward is None and self.fallback else None
+        out = self.loss_fn(self.model, batch)
+        if states is not None:
+            self._random_forward = any(not torch.equal(a, b) for a, b in zip(states, _rng_states(self.params)))
+        return check_loss_output(out, n, name=loss_name(self.loss_fn),
                                  need_grad=need_grad and torch.is_grad_enabled(), finite=False)
 
     def _check_uses(self, per: Tensor) -> None:
@@ -336,6 +353,14 @@ class NoiseMonitor:
                      "per-example norms by torch.func", new)
             self.store.set_attrs({"fallback_params": self.fallback})
         todo = [n for n in self.fallback if n not in self.excluded]
+        if todo and self._random_forward:
+            self.excluded.extend(todo)
+            note = (f"no per-example gradients for {todo}: the forward draws random numbers (dropout?), and "
+                    "re-running it for their per-example gradients would draw others: excluded from every group "
+                    "(build the model with dropout 0, or put it in eval mode, to measure them)")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note, excluded_params=self.excluded)
+            todo = []
         if todo and micro.weights:
             try:
                 micro.unscaled = fallback_sq_norms(self.model, self.loss_fn, micro.batch, todo)

@@ -340,10 +340,14 @@ def fallback_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor]
                       names: list[str]) -> dict[str, Tensor]:
     """Per-example ‖∂ℓᵢ/∂p‖² of the fallback parameters ``names``: by :func:`vmap_sq_norms`, or, where torch.func
     cannot map the loss, :func:`loop_sq_norms`; raises what the loop raises."""
-    try:
-        return vmap_sq_norms(model, loss, batch, names)
-    except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
-        return loop_sq_norms(model, loss, batch, names)
+    # the user's run must not notice: no random number drawn from its generators, no buffer (batch norm's running
+    # statistics) updated by these extra forwards
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), _swapped(model, {n: b.clone() for n, b in model.named_buffers()}):
+        try:
+            return vmap_sq_norms(model, loss, batch, names)
+        except Exception:  # noqa: BLE001 - torch.func cannot map this loss: one example at a time
+            return loop_sq_norms(model, loss, batch, names)
 
 
 def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], batch: Any,

@@ -325,3 +325,56 @@ def test_parameters_used_outside_their_module_match_per_example_autograd(tmp_pat
     for k, (s1, s2) in enumerate(refs):
         np.testing.assert_allclose(ds.gram_sum_layer.isel(step=k).values, [s1[n] for n in layers], rtol=1e-12)
         np.testing.assert_allclose(ds.gram_trace_layer.isel(step=k).values, [s2[n] for n in layers], rtol=1e-12)
+
+
+def _trained(make, monitor, tmp_path, steps=3):
+    """θ and buffers after ``steps`` SGD steps of the model ``make()`` on fixed batches, with or without a monitor."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    model = make()
+    x = torch.randn(48, *model.in_shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = NoiseMonitor(model, "cross-entropy", tmp_path / f"{monitor}.zarr", optimizer=opt) if monitor else None
+    torch.manual_seed(123)  # the dropout masks
+    for t in range(steps):
+        b = (x[16 * t:16 * t + 16], y[16 * t:16 * t + 16])
+        opt.zero_grad()
+        (mon.loss(b) if mon else F.cross_entropy(model(b[0]), b[1])).backward()
+        opt.step()
+    if mon:
+        mon.close()
+    return model.state_dict(), (xr.open_zarr(tmp_path / f"{monitor}.zarr", consolidated=False) if mon else None)
+
+
+def test_a_random_forward_excludes_the_fallback_parameters_and_leaves_training_unchanged(tmp_path):
+    def make():
+        torch.manual_seed(0)  # batch norm in eval mode: a fallback parameter in a model that draws dropout masks
+        m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        m[1].eval()
+        m.in_shape = (6,)
+        return m.double()
+
+    plain, _ = _trained(make, False, tmp_path)
+    monitored, ds = _trained(make, True, tmp_path)
+    for k in plain:  # the monitor drew no random number of the run's generator
+        torch.testing.assert_close(monitored[k], plain[k], rtol=0, atol=0)
+    assert ds.attrs["excluded_params"] == ["1.weight", "1.bias"]
+    assert any("draws random numbers" in note for note in ds.attrs["notes"])
+    assert np.isnan(ds.gram_trace_layer.sel(layer="1.weight").values).all()
+    assert np.isfinite(ds.gram_trace_layer.sel(layer="0.weight").values).all()  # the hooked layers still are
+
+
+def test_the_fallback_leaves_batch_norm_running_statistics_alone(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3))
+        m.in_shape = (2, 5, 5)
+        return m.double()
+
+    plain, _ = _trained(make, False, tmp_path)
+    monitored, ds = _trained(make, True, tmp_path)
+    assert ds.attrs["fallback_params"] == ["1.weight", "1.bias"]
+    for k in plain:  # running_mean, running_var, num_batches_tracked and θ
+        torch.testing.assert_close(monitored[k], plain[k], rtol=0, atol=0)

@@ -33,7 +33,14 @@ def estimate_at(ds: Any, name: str, step: int | None = None, group: str = "all",
         return float(ds[v + suffix].sel(sel).isel(step=i).values)
 
     level = float(ds.attrs.get("level", 0.95))
-    return Estimate(get(name), get(name + "_low"), get(name + "_high"), level)
+    value, low, high = get(name), get(name + "_low"), get(name + "_high")
+    note = None
+    if name == "b_noise" and high == np.inf:
+        note = (f"‖G‖² is not distinguishable from 0 at this step: B_noise is at least {low:.3g}, with no upper "
+                "bound" + (" (the point estimate is negative: its EMA of ‖Ĝ‖² is)" if value < 0 else ""))
+    elif name == "b_noise" and not np.isfinite(value):
+        note = "no estimate: no recorded step with one yet (see missing)"
+    return Estimate(value, low, high, level, note)
 
 
 def compare_with_probe(ds: Any, step: int, probe: Estimate, group: str = "all") -> dict[str, Any]:

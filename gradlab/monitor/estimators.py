@@ -97,11 +97,14 @@ def _t_quantile(level: float, df: np.ndarray) -> np.ndarray:
 
 
 def fieller(num: np.ndarray, den: np.ndarray, v_nn: np.ndarray, v_nd: np.ndarray, v_dd: np.ndarray,
-            q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            q: np.ndarray, nonnegative: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fieller's interval for num/den from the (co)variances of the two means and the quantile ``q``.
 
     The set {R : (num − R·den)² ≤ q²(v_nn − 2R v_nd + R² v_dd)}: bounded when den is significantly ≠ 0;
-    [root, +inf) when it is not and R̂ > 0 (the upper end unbounded); (−inf, +inf) when nothing is excluded.
+    two rays (−inf, r₁] ∪ [r₂, +inf) when it is not (reported: the ray holding R̂); (−inf, +inf) when nothing is
+    excluded.  ``nonnegative``: the true ratio is ≥ 0 (tr Σ/‖G‖²), and an unbounded set is reported as its part
+    in [0, +inf): [max(r₂, 0), +inf) when r₁ < 0, else [0, +inf) (the hull of [0, r₁] ∪ [r₂, +inf)), and
+    [0, +inf) for the whole line -- never a ray of impossible negative values because R̂ < 0.
     """
     num, den, v_nn, v_nd, v_dd, q = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64)
                                                          for x in (num, den, v_nn, v_nd, v_dd, q)))
@@ -138,11 +141,17 @@ def fieller(num: np.ndarray, den: np.ndarray, v_nn: np.ndarray, v_nd: np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = num / den
         lo_root, hi_root = np.minimum(r1, r2), np.maximum(r1, r2)
+    allr = (a <= 0) & (disc <= 0) & np.isfinite(q)
+    if nonnegative:
+        neg = open_ & (lo_root < 0)
+        low[neg], high[neg] = np.maximum(hi_root[neg], 0.0), np.inf
+        rest = (open_ & ~neg) | allr
+        low[rest], high[rest] = 0.0, np.inf
+        return low, high
     up = open_ & (ratio >= hi_root)
     down = open_ & ~up
     low[up], high[up] = hi_root[up], np.inf
     low[down], high[down] = -np.inf, lo_root[down]
-    allr = (a <= 0) & (disc <= 0) & np.isfinite(q)
     low[allr], high[allr] = -np.inf, np.inf
     return low, high
 
@@ -198,7 +207,7 @@ def smooth(state: np.ndarray, level: float) -> Smoothed:
         v_tt, v_tg, v_gg = sum_w2 * s_tt, sum_w2 * s_tg, sum_w2 * s_gg
         q = _t_quantile(level, np.where(np.isfinite(n_eff), n_eff - 1.0, 0.0))
         se_t, se_g = np.sqrt(np.maximum(v_tt, 0.0)), np.sqrt(np.maximum(v_gg, 0.0))
-        low, high = fieller(mt, mg, v_tt, v_tg, v_gg, q)
+        low, high = fieller(mt, mg, v_tt, v_tg, v_gg, q, nonnegative=True)
         ratio = mt / mg
     return Smoothed(mg, mg - q * se_g, mg + q * se_g, mt, mt - q * se_t, mt + q * se_t, ratio, low, high, n_eff)
 

@@ -148,3 +148,20 @@ def test_fieller_with_a_huge_quantile_is_the_whole_line_without_overflow():
     roots = sorted([(-bh - np.sqrt(bh ** 2 - a * c)) / a, (-bh + np.sqrt(bh ** 2 - a * c)) / a])
     low, high = fieller(*(np.array([v]) for v in (num, den, vnn, vnd, vdd, q)))
     assert [low[0], high[0]] == roots
+
+
+def test_fieller_for_a_nonnegative_ratio_never_reports_a_negative_ray():
+    """‖G‖² not distinguishable from 0 and a negative estimate of it (R̂ < 0): the set is two rays, and the true
+    tr Σ/‖G‖² ≥ 0 lies in the upper one; the whole line becomes [0, inf)."""
+    args = [np.array([v]) for v in (10.0, -0.02, 1.0, 0.0, 0.01, 1.96)]
+    low, high = fieller(*args)
+    assert low[0] == -np.inf and high[0] < 0  # the textbook branch holding R̂ = −500
+    low, high = fieller(*args, nonnegative=True)
+    num, den, vnn, vdd, q = 10.0, -0.02, 1.0, 0.01, 1.96
+    a, bh, c = den ** 2 - q ** 2 * vdd, -num * den, num ** 2 - q ** 2 * vnn
+    r2 = max((-bh - np.sqrt(bh ** 2 - a * c)) / a, (-bh + np.sqrt(bh ** 2 - a * c)) / a)
+    assert low[0] == pytest.approx(r2) and r2 > 0 and high[0] == np.inf
+    low, high = fieller(*(np.array([v]) for v in (2.0, 1.0, 0.1, 0.01, 0.05, 1e200)), nonnegative=True)
+    assert (low[0], high[0]) == (0.0, np.inf)
+    low, high = fieller(*(np.array([v]) for v in (2.0, 1.0, 0.1, 0.01, 0.05, 2.0)), nonnegative=True)
+    assert 0 < low[0] < 2 < high[0] < np.inf  # bounded: unchanged

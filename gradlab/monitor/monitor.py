@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,6 +142,8 @@ class NoiseMonitor:
         self._pending: Pending | None = None
         self._warned_no_loss = False
         self._uses_checked = False
+        self._grad_marks: list[tuple[str, Any, int]] | None = None
+        self._warned_stale = False
         self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
         self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
@@ -179,7 +182,8 @@ class NoiseMonitor:
             micro = Micro(n, batch)
             pending.micros.append(micro)
             if per.requires_grad:
-                per.register_hook(lambda g, m=micro: m.weights.append(g.detach()))
+                marks, self._grad_marks = (self._grad_marks, None) if len(pending.micros) == 1 else (None, None)
+                per.register_hook(lambda g, m=micro, marks=marks: self._backward_starts(g, m, marks))
         return per.mean() if self.reduction == "mean" else per.sum()
 
     def observe(self, batch: Batch) -> None:
@@ -301,6 +305,22 @@ class NoiseMonitor:
         return check_loss_output(out, n, name=loss_name(self.loss_fn),
                                  need_grad=need_grad and torch.is_grad_enabled(), finite=False)
 
+    def _backward_starts(self, g: Tensor, micro: Micro, marks: list[tuple[str, Any, int]] | None) -> None:
+        """The hook on the per-example losses: their weights wᵢ, and, at the step's first backward, before it
+        accumulates anything, whether a ``.grad`` still holds the last step's (not zeroed since the optimizer
+        step: the same tensor, not modified since)."""
+        micro.weights.append(g.detach())
+        if marks and self._pending is not None:
+            grads = {n: p.grad for n, p in self.params.items()}
+            self._pending.stale = [n for n, ref, version in marks
+                                   if grads[n] is not None and ref() is grads[n] and grads[n]._version == version]
+
+    def _mark_grads(self) -> None:
+        """After a step, before a recorded one: which ``.grad`` tensors exist, at which version (weak references:
+        a ``.grad`` set to None is freed as usual)."""
+        self._grad_marks = [(n, weakref.ref(p.grad), p.grad._version) for n, p in self.params.items()
+                            if p.grad is not None] or None
+
     def _check_uses(self, per: Tensor) -> None:
         """Once, at the first recorded step: parameters used outside their hooked module go to the fallback."""
         self._uses_checked = True
@@ -390,6 +410,9 @@ class NoiseMonitor:
         self._pending = None
         self.t += 1
         self.examples_seen += pend.batch_size if pend else 0
+        self._grad_marks = None
+        if self.t % self.every == 0:
+            self._mark_grads()
         if pend is None or not pend.record:
             if self.hooks is not None:
                 self.hooks.disarm()
@@ -404,6 +427,16 @@ class NoiseMonitor:
         s1, q, mat, missing, k = step_sums(pend, self.names, self.estimator)
         if missing == 0 and self._sums_check:
             missing = 6
+        if pend.stale and missing in (0, 6):
+            missing = 6
+            if not self._warned_stale:
+                self._warned_stale = True
+                note = (f"step {pend.step}: .grad of {pend.stale[:3]} was not zeroed since the last optimizer step "
+                        "(its backward added to the last step's gradient): ‖.grad‖² is not this step's, so the "
+                        "step is not estimated (missing = 6); call optimizer.zero_grad() before each step's "
+                        "backward")
+                log.warning("NoiseMonitor: %s", note)
+                self.store.add_note(note)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "

@@ -275,3 +275,42 @@ def test_a_store_without_steps_is_started_afresh_and_one_with_steps_is_kept(tmp_
     assert xr.open_zarr(path, consolidated=False).sizes["step"] == 1
     with pytest.raises(Exception, match="already holds a gradlab monitor store; pass resume=True"):
         NoiseMonitor(nn.Linear(3, 2), "cross-entropy", path)
+
+
+@pytest.mark.parametrize("zeroing", ["none", "set_to_none", "zero_", "after_loss", "accumulate"])
+def test_a_grad_not_zeroed_since_the_last_step_is_found_at_every_recorded_step(tmp_path, zeroing, caplog):
+    """Without opt.zero_grad() the backward adds to the last step's .grad: S₁ = ‖.grad‖² grew 16× over 4 steps of
+    a fixed batch in an external user's run, with missing = 0 (the first-step check saw .grad None).  Every
+    recorded step now compares each .grad with the tensor and version the last step left.  Zeroing before
+    mon.loss(), after it, or in place, and micro-batches accumulated within one step, are not flagged."""
+    import logging
+
+    x, y = _data(8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # θ fixed: every step measures the same batch at one θ
+    with caplog.at_level(logging.WARNING), NoiseMonitor(model, "cross-entropy", tmp_path / "g.zarr",
+                                                        optimizer=opt, reduction="sum") as mon:
+        for _ in range(4):
+            if zeroing in ("set_to_none", "accumulate"):
+                opt.zero_grad(set_to_none=True)
+            elif zeroing == "zero_":
+                opt.zero_grad(set_to_none=False)
+            if zeroing == "accumulate":
+                mon.loss((x[:3], y[:3])).backward()
+                mon.loss((x[3:], y[3:])).backward()
+            else:
+                loss = mon.loss((x, y))
+                if zeroing == "after_loss":
+                    opt.zero_grad()
+                loss.backward()
+            opt.step()
+    ds = xr.open_zarr(tmp_path / "g.zarr", consolidated=False)
+    s1 = ds.gram_sum.sel(group="all").values
+    if zeroing == "none":
+        assert list(ds.missing.values) == [0, 6, 6, 6] and np.isnan(ds.trace_cov.values[1:]).all()
+        assert "was not zeroed since the last optimizer step" in caplog.text
+        assert caplog.text.count("was not zeroed") == 1
+    else:
+        assert list(ds.missing.values) == [0, 0, 0, 0] and "was not zeroed" not in caplog.text
+        np.testing.assert_allclose(s1, s1[0], rtol=1e-12)

@@ -10,7 +10,12 @@ how the user's loop computes the gradient:
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,24 +25,66 @@ from gradlab.errors import UsageError
 ESTIMATORS = ("per-example", "two-batch")
 
 
-def check_arguments(model: object, *, every: int, estimator: str, reduction: str, ema_decay: float,
-                    pool_size: int | None, resume: bool, start_step: int | None) -> None:
-    """NoiseMonitor's arguments, before anything is written (each a one-line UsageError)."""
+def _integer(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < low:
+        raise UsageError(f"{name} must be an integer ≥ {low}, got {v!r}")
+
+
+def _real(name: str, v: Any, low: float, high: float, closed_low: bool = True) -> None:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+    if not ok or not ((low <= float(v)) if closed_low else (low < float(v))) or not float(v) < high:
+        raise UsageError(f"{name} must be a number in {'[' if closed_low else '('}{low:g}, {high:g}), got {v!r}")
+
+
+def check_arguments(model: object, *, loss: Any, path: Any, optimizer: Any, every: Any, estimator: Any,
+                    reduction: Any, ema_decay: Any, level: Any, pool_size: Any, chunk_steps: Any, resume: Any,
+                    start_step: Any, config: Any) -> None:
+    """NoiseMonitor's arguments, before anything is written (each a one-line UsageError naming the fix)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
-    if int(every) < 1:
-        raise UsageError(f"every must be ≥ 1 (record every K-th step), got {every}")
+    if not (isinstance(loss, str) or callable(loss)):
+        raise UsageError(f"loss must be a loss name (e.g. 'cross-entropy'), 'pkg.module:fn', or a callable "
+                         f"fn(model, batch) returning the per-example losses; got {type(loss).__name__}")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"path must be the store's path (a str or pathlib.Path), got {path!r}")
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"optimizer must be the torch.optim.Optimizer that steps the model (or None, then "
+                             f"call monitor.step() after each step), got {type(optimizer).__name__}")
+        mine = {id(p) for p in model.parameters() if p.requires_grad}
+        if mine and not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
+            raise UsageError("the optimizer steps none of the model's parameters (an optimizer of another model, "
+                             "or of a copy?); pass the optimizer built on this model's parameters")
+    _integer("every", every, 1)
     if estimator not in ESTIMATORS:
         raise UsageError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     if reduction not in ("mean", "sum"):
         raise UsageError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= ema_decay < 1.0:
-        raise UsageError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if pool_size is not None and int(pool_size) < 2:
-        raise UsageError(f"pool_size must be the number of training examples (≥ 2), got {pool_size}")
+    _real("ema_decay", ema_decay, 0.0, 1.0)
+    _real("level", level, 0.0, 1.0, closed_low=False)
+    if pool_size is not None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, numbers.Integral) or int(pool_size) < 2:
+            raise UsageError(f"pool_size must be the number of training examples (an integer ≥ 2) or None, got "
+                             f"{pool_size!r}")
+    _integer("chunk_steps", chunk_steps, 1)
+    if not isinstance(resume, bool):
+        raise UsageError(f"resume must be True or False, got {resume!r}")
     if resume and start_step is None:
         raise UsageError("resume=True needs start_step: the number of optimizer steps of the checkpoint you "
                          "restored (the store keeps the steps before it)")
+    if start_step is not None:
+        if not resume:
+            raise UsageError(f"start_step={start_step!r} is used only with resume=True (to continue a store); "
+                             "pass resume=True, or drop start_step")
+        _integer("start_step", start_step, 0)
+    if config is not None:
+        if not isinstance(config, Mapping):
+            raise UsageError(f"config must be a dict of JSON values, got {type(config).__name__}")
+        try:
+            json.dumps(dict(config), allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"config must hold JSON values only (numbers, strings, lists, dicts) so that a "
+                             f"resume can compare it: {exc}") from None
 
 
 def extra_loss_terms(params: dict[str, Tensor], sums: dict[str, Tensor]) -> list[str] | None:

@@ -60,7 +60,7 @@ class NoiseMonitorTrainerCallback(TrainerCallback):
         opt = getattr(optimizer, "optimizer", optimizer)
         start = int(state.global_step)
         self.monitor = NoiseMonitor(model, self.loss, self.path, optimizer=opt, every=self.every,
-                                    resume=start > 0, start_step=start, **self.kwargs)
+                                    resume=start > 0, start_step=start if start > 0 else None, **self.kwargs)
         self._handle = model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

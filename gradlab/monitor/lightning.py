@@ -45,7 +45,7 @@ class NoiseMonitorCallback(Callback):
         opt = getattr(opts[0], "optimizer", opts[0]) if opts else None
         start = int(trainer.global_step)
         self.monitor = NoiseMonitor(pl_module, self.loss, self.path, optimizer=opt, every=self.every,
-                                    resume=start > 0, start_step=start, **self.kwargs)
+                                    resume=start > 0, start_step=start if start > 0 else None, **self.kwargs)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:

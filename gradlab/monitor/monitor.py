@@ -53,6 +53,33 @@ from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, l
 
 log = logging.getLogger(__name__)
 
+#: the open monitors of this process by store path (a notebook cell run again after an error builds a new one)
+_LIVE: dict[str, Any] = {}
+
+
+def _close_earlier(path: str, model: nn.Module) -> None:
+    """Close this process's open monitor of the same store or the same model (its lock and hooks would refuse or
+    confuse the new one), saying so; one whose store folder is gone is released without writing."""
+    for key, ref in list(_LIVE.items()):
+        mon = ref()
+        if mon is None or mon.closed:
+            _LIVE.pop(key, None)
+            continue
+        if key != path and mon.model is not model:
+            continue
+        log.warning("NoiseMonitor: closing the earlier NoiseMonitor of %s in this process (%s); close() a "
+                    "monitor, or use it in a with block, when its loop ends", key,
+                    "the same store" if key == path else "the same model: one monitor per model")
+        _LIVE.pop(key, None)
+        try:
+            if mon.store.path.is_dir():
+                mon.close()
+            else:
+                mon._abandon()
+        except Exception:  # noqa: BLE001 - a broken earlier monitor must not stop the new one
+            mon._abandon()
+
+
 def _rng_states(params: dict[str, Tensor]) -> list[Tensor]:
     """The CPU generator's state and, for parameters on CUDA, that device's (to see whether a forward drew)."""
     states = [torch.get_rng_state()]
@@ -90,8 +117,10 @@ class NoiseMonitor:
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
                  level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
                  distances: bool = True, config: Mapping[str, Any] | None = None) -> None:
-        check_arguments(model, every=every, estimator=estimator, reduction=reduction, ema_decay=ema_decay,
-                        pool_size=pool_size, resume=resume, start_step=start_step)
+        check_arguments(model, loss=loss, path=path, optimizer=optimizer, every=every, estimator=estimator,
+                        reduction=reduction, ema_decay=ema_decay, level=level, pool_size=pool_size,
+                        chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config)
+        _close_earlier(os.path.abspath(os.fspath(path)), model)
         self.model = model
         self.loss_fn = resolve_loss(loss)
         self.every, self.estimator, self.reduction = int(every), estimator, reduction
@@ -156,6 +185,7 @@ class NoiseMonitor:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
         self.closed = False
+        _LIVE[os.path.abspath(os.fspath(path))] = weakref.ref(self)
 
     # -- state: θ₀, resume ----------------------------------------------------------------------------------
     def _init_state(self, resume: bool, start_step: int | None) -> None:
@@ -260,6 +290,13 @@ class NoiseMonitor:
         """Flush, record the final attrs, remove every hook and release the store."""
         if getattr(self, "closed", True):
             return
+        if self.t == 0 or (self.store.length == 0 and not self._rows):
+            why = ("the optimizer passed (optimizer=) never stepped: is it the one that steps this model?"
+                   if self.optimizer is not None and self.t == 0 else
+                   "no monitor.step() call closed a step: call it after each optimizer step, or pass optimizer="
+                   if self.t == 0 else f"{self.t} steps were closed and every={self.every} records every "
+                   f"{self.every}th from step 0")
+            log.warning("NoiseMonitor: %s recorded no step: %s", self.store.path, why)
         try:
             try:
                 self._submit()
@@ -275,6 +312,16 @@ class NoiseMonitor:
                 self.hooks.remove()
             self.store.close()
             self.closed = True
+
+    def _abandon(self) -> None:
+        """Release the store and the hooks without writing (the store's folder was removed meanwhile)."""
+        self._appender.shutdown()
+        for h in self._handles:
+            h.remove()
+        if self.hooks is not None:
+            self.hooks.remove()
+        self.store.close()
+        self.closed = True
 
     def __enter__(self) -> NoiseMonitor:
         return self

@@ -62,10 +62,17 @@ class MonitorStore:
         self.chunk_steps = int(chunk_steps)
         self.vars = {v.name: v for v in monitor_variables()}
         exists = self.path.exists()
+        if exists and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()  # an empty folder made beforehand holds nothing: the store is created there
+            exists = False
         if exists and not _is_monitor_store(self.path):
             raise StoreError(f"{self.path} holds other data, not a gradlab monitor store; choose a new store path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _acquire(lock_file(self.path), self.path)  # a live writer is refused here
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _acquire(lock_file(self.path), self.path)  # a live writer is refused here
+        except OSError as exc:
+            raise StoreError(f"cannot write a monitor store at {self.path} ({exc.strerror or exc}); choose a path "
+                             "in a writable folder") from None
         try:
             if exists:  # a writer again: consolidated metadata (written at close) would go stale as steps append
                 _drop_consolidated(self.path)

@@ -314,3 +314,64 @@ def test_a_grad_not_zeroed_since_the_last_step_is_found_at_every_recorded_step(t
     else:
         assert list(ds.missing.values) == [0, 0, 0, 0] and "was not zeroed" not in caplog.text
         np.testing.assert_allclose(s1, s1[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every": None}, "every must be an integer ≥ 1"),
+    ({"every": 2.5}, "every must be an integer ≥ 1"),
+    ({"every": "2"}, "every must be an integer ≥ 1"),
+    ({"ema_decay": "0.9"}, r"ema_decay must be a number in \[0, 1\)"),
+    ({"level": 1.5}, r"level must be a number in \(0, 1\)"),
+    ({"level": 0}, r"level must be a number in \(0, 1\)"),
+    ({"pool_size": "100"}, "pool_size must be the number of training examples"),
+    ({"chunk_steps": 0}, "chunk_steps must be an integer ≥ 1"),
+    ({"loss": None}, "loss must be a loss name"),
+    ({"loss": 42}, "loss must be a loss name"),
+    ({"path": None}, "path must be the store's path"),
+    ({"path": 123}, "path must be the store's path"),
+    ({"optimizer": "sgd"}, "optimizer must be the torch.optim.Optimizer"),
+    ({"optimizer": "other"}, "the optimizer steps none of the model's parameters"),
+    ({"start_step": 5}, "start_step=5 is used only with resume=True"),
+    ({"config": {"x": object()}}, "config must hold JSON values only"),
+])
+def test_bad_arguments_are_one_line_errors_before_anything_is_written(tmp_path, kwargs, message):
+    model = nn.Linear(4, 3).double()
+    if kwargs.get("optimizer") == "other":
+        kwargs = {"optimizer": torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1)}
+    args = {"loss": "cross-entropy", "path": tmp_path / "m.zarr", **kwargs}
+    with pytest.raises(UsageError, match=message) as err:
+        NoiseMonitor(model, args.pop("loss"), args.pop("path"), **args)
+    assert len(str(err.value).splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no store, no lock file
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr") as mon:  # and nothing is left locked
+        mon.observe(_data())
+
+
+def test_unwritable_paths_and_an_empty_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="cannot write a monitor store at"):
+        NoiseMonitor(nn.Linear(4, 3), "cross-entropy", tmp_path / "file" / "m.zarr")
+    (tmp_path / "empty.zarr").mkdir()  # made beforehand, empty: used
+    with NoiseMonitor(nn.Linear(4, 3).double(), "cross-entropy", tmp_path / "empty.zarr") as mon:
+        mon.observe(_data())
+    assert xr.open_zarr(tmp_path / "empty.zarr").sizes["step"] == 1
+
+
+def test_a_monitor_that_records_no_step_says_why_at_close(tmp_path, caplog):
+    import logging
+
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    with caplog.at_level(logging.WARNING), NoiseMonitor(model, "cross-entropy", tmp_path / "a.zarr") as mon:
+        mon.loss((x, y)).backward()  # no optimizer=, no monitor.step()
+        opt.step()
+    assert "recorded no step: no monitor.step() call closed a step" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), NoiseMonitor(model, "cross-entropy", tmp_path / "b.zarr", optimizer=opt,
+                                                        every=5) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            mon.loss((x, y)).backward()
+            opt.step()
+    assert "recorded" not in caplog.text  # step 0 is recorded

@@ -145,6 +145,7 @@ def test_resume_drops_steps_after_the_checkpoint_and_replays_the_averages(tmp_pa
         h.remove()
     mon.hooks.remove()
     mon.store.close()
+    mon.closed = True  # dead: nothing of it runs any more
     model.load_state_dict(state[0])
     opt.load_state_dict(state[1])
     mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, chunk_steps=4, resume=True,
@@ -169,8 +170,10 @@ def test_a_second_writer_is_refused_and_the_lock_file_goes_at_close(tmp_path):
     model = nn.Linear(3, 2)
     path = tmp_path / "m.zarr"
     first = NoiseMonitor(model, "cross-entropy", path)
-    with pytest.raises(UsageError, match="being written by another process"):
-        NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=0)
+    code = ("from torch import nn; from gradlab.monitor import NoiseMonitor; "
+            f"NoiseMonitor(nn.Linear(3, 2), 'cross-entropy', {str(path)!r}, resume=True, start_step=0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "being written by another process" in r.stderr
     first.close()
     assert not lock_file(path).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]
     NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=0).close()
@@ -262,6 +265,7 @@ def test_resume_with_every_counts_the_examples_of_unrecorded_steps(tmp_path, flu
         h.remove()
     mon.hooks.remove()
     mon.store.close()  # the run dies
+    mon.closed = True
     with caplog.at_level("WARNING", logger="gradlab.monitor.monitor"):
         run(tmp_path / "m.zarr", range(8, 14), {"resume": True, "start_step": 8}, model, opt)
     got = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
@@ -274,3 +278,36 @@ def test_resume_with_every_counts_the_examples_of_unrecorded_steps(tmp_path, flu
         assert (got.examples_seen.values[3:] < ref.examples_seen.values[3:]).all()
         assert "leaves out the examples of the unrecorded steps 7..7" in caplog.text
         assert any("leaves out" in note for note in got.attrs["notes"])
+
+
+def test_a_new_monitor_in_the_same_process_closes_the_earlier_one_of_its_store_or_model(tmp_path, caplog):
+    """A notebook cell run again after an error: the earlier monitor (still hooked, holding the store's lock) is
+    closed with a warning, its completed steps kept; its hooks record nothing more.  One whose store folder was
+    removed is released without writing."""
+    import shutil
+
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    model = nn.Linear(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "m.zarr"
+    first = NoiseMonitor(model, "cross-entropy", path, optimizer=opt)
+    for _ in range(2):
+        opt.zero_grad()
+        first.loss((x, y)).backward()
+        opt.step()
+    with caplog.at_level("WARNING", logger="gradlab.monitor.monitor"):
+        with pytest.raises(UsageError, match="already holds a gradlab monitor store"):
+            NoiseMonitor(model, "cross-entropy", path, optimizer=opt)  # its 2 steps were flushed at close
+    assert first.closed and "closing the earlier NoiseMonitor" in caplog.text
+    assert list(xr.open_zarr(path, consolidated=False).step.values) == [0, 1]
+    second = NoiseMonitor(model, "cross-entropy", tmp_path / "n.zarr", optimizer=opt)
+    shutil.rmtree(tmp_path / "n.zarr")  # the user removes the store of the failed cell and runs it again
+    third = NoiseMonitor(model, "cross-entropy", tmp_path / "n.zarr", optimizer=opt)
+    assert second.closed and not third.closed
+    for _ in range(3):
+        opt.zero_grad()
+        third.loss((x, y)).backward()
+        opt.step()
+    third.close()
+    ds = xr.open_zarr(tmp_path / "n.zarr", consolidated=False)
+    assert list(ds.step.values) == [0, 1, 2] and (ds.missing.values == 0).all()

@@ -77,9 +77,10 @@ def analyze_checkpoint(ds: Any, c: int, L: np.ndarray, *, epsilon: float, target
     if target_loss is None:
         best_small = float(np.nanmin(final_mean[0])) if np.isfinite(final_mean[0]).any() else math.nan
         target = start - target_fraction * (start - best_small)
-        if not (best_small < start):
+        if not (best_small < start):  # the default target would lie above the checkpoint's loss: nothing to reach
             notes.append("the smallest batch size does not improve on the checkpoint's loss within the budget: "
-                         "no default target (give --target-loss)")
+                         "no default target, the steps–examples trade-off is not estimated (give --target-loss)")
+            target = math.nan
     else:
         target = float(target_loss)
     if math.isfinite(target):
@@ -247,6 +248,19 @@ def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON
     return result
 
 
+def _grid_bracket(branching: dict[str, Any], batch_sizes: list[Any]) -> str:
+    """Where the crossing lies on the grid: the interval above is over seeds, of an interpolation between two
+    grid batch sizes, and says nothing of the interpolation itself."""
+    g = branching.get("grid")
+    if g is None:
+        return ""
+    g = float(g)
+    above = [float(m) for m in batch_sizes if float(m) > g]
+    if branching.get("censored") or not above:
+        return f" (grid: ≥ {g:g}, the largest batch size)"
+    return f" (grid: crossing between {g:g} and {min(above):g}, interpolated in log m)"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """What ``gradlab analyze`` prints for a cbs store: B_crit of both estimators (and B_noise) per checkpoint."""
     from gradlab.analysis.interval import format_estimate
@@ -256,6 +270,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              f"{result['seeds']} seeds, loss {result['loss']}"]
     for label, p in result["checkpoints"].items():
         line = (f"  {label}: B_crit branching (ε = {result['epsilon']:g}) {format_estimate(p['branching']['b_crit'])}"
+                f"{_grid_bracket(p['branching'], result['batch_sizes'])}"
                 f"; steps-examples {format_estimate((p['tradeoff'] or {}).get('b_crit'))}")
         if label in noise and "b_noise" in noise[label]:
             n = noise[label]

@@ -83,7 +83,7 @@ def branching_crossing(mean_loss: np.ndarray, batch_sizes: np.ndarray, epsilon: 
     i = np.where(hit, first, 1)
     r0 = np.take_along_axis(r, (i - 1)[..., None], -1)[..., 0]
     r1 = np.take_along_axis(r, i[..., None], -1)[..., 0]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # r1 = r0 only in rows without a crossing (unused)
         t = np.where(np.isfinite(r1), (epsilon - r0) / (r1 - r0), 0.0)
     out[hit] = np.exp(logm[i - 1][hit] + t[hit] * (logm[i] - logm[i - 1])[hit])
     return out

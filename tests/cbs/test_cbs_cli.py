@@ -4,6 +4,7 @@ with nothing written, and `gradlab analyze` reports both estimators and B_crit /
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -146,6 +147,7 @@ def test_analyze_reports_both_estimators_and_the_ratio_to_b_noise(ckpts, store, 
                  "--epsilon", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "B_crit branching" in printed and "B_noise" in printed
+    assert "(grid: crossing between" in printed or "(grid: ≥ 64" in printed  # the bracket beside the interval
     s = json.loads((rep / "summary.json").read_text())
     assert s["gradlab_store"] == "cbs" and set(s["checkpoints"]) == {"early", "late"}
     for label, p in s["checkpoints"].items():
@@ -241,3 +243,25 @@ def test_more_eval_examples_than_the_training_set_uses_all_and_says_how_many(ckp
     train_loss = next(v for v in cbs_variables(job.loss, eval_examples=job.eval_examples, diverge_factor=10.0)
                       if v.name == "train_loss")
     assert f"on {job.pool_size} fixed training examples" in train_loss.long_name
+
+
+def test_no_improvement_within_the_budget_estimates_no_tradeoff():
+    """The smallest batch size's held-out loss never falls below the checkpoint's: the default target would lie
+    above the start, every curve would 'reach' it at step 0 and B_crit read inf [inf, inf].  Not estimated now."""
+    import xarray as xr
+
+    from gradlab.analysis.cbs import analyze_checkpoint
+
+    bs = np.array([4.0, 16.0, 64.0])
+    J, R = 5, 4
+    steps = np.stack([np.round(np.linspace(0, 256 / m, J)) for m in bs])
+    ds = xr.Dataset(coords={"batch_size": bs, "lr_factor": [1.0], "checkpoint": ["c"], "checkpoint_epoch": [1.0]})
+    ds["steps"] = (("batch_size", "eval"), steps)
+    rng = np.random.default_rng(0)
+    L = 1.0 + 0.01 * np.arange(J) + 0.001 * rng.standard_normal((1, 3, 1, R, J))  # rises: no improvement
+    out = analyze_checkpoint(ds, 0, L, epsilon=0.05, target_loss=None, target_fraction=0.5, n_boot=0, rng=rng)
+    assert out["tradeoff"] is None and math.isnan(out["target_loss"])
+    assert any("trade-off is not estimated" in n for n in out["notes"])
+    L = 1.0 - 0.05 * np.arange(J) * (1 + 0 * bs[None, :, None, None, None]) + 0 * L  # improves: estimated
+    out = analyze_checkpoint(ds, 0, L, epsilon=0.05, target_loss=None, target_fraction=0.5, n_boot=0, rng=rng)
+    assert out["tradeoff"] is not None and out["target_loss"] < 1.0

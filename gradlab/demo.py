@@ -156,7 +156,8 @@ def results_table(summaries: dict[str, Any], cfg: DemoConfig) -> str:
         lines.append(f"| {name} | {est(ck['early']['estimates'][key])} | {est(ck['late']['estimates'][key])} |")
     pl = {c: ck[c]["power_law"]["minibatch_sum_rms"] for c in ("early", "late")}
     lines.append(f"| β of ‖s_B‖ ∝ m^β over m = 1…{m_max} | {est(pl['early']['beta'])} | {est(pl['late']['beta'])} |")
-    lines.append(f"| crossover m_× of ‖s_B‖² = a·c_m·m + b·m² | {est(pl['early']['crossover'])} | "
+    lines.append(f"| crossover m_× of ‖s_B‖² = a·c_m·m + b·m² (B_noise again: a consistency check) | "
+                 f"{est(pl['early']['crossover'])} | "
                  f"{est(pl['late']['crossover'])} |")
     sharp = summaries.get("sharpness", {}).get("sharpness", {}).get("checkpoints", [])
     small, large = cfg.train_batch_sizes

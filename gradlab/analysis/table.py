@@ -43,15 +43,19 @@ def fit_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         nm = c.get("noise_model")
         if nm:
             lof = nm["lack_of_fit"]
-            rows.append(_row(ck, "‖G‖² (noise-law fit)", nm["grad_sq_norm"]))
-            rows.append(_row(ck, "tr Σ (noise-law fit)", nm["trace_cov"]))
-            rows.append(_row(ck, "B_noise (noise-law fit)", nm["b_noise"],
-                             "" if lof.get("note") else
-                             f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}"))
+            same = ("the headline again from the trial means (at fixed θ E‖s_B‖² is an identity of the Gram "
+                    "matrix): a consistency check, not independent evidence") if est else ""
+            rows.append(_row(ck, "‖G‖² (noise-law fit)", nm["grad_sq_norm"], same))
+            rows.append(_row(ck, "tr Σ (noise-law fit)", nm["trace_cov"], same))
+            rows.append(_row(ck, "B_noise (noise-law fit)", nm["b_noise"], "; ".join(r for r in (
+                same, "" if lof.get("note") else
+                f"lack of fit χ²={_fmt(lof['chi2'])} on {lof['dof']} dof, p={_fmt(lof['p_value'], 2)}") if r)))
         for name, pl in c.get("power_law", {}).items():
             rows.append(_row(ck, f"β ({name})", pl["beta"],
                              f"p(β=½)={_fmt(pl['p_beta_half'], 2)}; {_sqrt_range(pl['sqrt_law_max_batch_size'])}"))
-            rows.append(_row(ck, f"crossover ({name})", pl["crossover"]))
+            rows.append(_row(ck, f"crossover ({name})", pl["crossover"],
+                             "= B_noise (noise-law fit): the same two-term model fitted to the same means"
+                             if est and nm and name == "minibatch_sum_rms" else ""))
         tails = c.get("tails", {})
         if tails:
             mmin, mmax = min(tails, key=int), max(tails, key=int)

@@ -173,3 +173,23 @@ def test_frozen_store_shows_only_what_it_measures(frozen_store, tmp_path):
         for key in ("grad_sq_norm", "trace_cov", "b_noise"):
             assert est[key]["value"] == pytest.approx(float(ds[key].values[i]), rel=1e-10), (c, key)
             assert est[key]["low"] <= est[key]["value"] <= est[key]["high"]
+
+
+def test_fit_table_marks_the_frozen_noise_law_fit_and_crossover_as_the_headline_again():
+    """At fixed θ the partition means of ‖s_B‖² are an identity of the Gram matrix: the noise-law fit and the
+    crossover of ‖s_B‖² repeat the U-statistic headline; the table says so rather than list them as evidence."""
+    from gradlab.analysis.table import fit_rows
+
+    e = {"value": 98.0, "low": 97.0, "high": 99.0, "note": None}
+    lof = {"chi2": 1.0, "dof": 3, "p_value": 0.8, "note": None}
+    pl = {"beta": e, "p_beta_half": 0.1, "sqrt_law_max_batch_size": 8, "crossover": e}
+    c = {"estimates": {"grad_sq_norm": e, "trace_cov": e, "b_noise": e},
+         "noise_model": {"grad_sq_norm": e, "trace_cov": e, "b_noise": e, "lack_of_fit": lof},
+         "power_law": {"minibatch_sum_rms": pl}}
+    rows = {r[1]: r[4] for r in fit_rows({"checkpoints": {"early": c}})}
+    assert "consistency check, not independent evidence" in rows["B_noise (noise-law fit)"]
+    assert "lack of fit" in rows["B_noise (noise-law fit)"]
+    assert rows["crossover (minibatch_sum_rms)"].startswith("= B_noise (noise-law fit)")
+    step = {"noise_model": c["noise_model"], "power_law": {"minibatch_sum_rms": pl}}  # no U-statistics: no remark
+    rows = {r[1]: r[4] for r in fit_rows({"checkpoints": {"early": step}})}
+    assert "consistency" not in rows["B_noise (noise-law fit)"] and rows["crossover (minibatch_sum_rms)"] == ""

@@ -300,6 +300,42 @@ def store_config(ds: Any) -> dict[str, Any]:
     return json.loads(ds.attrs["config"])
 
 
+
+def config_difference(stored: Any, config: Mapping[str, Any], limit: int = 4) -> str:
+    """What differs between a store's recorded config (JSON text or dict) and ``config``: 'key: old → new' for
+    the first ``limit`` differing leaves (dotted paths; a checkpoint's SHA-256 shows as changed)."""
+    try:
+        old = json.loads(stored) if isinstance(stored, str) else dict(stored or {})
+    except (TypeError, ValueError):
+        return "the stored config is unreadable"
+    new = json.loads(json.dumps(dict(config), default=str))
+
+    def leaves(x: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(x, dict):
+            out: dict[str, Any] = {}
+            for k, v in x.items():
+                out.update(leaves(v, f"{prefix}{k}."))
+            return out
+        if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+            out = {}
+            for i, v in enumerate(x):
+                out.update(leaves(v, f"{prefix}{i}."))
+            return out
+        return {prefix[:-1]: x}
+
+    a, b = leaves(old), leaves(new)
+    diffs = []
+    for k in sorted(set(a) | set(b), key=lambda k: (k not in a or k not in b, k)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb and not (isinstance(va, float) and isinstance(vb, float) and va != va and vb != vb):
+            va, vb = (repr(v if not (isinstance(v, str) and len(v) > 24) else v[:12] + "…")
+                      for v in (a.get(k, "<absent>"), b.get(k, "<absent>")))
+            diffs.append(f"{k}: {va} → {vb}")
+    if not diffs:
+        return "the same settings, another config hash"
+    more = f", and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
 class StoreWriter:
     """The single writer of an existing store: region writes, the done mask, and an exclusive lock."""
 
@@ -319,8 +355,8 @@ class StoreWriter:
             check_schema(self.path, attrs)
             if config is not None and attrs.get("config_hash") != config_hash(dict(config)):
                 raise StoreError(
-                    f"{self.path} was made with a different config; resume it with the same flags, or write a new "
-                    f"store with another --out (stored config: {attrs.get('config')})"
+                    f"{self.path} was made with a different config ({config_difference(attrs.get('config'), config)});"
+                    " resume it with the same flags, or write a new store with another --out"
                 )
             self.unit_dims: list[str] = list(attrs["unit_dims"])
         except BaseException:

@@ -195,6 +195,9 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     bad = [e for e in checkpoint_epochs(cfg) if not 0 <= e <= cfg.epochs]
     if bad:
         raise UsageError(f"checkpoint epochs {bad} are outside 0..{cfg.epochs}; pick epochs within the run")
+    if isinstance(cfg.monitor_every, bool) or not isinstance(cfg.monitor_every, int) or cfg.monitor_every < 0:
+        raise UsageError(f"--monitor-every must be an integer ≥ 0 (record every K-th step; 0: no monitor), got "
+                         f"{cfg.monitor_every!r}")
     if cfg.ghost_batch_size is not None and cfg.ghost_batch_size < 1:
         raise UsageError(f"--ghost-batch-size must be >= 1, got {cfg.ghost_batch_size}")
     if cfg.checkpoint_format not in ("pt", "safetensors"):

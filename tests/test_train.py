@@ -97,6 +97,7 @@ def test_toml_grid_and_lr_rules(tmp_path):
     (["--checkpoint-epochs", "99"], "outside 0..2"),
     (["--model-kwargs", "{"], "--model-kwargs is not valid JSON"),
     (["--config", "missing.toml"], "does not exist"),
+    (["--monitor-every", "-1"], "--monitor-every must be an integer ≥ 0"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, msg):
     out = tmp_path / "r"

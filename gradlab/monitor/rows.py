@@ -65,10 +65,11 @@ def chunk_rows(copies: list[StepCopy], *, group_masks: np.ndarray, two_batch: bo
     ex = np.stack([c.excluded for c in copies])  # (steps, tensors)
     s1v = np.where(ex, np.nan, np.stack([c.s1 for c in copies]))
     qv = np.where(ex, np.nan, np.stack([c.q for c in copies]))
-    nonfinite = np.array([c.nonfinite for c in copies], dtype=np.int64) + (~np.isfinite(s1v) & ~ex).sum(1)
-    if two_batch:
-        nonfinite += (~np.isfinite(qv) & ~ex).sum(1)
     missing0 = np.array([c.missing for c in copies], dtype=np.int8)
+    measured = ~ex & ~np.isin(missing0, (3, 5))[:, None]  # codes 3 and 5 measure nothing: NaN is no finding
+    nonfinite = np.array([c.nonfinite for c in copies], dtype=np.int64) + (~np.isfinite(s1v) & measured).sum(1)
+    if two_batch:
+        nonfinite += (~np.isfinite(qv) & measured).sum(1)
     missing = np.where((nonfinite > 0) & (missing0 == 0), np.int8(2), missing0).astype(np.int8)
     inc = group_masks[None] & ~ex[:, None, :]  # (steps, groups, tensors)
     s1a = np.concatenate([np.where(inc, s1v[:, None, :], 0.0).sum(2), s1v], axis=1)

@@ -177,6 +177,7 @@ def test_a_loss_reduced_outside_the_monitor_is_recorded_as_missing_and_said_once
                 other.observe((x, y))
     ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
     assert list(ds.missing.values) == [5, 5, 5] and "no backward pass" in MISSING[5]
+    assert (ds.nonfinite_count.values == 0).all()  # nothing was measured, so nothing non-finite was found
     assert np.isnan(ds.b_noise.values).all() and (ds.update_norm.sel(group="all").values > 0).all()
     said = [r.getMessage() for r in caplog.records if "monitor.loss(batch)" in r.getMessage()]
     assert len(said) == 1 and "step 0" in said[0]

@@ -17,9 +17,10 @@ def _reference_row(c, *, excluded, group_masks: np.ndarray, two_batch: bool,
     """One step's row (per-part vectors over groups + tensors) and the EMA state after folding it in."""
     s1v = np.where(excluded, np.nan, c.s1)
     qv = np.where(excluded, np.nan, c.q)
-    nonfinite = c.nonfinite + int((~np.isfinite(s1v[~excluded])).sum())
+    measured = c.missing not in (3, 5)  # those steps measure nothing: their NaN S₁ is not counted
+    nonfinite = c.nonfinite + measured * int((~np.isfinite(s1v[~excluded])).sum())
     if two_batch:
-        nonfinite += int((~np.isfinite(qv[~excluded])).sum())
+        nonfinite += measured * int((~np.isfinite(qv[~excluded])).sum())
     missing = 2 if nonfinite and c.missing == 0 else c.missing
     inc = group_masks & ~excluded
     s1g = np.where(inc, s1v, 0.0).sum(1)

@@ -145,6 +145,7 @@ def analyze_monitor(path: str | Path, out_dir: Path, *, figures: bool = True) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
         result["figures"] = render(ds, out_dir)
+        result["figures"].append(write_report(ds, result, out_dir))
     return result
 
 
@@ -152,7 +153,7 @@ def render(ds: Any, out: Path) -> list[str]:
     """The two figures (PNG + SVG) and ``captions.json``."""
     from matplotlib.figure import Figure
 
-    from gradlab.figures.monitor import CAPTION, plot_layers, plot_series
+    from gradlab.figures.monitor import CAPTION_LAYERS, CAPTION_NOISE, plot_layers, plot_series
 
     level = float(ds.attrs.get("level", 0.95))
     files: list[str] = []
@@ -165,10 +166,32 @@ def render(ds: Any, out: Path) -> list[str]:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     plot_layers(ds, fig.subplots())
     files += _save(fig, out, "monitor_layers")
-    caption = CAPTION.format(level=level)
-    (out / "captions.json").write_text(json.dumps({"monitor_noise": caption, "monitor_layers": caption},
-                                                  ensure_ascii=False, indent=1))
+    captions = {"monitor_noise": CAPTION_NOISE.format(level=level),
+                "monitor_layers": CAPTION_LAYERS.format(level=level)}
+    (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
     return [*files, "captions.json"]
+
+
+def write_report(ds: Any, result: dict[str, Any], out: Path) -> str:
+    """``report.html``: the last smoothed estimates per group (and per tensor), notes, the two figures."""
+    from gradlab.analysis.interval import format_estimate
+    from gradlab.figures.report import html_report
+
+    rows = [(g, format_estimate(e["b_noise"]), format_estimate(e["grad_sq_norm_ema"]),
+             format_estimate(e["trace_cov_ema"]), e["b_noise"].get("note") or "")
+            for g, e in (result.get("last") or {}).items()]
+    rows += [(layer, format_estimate(e), "", "", e.get("note") or "")
+             for layer, e in (result.get("last_per_layer") or {}).items()]
+    caps = json.loads((out / "captions.json").read_text()) if (out / "captions.json").exists() else {}
+    notes = [f"{result['recorded_steps']} recorded steps, last step {result['last_step']}, "
+             f"{result['examples_seen']} examples seen; {result.get('smoothing')}; {result.get('interval')}",
+             *(f"steps without an estimate: {n} × {why}" for why, n in (result.get("missing") or {}).items()),
+             *result.get("notes", [])]
+    page = html_report(f"gradlab monitor: {Path(result['store']).name}",
+                       ["group / tensor (last recorded step)", "B_noise", "‖G‖² (EMA)", "tr Σ (EMA)", "remark"],
+                       rows, [(f"{k}.png", v) for k, v in caps.items()], notes)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return "report.html"
 
 
 def _save(fig: Any, out: Path, stem: str) -> list[str]:

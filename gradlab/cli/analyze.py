@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 
 
@@ -59,10 +60,42 @@ def run(args: argparse.Namespace) -> int:
 
         print("\n".join(summary_lines(result)))
     elif result.get("gradlab_store") == "monitor":
-        from gradlab.analysis.output import jsonable
-
-        overall = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-        print(json.dumps(jsonable(overall), indent=2, ensure_ascii=False, allow_nan=True))
+        print("\n".join(monitor_lines(result)))
     else:
-        print(json.dumps(result.get("sharpness", {}), indent=2, ensure_ascii=False))
+        print("\n".join(sharpness_lines(result)))
+    from gradlab.analysis.persist import default_out_dir
+
+    out = Path(args.out) if args.out else default_out_dir(Path(args.store))
+    print(f"wrote {out}/summary.json" + ("" if args.no_figures or not (out / "report.html").exists() else
+                                         ", the figures and report.html"))
     return 0
+
+
+def monitor_lines(result: dict) -> list[str]:
+    """What ``gradlab analyze`` prints for a monitor store (``--json`` for everything)."""
+    from gradlab.analysis.interval import format_estimate
+
+    lines = [f"{result.get('store', 'monitor store')}: {result['recorded_steps']} recorded steps (last step "
+             f"{result['last_step']}, {result['examples_seen']} examples seen), {result.get('estimator')} estimator"]
+    for group, est in (result.get("last") or {}).items():
+        b = est["b_noise"]
+        lines.append(f"  {group}: B_noise {format_estimate(b)}; ‖G‖² {format_estimate(est['grad_sq_norm_ema'])}; "
+                     f"tr Σ {format_estimate(est['trace_cov_ema'])}" + (f"  ({b['note']})" if b.get("note") else ""))
+    if result.get("missing"):
+        lines.append("  steps without an estimate: " + ", ".join(f"{n} × {why}" for why, n in result["missing"].items()))
+    for note in result.get("notes", []):
+        lines.append(f"  note: {note}")
+    return lines
+
+
+def sharpness_lines(result: dict) -> list[str]:
+    """What ``gradlab analyze`` prints for a sharpness store (``--json`` for everything)."""
+    sharp = result.get("sharpness", {})
+    lines = [f"{result.get('store', 'sharpness store')}: {len(sharp.get('checkpoints', []))} checkpoints"]
+    for c in sharp.get("checkpoints", []):
+        def g(k: str) -> str:
+            v = c.get(k)
+            return "nan" if v is None else f"{float(v):.4g}"
+        lines.append(f"  {c['checkpoint']}: λ_max {g('lambda_max')}, batch size {g('train_batch_size')}, "
+                     f"lr {g('train_lr')}, epoch {g('epoch')}, generalisation gap {g('generalization_gap')}")
+    return lines

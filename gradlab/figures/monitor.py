@@ -11,15 +11,48 @@ import numpy as np
 
 from gradlab.figures.labels import label_from_attrs
 
-CAPTION = (
-    "Gradient noise during training, from the monitor store. Lines: moving averages (decay β per recorded step) "
-    "of the per-step unbiased estimates of ‖G‖² (the squared norm of the full-data gradient) and tr Σ (the "
-    "per-example gradient noise), and B_noise = EMA(tr Σ)/EMA(‖G‖²), the batch size above which a larger batch "
-    "buys little (McCandlish et al. 2018); shaded: {level:.0%} intervals (Fieller's for B_noise; an upper end "
-    "at the top edge means ‖G‖² is not distinguishable from 0); dots: the single-step B_simple, which is noisy "
-    "and biased, shown only for scale. Per-tensor panels: the same B_noise for each parameter tensor. "
-    "x-axis: optimizer step (bottom) and examples seen (top)."
+_COMMON = (
+    "Shaded: {level:.0%} intervals (t intervals of the moving averages; Fieller's for B_noise); hatched where the "
+    "upper end is unbounded (‖G‖² not distinguishable from 0: B_noise is then only known to be above the band's "
+    "lower edge, and the hatching's top is the panel's edge, not data). Non-positive moving averages (a negative "
+    "estimate of ‖G‖² when it is near 0) cannot be drawn on the log axis and leave gaps. x-axis: optimizer step "
+    "(bottom) and examples seen (top)."
 )
+CAPTION_NOISE = (
+    "Gradient noise during training, from the monitor store, for all parameters and the weight and bias groups. "
+    "Top: B_noise = EMA(tr Σ)/EMA(‖G‖²), the batch size above which a larger batch buys little (McCandlish et al. "
+    "2018), with dots for the single-step B_simple (noisy and biased, shown for scale only). Middle and bottom: "
+    "the moving averages (decay β per recorded step) of the per-step unbiased estimates of ‖G‖² (the squared "
+    "norm of the full-data gradient) and tr Σ (the per-example gradient noise). " + _COMMON
+)
+CAPTION_LAYERS = (
+    "B_noise = EMA(tr Σ)/EMA(‖G‖²) for each parameter tensor (one line per tensor, colours in the legend), from "
+    "the monitor store: which layers' gradients are noisiest relative to their signal. " + _COMMON
+)
+CAPTION = CAPTION_NOISE  # the name earlier code imported
+
+
+def _band(ax: Any, steps: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, color: Any,
+          alpha: float) -> None:
+    """The interval band on a log axis: bounded parts filled, unbounded upper ends hatched up to a top edge."""
+    pos = y[np.isfinite(y) & (y > 0)]
+    top = float(pos.max()) * 10 if pos.size else np.nan
+    low = np.where(np.isfinite(lo) & (lo > 0), lo, np.nan)
+    bounded = np.isfinite(hi)
+    ax.fill_between(steps, low, np.where(bounded, np.minimum(hi, top), np.nan), color=color, alpha=alpha, lw=0)
+    if (~bounded & np.isfinite(low)).any():
+        ax.fill_between(steps, low, np.where(~bounded, top, np.nan), facecolor="none", edgecolor=color,
+                        alpha=alpha * 2, hatch="///", lw=0)
+
+
+def _positive(y: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(y) & (y > 0), y, np.nan)
+
+
+def _empty(ax: Any, what: str) -> Any:
+    ax.text(0.5, 0.5, f"no recorded step has {what} (see the store's missing flags)", ha="center", va="center",
+            transform=ax.transAxes, fontsize=8)
+    return ax
 
 
 def _steps_axis(ds: Any, ax: Any) -> np.ndarray:
@@ -39,22 +72,26 @@ def plot_series(ds: Any, ax: Any, name: str, groups: tuple[str, ...] = ("all", "
     import seaborn as sns
 
     steps = _steps_axis(ds, ax)
+    ax.set_ylabel(label_from_attrs(ds[name]))
     colors = sns.color_palette("colorblind", len(groups))
+    drawn = 0
     for color, g in zip(colors, groups):
         y = np.asarray(ds[name].sel(group=g).values, dtype=np.float64)
+        if log:
+            y = _positive(y)
         if not np.isfinite(y).any():
             continue
+        drawn += 1
         ax.plot(steps, y, color=color, label=g, lw=1.5)
         if f"{name}_low" in ds:
             lo = np.asarray(ds[f"{name}_low"].sel(group=g).values, dtype=np.float64)
             hi = np.asarray(ds[f"{name}_high"].sel(group=g).values, dtype=np.float64)
-            top = np.nanmax(np.where(np.isfinite(y), y, np.nan)) * 10
-            ax.fill_between(steps, np.where(np.isfinite(lo), lo, np.nan), np.minimum(np.where(
-                np.isfinite(hi), hi, top), top), color=color, alpha=0.2, lw=0)
+            _band(ax, steps, y, lo, hi, color, 0.2)
         if raw is not None and raw in ds:
             r = np.asarray(ds[raw].sel(group=g).values, dtype=np.float64)
-            ax.scatter(steps, np.where(r > 0, r, np.nan), s=4, color=color, alpha=0.35)
-    ax.set_ylabel(label_from_attrs(ds[name]))
+            ax.scatter(steps, _positive(r), s=4, color=color, alpha=0.35)
+    if not drawn:
+        return _empty(ax, "a positive estimate")
     if log:
         ax.set_yscale("log")
     ax.legend(fontsize=7, title="group", title_fontsize=7)
@@ -66,22 +103,24 @@ def plot_layers(ds: Any, ax: Any, name: str = "b_noise_layer") -> Any:
     import seaborn as sns
 
     steps = _steps_axis(ds, ax)
+    ax.set_ylabel(label_from_attrs(ds[name]))
     layers = [str(v) for v in ds["layer"].values]
     colors = sns.color_palette("viridis", len(layers))
     base = name.removesuffix("_layer")
+    drawn = 0
     for color, layer in zip(colors, layers):
-        y = np.asarray(ds[name].sel(layer=layer).values, dtype=np.float64)
+        y = _positive(np.asarray(ds[name].sel(layer=layer).values, dtype=np.float64))
         if not np.isfinite(y).any():
             continue
+        drawn += 1
         ax.plot(steps, y, color=color, label=layer, lw=1.2)
         lo_name, hi_name = f"{base}_low_layer", f"{base}_high_layer"
         if lo_name in ds:
             lo = np.asarray(ds[lo_name].sel(layer=layer).values, dtype=np.float64)
             hi = np.asarray(ds[hi_name].sel(layer=layer).values, dtype=np.float64)
-            top = np.nanmax(y) * 10
-            ax.fill_between(steps, lo, np.minimum(np.where(np.isfinite(hi), hi, top), top), color=color, alpha=0.12,
-                            lw=0)
-    ax.set_ylabel(label_from_attrs(ds[name]))
+            _band(ax, steps, y, lo, hi, color, 0.12)
+    if not drawn:
+        return _empty(ax, "a positive estimate")
     ax.set_yscale("log")
     ax.legend(fontsize=6, title="parameter tensor", title_fontsize=6, ncol=2)
     return ax

@@ -54,12 +54,18 @@ def test_monitored_b_noise_agrees_with_the_fixed_theta_value(fixed_theta_store):
     assert cmp["agree"] and cmp["step"] == 199
 
 
-def test_gradlab_analyze_writes_summary_and_captioned_figures(fixed_theta_store, tmp_path):
+def test_gradlab_analyze_writes_summary_and_captioned_figures(fixed_theta_store, tmp_path, capsys):
     path, _ = fixed_theta_store
     from gradlab.cli import main
 
     out = tmp_path / "report"
     assert main(["analyze", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out  # a few readable lines (--json gives the summary)
+    assert "200 recorded steps" in printed and "all: B_noise" in printed and "{" not in printed
+    captions = json.loads((out / "captions.json").read_text())
+    assert "for each parameter tensor" in captions["monitor_layers"] and "per-tensor" not in captions["monitor_noise"]
+    html = (out / "report.html").read_text()
+    assert "monitor_noise.png" in html and "monitor_layers.png" in html and "B_noise" in html
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gradlab_store"] == "monitor" and summary["recorded_steps"] == 200
     assert summary["last"]["all"]["b_noise"]["value"] > 0
@@ -73,3 +79,30 @@ def test_the_analysis_side_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                    timeout=120)
+
+
+def test_a_store_without_any_estimate_draws_labelled_empty_panels(tmp_path, caplog):
+    """Every step missing (a loss computed outside the monitor): the figures say there is nothing to draw, and
+    matplotlib warns of nothing."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from gradlab.cli import main
+    from gradlab.monitor import NoiseMonitor
+
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["analyze", str(tmp_path / "m.zarr"), "--out", str(tmp_path / "r")]) == 0
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["last"]["all"]["b_noise"]["note"].startswith("no estimate")

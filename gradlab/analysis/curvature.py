@@ -290,15 +290,24 @@ def analyze_store(path: str | os.PathLike, *, group: str | None = None, out_dir:
         if figures:
             checks: dict[str, list[str]] = {}
             summary["figures"] = _figures(ds, ads, out, checks)
-            summary["figure_captions"] = {Path(p).name: _caption(Path(p).stem) for p in summary["figures"]}
+            summary["figure_captions"] = {Path(p).name: _caption(Path(p).stem, ads) for p in summary["figures"]}
             summary["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
     return summary
 
 
-def _caption(stem: str) -> str:
+def _caption(stem: str, ads: Any = None) -> str:
     if stem == "sharpness_vs_batch_size":
-        return ("λ_max (Lanczos) of each checkpoint against the batch size it was trained with (log–log), labelled "
-                "by checkpoint, with the power-law fit a·m^b of the final checkpoints and its 95% interval.")
+        head = ("λ_max (Lanczos) of each checkpoint against the batch size it was trained with (log–log), one "
+                "marker per checkpoint (legend)")
+        try:
+            b = float(ads["powerlaw_exponent"].sel(measure="lambda_max", x_variable="train_batch_size",
+                                                   subset="all"))
+        except Exception:  # noqa: BLE001 - no fit in this analysis
+            b = float("nan")
+        if np.isfinite(b):
+            return head + ", with the power-law fit a·m^b over all checkpoints (black; b and its 95% interval in " \
+                          "the legend)."
+        return head + "; no power law is drawn: a fit needs at least 3 checkpoints with distinct batch sizes."
     if stem.startswith("minibatch_lambda_"):
         return ("λ_max of mini-batch Hessians against the mini-batch size m for one checkpoint: dots are trials, "
                 "bars mean ± sd; the orange curve extrapolates to the full sample, the dashed line is the "

@@ -13,10 +13,13 @@ from gradlab.analysis.table import HEADER, fit_rows
 
 
 CAPTIONS = {
-    "norm_vs_batch_size": "Mean norm over trials against batch size m (log–log), one colour per checkpoint, with the "
-                          "power law c·m^β (dashed; β and its 95% interval in the legend). For the RMS of the "
-                          "minibatch sum ‖s_B‖ the solid line is the fitted noise model √(m²‖G‖² + m·c_m·tr Σ) and "
-                          "the dotted vertical line B_noise: slope ½ (√m) left of it, slope 1 right of it.",
+    "norm_vs_batch_size": "Each panel's norm against batch size m (log–log), one colour per checkpoint: for ‖S‖ "
+                          "the mean over trials (error bars: ± 1 standard deviation over trials), for the minibatch "
+                          "sum ‖s_B‖ the RMS √(mean ‖s_B‖²) over trials and minibatches; with the power law c·m^β "
+                          "(dashed; β and its 95% interval in the legend). For ‖s_B‖ the solid line is the fitted "
+                          "noise model √(m²‖G‖² + m·c_m·tr Σ) and the dotted vertical line B_noise: the slope of "
+                          "the noise model tends to ½ (√m) well left of B_noise and to 1 well right of it, passing "
+                          "through intermediate slopes around it (the local slopes are in summary.json).",
     "normalised_std": "Standard deviation over trials of ‖S‖ scaled by μ_ref/μ_m (the blog's \"same distance "
                       "moved\" normalisation) against batch size m, one line per checkpoint: a rising line means "
                       "larger batches give a more variable displacement for the same mean distance.",

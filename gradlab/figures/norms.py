@@ -48,7 +48,10 @@ def plot_norm_vs_batch_size(ads: Any, ax: Any, norm: str = "grad_norm") -> Any:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(label_from_attrs(ads["batch_size"]))
-    ax.set_ylabel(label_from_attrs(mu))
+    unit = mu.attrs.get("units")
+    ylabel = "RMS √(mean ‖s_B‖²)" if norm == "minibatch_sum_rms" else "mean over trials (± 1 sd)" \
+        if norm == "grad_norm" else "mean over trials"
+    ax.set_ylabel(f"{ylabel} [{unit}]" if unit else ylabel)
     ax.set_title(str(ads["norm"].attrs.get(norm, norm)), fontsize=9)
     ax.legend(fontsize=7)
     return ax

@@ -119,3 +119,15 @@ def test_vector_segments_follow_the_selected_layers():
     ds = xr.Dataset({"grad_sum": (("vector_element",), np.zeros(10))}, attrs={"config": json.dumps(cfg)})
     assert vector_segments(ds) == [("a.weight", 0, 6), ("b.weight", 6, 10)]
     assert vector_segments(ds.assign_attrs(config="{}")) == [("all", 0, 10)]
+
+
+def test_alpha_stable_notes_count_pairs_of_trials():
+    """The α-stable bootstrap resamples pairs of trials: 8 trials are 4 pairs, and the note says so (it said
+    'only 4 trial(s)')."""
+    import numpy as np
+
+    from gradlab.analysis.tails import fit_alpha_stable, stable_pair_sums
+
+    v = np.random.default_rng(0).standard_cauchy((8, 400))
+    est = fit_alpha_stable(stable_pair_sums(v), 400, n_boot=99, rng=np.random.default_rng(0))
+    assert est.note.startswith("only 4 pairs of trials (8 or 9 trials): no interval") and "trial(s)" not in est.note

@@ -107,6 +107,8 @@ def test_analysis_round_trip_from_the_store(store, tmp_path):
     np.testing.assert_allclose(ads["eos_ratio"].values, ds["lambda_max"].values * 0.1 / 2)
     np.testing.assert_allclose(ads["generalization_gap"].values, ds["test_loss"].values - ds["train_loss"].values)
     assert {p.rsplit("/", 1)[-1] for p in summary["figures"]} >= {"sharpness_vs_batch_size.png", "interpolation.png"}
+    # two checkpoints: no power law is fitted, and the caption does not describe one
+    assert "no power law is drawn" in summary["figure_captions"]["sharpness_vs_batch_size.png"]
 
 
 def test_resume_recomputes_an_unfinished_checkpoint_to_the_same_bytes(store, ckpts, tmp_path, capsys):

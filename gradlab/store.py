@@ -279,6 +279,8 @@ def open_store(path: str | os.PathLike, kind: str | None = None, group: str | No
     import xarray as xr
 
     path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path} does not exist; give the folder a gradlab command wrote")
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a zarr v3 store (no zarr.json); give the folder written by gradlab")
     try:

@@ -42,9 +42,12 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs:
                  if k in params and k not in kwargs}
         try:
             model = factory(**extra, **kwargs)
+        except UsageError:
+            raise  # already one line naming the user's code (a wrapped factory)
         except Exception as exc:  # noqa: BLE001 -- the user's own code: one line naming it
+            hint = "; check --model-kwargs" if kwargs or isinstance(exc, TypeError) else ""
             raise UsageError(f"model factory {name!r} raised {type(exc).__name__}: {exc} (called with "
-                             f"{ {**extra, **kwargs} }); check --model-kwargs") from exc
+                             f"{ {**extra, **kwargs} }){hint}") from exc
         if not isinstance(model, nn.Module):
             raise UsageError(f"model factory {name!r} returned {type(model).__name__}, expected a torch nn.Module")
         return model

@@ -330,6 +330,8 @@ def open_monitor(path: str | os.PathLike, retries: int = 20) -> Any:
     import zarr
 
     p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p} does not exist; give the store path of a NoiseMonitor")
     if not (p / "zarr.json").exists():
         raise StoreError(f"{p} is not a zarr v3 store (no zarr.json); give the store path of a NoiseMonitor")
     if not _is_monitor_store(p):

@@ -214,8 +214,8 @@ def resolve_config(
                              n_classes=bundle.n_classes)
             init_sha = _sha256(init_path)
         else:
-            log.warning("no init checkpoint for %s (no --init and no checkpoint tagged 'init' beside it): distances "
-                        "and cosines to init will be NaN", path)
+            log.warning("no init checkpoint for %s (no --init / init= and no checkpoint tagged 'init' beside it): "
+                        "distances and cosines to init will be NaN", path)
         epoch = ckpt.meta.get("epoch")
         specs.append(CheckpointSpec(label, str(path.resolve()), _sha256(path),
                                     float(epoch) if isinstance(epoch, (int, float)) else float("nan"),

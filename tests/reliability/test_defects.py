@@ -167,8 +167,24 @@ def test_defect_5_toml_value_of_the_wrong_type(tmp_path, capsys, toml, expect):
 def test_defect_5_bad_model_flags(tmp_path, capsys, args, expect):
     out = tmp_path / "R"
     assert main(["train", *args, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
-    assert expect in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert expect in line and "raised UserCodeError" not in line  # said once, not wrapped twice
     assert not out.exists()
+
+
+def test_a_raising_factory_is_named_once_without_blaming_model_kwargs(tmp_path, capsys, monkeypatch):
+    (tmp_path / "badfac.py").write_text("def make():\n    raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "R"
+    assert main(["train", "--model", "badfac:make", "--data", "digits", "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "RuntimeError: no GPU here" in line and line.count("raised") == 1 and "--model-kwargs" not in line
+
+
+def test_analyze_of_a_path_that_does_not_exist(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nothing.zarr")]) == 2
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
 
 
 def test_defect_5_train_out_is_an_existing_file(tmp_path, capsys):

@@ -173,6 +173,7 @@ class NoiseMonitor:
         self._uses_checked = False
         self._grad_marks: list[tuple[str, Any, int]] | None = None
         self._warned_stale = False
+        self._warned_unstepped = False
         self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
         self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
         self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
@@ -199,6 +200,8 @@ class NoiseMonitor:
         """The reduced loss to backpropagate (mean or sum of ℓᵢ = fn(model, batch)), hooked for this step."""
         self._check_open()
         pending = self._start()
+        if pending.grad_versions and self._grads_reset(pending):
+            pending = self._drop_unstepped(pending)
         n = batch_len(batch)
         if pending.record and self.hooks is not None:
             self._collect(pending)
@@ -352,6 +355,30 @@ class NoiseMonitor:
         return check_loss_output(out, n, name=loss_name(self.loss_fn),
                                  need_grad=need_grad and torch.is_grad_enabled(), finite=False)
 
+    def _grads_reset(self, pending: Pending) -> bool:
+        """Whether every ``.grad`` this step's backward left has been zeroed or replaced since: a new step began
+        although no optimizer step closed the last one."""
+        for name, (ref, version) in pending.grad_versions.items():
+            g = self.params[name].grad
+            if g is not None and ref() is g and g._version == version:
+                return False
+        return True
+
+    def _drop_unstepped(self, pending: Pending) -> Pending:
+        """The last backward was not followed by an optimizer step (a GradScaler skipping a step with inf/NaN
+        gradients, say): its batch is not this step's; drop it, once saying so."""
+        if self.hooks is not None:
+            self.hooks.disarm()
+        self._pending = None
+        if not self._warned_unstepped:
+            self._warned_unstepped = True
+            note = (f"step {pending.step}: a backward of {pending.batch_size} examples was followed by zeroed "
+                    "gradients but no optimizer step (a GradScaler skipping a step with inf/NaN gradients?): those "
+                    "examples are not counted in any step")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
+        return self._start()
+
     def _backward_starts(self, g: Tensor, micro: Micro, marks: list[tuple[str, Any, int]] | None) -> None:
         """The hook on the per-example losses: their weights wᵢ, and, at the step's first backward, before it
         accumulates anything, whether a ``.grad`` still holds the last step's (not zeroed since the optimizer
@@ -392,6 +419,7 @@ class NoiseMonitor:
             pend = self._pending
             if pend is not None and pend.record and not pend.observed and p.grad is not None:
                 pend.grad_sq[name] = _sqnorm(p.grad.detach())
+                pend.grad_versions[name] = (weakref.ref(p.grad), p.grad._version)
         return hook
 
     def _make_micro_hook(self, name: str) -> Any:

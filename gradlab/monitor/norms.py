@@ -369,7 +369,12 @@ def vmap_sq_norms(model: nn.Module, loss: Callable[[nn.Module, Any], Tensor], ba
         with _swapped(model, {**fixed, **w}):
             return loss(model, ex)[0]
 
-    grads = vmap(grad(one), in_dims=(None, 0))(wanted, batch)
+    import warnings
+
+    with warnings.catch_warnings():  # torch's per-op "no batching rule, falling back to a loop" notices, each step
+        warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented the "
+                                "batching rule.*")
+        grads = vmap(grad(one), in_dims=(None, 0))(wanted, batch)
     return {n: _sq_rows(g) for n, g in grads.items()}
 
 

@@ -45,6 +45,7 @@ class Pending:
     observed_grads: dict[str, Tensor] = field(default_factory=dict)  # observe(): Σ of its batches' gradients
     lr: float = math.nan
     observed: bool = False
+    grad_versions: dict[str, tuple[Any, int]] = field(default_factory=dict)  # .grad after this step's backward
     stale: list[str] = field(default_factory=list)  # tensors whose .grad held the last step's at this backward
 
 

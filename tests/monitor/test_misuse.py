@@ -376,3 +376,26 @@ def test_a_monitor_that_records_no_step_says_why_at_close(tmp_path, caplog):
             mon.loss((x, y)).backward()
             opt.step()
     assert "recorded" not in caplog.text  # step 0 is recorded
+
+
+def test_a_backward_without_an_optimizer_step_is_not_merged_into_the_next_step(tmp_path, caplog):
+    """A GradScaler skips optimizer.step() when the scaled gradients hold inf/NaN; the loop zeroes the gradients
+    and goes on.  That batch was merged into the next step (batch_size 16 + 16, the good batch's estimate lost);
+    it is dropped now, with one note."""
+    import logging
+
+    x, y = _data(16)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING), NoiseMonitor(model, "cross-entropy", tmp_path / "s.zarr",
+                                                        optimizer=opt) as mon:
+        for t in range(4):
+            opt.zero_grad()
+            mon.loss((x, y)).backward()
+            if t != 1:  # step 1 skipped
+                opt.step()
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    assert list(ds.step.values) == [0, 1, 2] and list(ds.batch_size.values) == [16, 16, 16]
+    assert (ds.missing.values == 0).all() and list(ds.examples_seen.values) == [16, 32, 48]
+    assert caplog.text.count("no optimizer step") == 1

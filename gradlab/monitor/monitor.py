@@ -309,16 +309,14 @@ class NoiseMonitor:
             self.store.set_attrs({"excluded_params": self.excluded})
             self.store.consolidate()  # finished: plain xr.open_zarr(path) opens quietly
         finally:
-            for h in self._handles:
-                h.remove()
-            if self.hooks is not None:
-                self.hooks.remove()
-            self.store.close()
-            self.closed = True
+            self._release()
 
     def _abandon(self) -> None:
         """Release the store and the hooks without writing (the store's folder was removed meanwhile)."""
         self._appender.shutdown()
+        self._release()
+
+    def _release(self) -> None:
         for h in self._handles:
             h.remove()
         if self.hooks is not None:

@@ -23,16 +23,15 @@ def _lightning():
     return pl
 
 
-@pytest.mark.filterwarnings("ignore")  # Lightning's own advice (workers, loggers) is not under test
-def test_lightning_callback_records_every_step_exactly(tmp_path):
-    pl = _lightning()
-    from gradlab.monitor.lightning import NoiseMonitorCallback
-
+def _loader(batch_size: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (32,), generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    return x, y, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
+
+def _module(pl):
+    """A small LightningModule: Linear-Tanh-Linear in float64, cross-entropy, SGD lr 0.1."""
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -46,6 +45,17 @@ def test_lightning_callback_records_every_step_exactly(tmp_path):
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's own advice (workers, loggers) is not under test
+def test_lightning_callback_records_every_step_exactly(tmp_path):
+    pl = _lightning()
+    from gradlab.monitor.lightning import NoiseMonitorCallback
+
+    x, y, loader = _loader(batch_size=8)
+    Module = _module(pl)
 
     torch.manual_seed(0)
     module = Module()
@@ -78,24 +88,8 @@ def test_lightning_accumulation_and_resume_from_a_checkpoint(tmp_path):
     pl = _lightning()
     from gradlab.monitor.lightning import NoiseMonitorCallback
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (32,), generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-        def forward(self, inp):
-            return self.net(inp)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    x, y, loader = _loader(batch_size=4)
+    Module = _module(pl)
 
     kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               accumulate_grad_batches=2, default_root_dir=tmp_path)

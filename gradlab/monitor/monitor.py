@@ -12,8 +12,12 @@ Plain loop (the monitor hooks the backward pass you run; nothing is recomputed):
 For loops you cannot change, ``monitor.observe(batch)`` runs its own forward/backward on the batch (with
 ``torch.autograd.grad``: the model's ``.grad`` is not touched) -- one more forward/backward per recorded step.
 Without ``optimizer=`` call ``monitor.step()`` after each backward, before the parameters change (no learning
-rate or update norm is recorded then).  The user must zero the gradients before each step's first ``loss()``
-(S₁ is read from ``.grad``); examples must not interact (no batch norm in training mode: noted in the store).
+rate or update norm is recorded then).  The user must zero the gradients before each step's backward (S₁ is
+read from ``.grad``): a ``.grad`` still holding the last step's (the same tensor at the version the optimizer step
+left) is found at every recorded step, which is then ``missing`` 6; a backward whose gradients are zeroed with no
+optimizer step after it (a GradScaler skipping a step) is dropped with a note.  Examples must not interact (no
+batch norm in training mode: noted in the store); a forward that draws random numbers (dropout) excludes the
+torch.func fallback's parameters, whose re-run would draw others.
 Backpropagate ``monitor.loss(batch)`` alone (scaled as you like): a penalty added to it (λ‖θ‖²; use the optimizer's
 weight decay instead) puts its gradient in ``.grad``; the first recorded step finds that (the hooked Linear layers'
 Σᵢ wᵢgᵢ against ``.grad``) and no step is then estimated (``missing`` 6, with a note).

@@ -48,6 +48,7 @@ def bootstrap_trials(
     paired: bool = False,
     level: float = 0.95,
     method: str = "BCa",
+    unit: Callable[[int], str] | None = None,
 ) -> BootstrapResult:
     """Bootstrap ``statistic(*samples)`` by resampling trials (the last axis of every sample).
 
@@ -56,6 +57,7 @@ def bootstrap_trials(
     ``MIN_TRIALS_FOR_INTERVAL`` trials in a sample give NaN bounds and a note (an interval is never invented);
     fewer than ``FEW_TRIALS`` add a note that coverage may fall short of ``level``.  Warnings scipy raises on
     degenerate data (e.g. every resample equal) become a note and NaN bounds for the affected outputs.
+    ``unit(n)`` words "n units" of the last axis in those notes (default "n trials"; e.g. pairs of trials).
     """
     samples = [np.asarray(s, dtype=np.float64) for s in samples]
     for s in samples:
@@ -66,9 +68,10 @@ def bootstrap_trials(
     n_out = value.shape[0]
     nan = np.full(n_out, np.nan)
     n_trials = min(s.shape[-1] for s in samples)
+    count = unit or (lambda n: f"{n} trial(s)" if n < MIN_TRIALS_FOR_INTERVAL else f"{n} trials")
     if n_trials < MIN_TRIALS_FOR_INTERVAL:
-        note = (f"only {n_trials} trial(s): no interval (a bootstrap interval needs at least "
-                f"{MIN_TRIALS_FOR_INTERVAL} trials; run more trials)")
+        note = (f"only {count(n_trials)}: no interval (a bootstrap interval needs at least "
+                f"{count(MIN_TRIALS_FOR_INTERVAL)}; run more trials)")
         return BootstrapResult(value, nan, nan.copy(), nan.copy(), None, level, note)
 
     def vectorised(*xs: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -76,7 +79,7 @@ def bootstrap_trials(
 
     notes: list[str] = []
     if n_trials < FEW_TRIALS:
-        notes.append(f"only {n_trials} trials: interval coverage may fall short of {level:.0%}")
+        notes.append(f"only {count(n_trials)}: interval coverage may fall short of {level:.0%}")
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always")
         from scipy import stats

@@ -38,8 +38,6 @@ Example (exact Pareto counts, α = 1.5)::
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,13 +254,7 @@ def fit_alpha_stable(sums: np.ndarray, d: int | None = None, *, n_boot: int, rng
     def stat(s: np.ndarray) -> np.ndarray:
         return alpha_stable_statistic(s, k1)
 
-    if n_boot > 0:
-        est = bootstrap_trials([sums], stat, n_boot=n_boot, rng=rng, level=level).estimate(0)
-        if est.note:  # the bootstrap resamples pairs of trials: say so where it counts them
-            n = sums.shape[-1]
-            est = dataclasses.replace(est, note=est.note.replace(f"only {n} trial(s)", f"only {n} pairs of trials "
-                                      f"({2 * n} or {2 * n + 1} trials)").replace(f"only {n} trials:",
-                                      f"only {n} pairs of trials:").replace("trials; run more trials",
-                                      "pairs (twice as many trials); run more trials"))
-        return est
+    if n_boot > 0:  # pairs of trials are resampled: the notes count those
+        return bootstrap_trials([sums], stat, n_boot=n_boot, rng=rng, level=level,
+                                unit=lambda n: f"{n} pairs of trials ({2 * n} or {2 * n + 1} trials)").estimate(0)
     return Estimate(float(stat(sums)[0]))

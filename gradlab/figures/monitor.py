@@ -29,7 +29,6 @@ CAPTION_LAYERS = (
     "B_noise = EMA(tr Σ)/EMA(‖G‖²) for each parameter tensor (one line per tensor, colours in the legend), from "
     "the monitor store: which layers' gradients are noisiest relative to their signal. " + _COMMON
 )
-CAPTION = CAPTION_NOISE  # the name earlier code imported
 
 
 def _band(ax: Any, steps: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, color: Any,

@@ -87,6 +87,15 @@ def check_arguments(model: object, *, loss: Any, path: Any, optimizer: Any, ever
                              f"resume can compare it: {exc}") from None
 
 
+def refuse_managed(kwargs: Mapping[str, Any], callback: str, resumes: str) -> None:
+    """A training-framework callback sets ``resume``, ``start_step`` and ``optimizer`` itself: refuse them."""
+    given = sorted({"resume", "start_step", "optimizer"} & set(kwargs))
+    if given:
+        raise UsageError(f"{callback} sets {given} itself (resume and start_step from the trainer's global_step "
+                         f"when {resumes} resumes, the optimizer from the trainer); remove "
+                         f"{'it' if len(given) == 1 else 'them'}")
+
+
 def extra_loss_terms(params: dict[str, Tensor], sums: dict[str, Tensor]) -> list[str] | None:
     """The parameters whose ``.grad`` differs from ``sums`` (Σᵢ wᵢgᵢ from the hooks), relative 1e-4 in float32
     and below, 1e-9 in float64; None if no parameter could be judged (no gradient, or a non-finite step: a later

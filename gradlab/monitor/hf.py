@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from gradlab.errors import UsageError
+from gradlab.monitor.checks import refuse_managed
 from gradlab.monitor.monitor import NoiseMonitor
 from gradlab.task import PerExampleLoss
 
@@ -44,11 +44,7 @@ class NoiseMonitorTrainerCallback(TrainerCallback):
 
     def __init__(self, path: str | os.PathLike, *, loss: str | PerExampleLoss | None = None, every: int = 1,
                  **monitor_kwargs: Any) -> None:
-        given = sorted({"resume", "start_step", "optimizer"} & set(monitor_kwargs))
-        if given:
-            raise UsageError(f"NoiseMonitorTrainerCallback sets {given} itself (resume and start_step from the "
-                             "Trainer's global_step when train(resume_from_checkpoint=...) resumes, the optimizer "
-                             f"from the Trainer); remove {'it' if len(given) == 1 else 'them'}")
+        refuse_managed(monitor_kwargs, "NoiseMonitorTrainerCallback", "train(resume_from_checkpoint=...)")
         self.path, self.loss, self.every, self.kwargs = path, loss or causal_lm_loss, every, monitor_kwargs
         self.monitor: NoiseMonitor | None = None
         self._batches: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
-from gradlab.errors import UsageError
+from gradlab.monitor.checks import refuse_managed
 from gradlab.monitor.monitor import NoiseMonitor
 from gradlab.task import PerExampleLoss
 
@@ -31,11 +31,7 @@ class NoiseMonitorCallback(Callback):
     def __init__(self, loss: str | PerExampleLoss, path: str | os.PathLike, *, every: int = 1,
                  **monitor_kwargs: Any) -> None:
         super().__init__()
-        given = sorted({"resume", "start_step", "optimizer"} & set(monitor_kwargs))
-        if given:
-            raise UsageError(f"NoiseMonitorCallback sets {given} itself (resume and start_step from the trainer's "
-                             "global_step when fit(ckpt_path=...) resumes, the optimizer from the trainer); remove "
-                             f"{'it' if len(given) == 1 else 'them'}")
+        refuse_managed(monitor_kwargs, "NoiseMonitorCallback", "fit(ckpt_path=...)")
         self.loss, self.path, self.every, self.kwargs = loss, path, every, monitor_kwargs
         self.monitor: NoiseMonitor | None = None
 

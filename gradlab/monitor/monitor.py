@@ -84,6 +84,11 @@ def _close_earlier(path: str, model: nn.Module) -> None:
             mon._abandon()
 
 
+def _grad_mark(grad: Tensor) -> tuple[Any, int]:
+    """A weak reference to a ``.grad`` tensor and its version: whether it is still that tensor, unmodified."""
+    return weakref.ref(grad), grad._version
+
+
 def _rng_states(params: dict[str, Tensor]) -> list[Tensor]:
     """The CPU generator's state and, for parameters on CUDA, that device's (to see whether a forward drew)."""
     states = [torch.get_rng_state()]
@@ -124,7 +129,8 @@ class NoiseMonitor:
         check_arguments(model, loss=loss, path=path, optimizer=optimizer, every=every, estimator=estimator,
                         reduction=reduction, ema_decay=ema_decay, level=level, pool_size=pool_size,
                         chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config)
-        _close_earlier(os.path.abspath(os.fspath(path)), model)
+        self._key = os.path.abspath(os.fspath(path))
+        _close_earlier(self._key, model)
         self.model = model
         self.loss_fn = resolve_loss(loss)
         self.every, self.estimator, self.reduction = int(every), estimator, reduction
@@ -175,7 +181,7 @@ class NoiseMonitor:
         self._pending: Pending | None = None
         self._warned_no_loss = False
         self._uses_checked = False
-        self._grad_marks: list[tuple[str, Any, int]] | None = None
+        self._grad_marks: dict[str, tuple[Any, int]] | None = None
         self._warned_stale = False
         self._warned_unstepped = False
         self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
@@ -190,7 +196,7 @@ class NoiseMonitor:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
         self.closed = False
-        _LIVE[os.path.abspath(os.fspath(path))] = weakref.ref(self)
+        _LIVE[self._key] = weakref.ref(self)
 
     # -- state: θ₀, resume ----------------------------------------------------------------------------------
     def _init_state(self, resume: bool, start_step: int | None) -> None:
@@ -297,12 +303,10 @@ class NoiseMonitor:
         """Flush, record the final attrs, remove every hook and release the store."""
         if getattr(self, "closed", True):
             return
-        if self.t == 0 or (self.store.length == 0 and not self._rows):
+        if self.t == 0:  # step 0 is always recorded: no step was closed at all
             why = ("the optimizer passed (optimizer=) never stepped: is it the one that steps this model?"
-                   if self.optimizer is not None and self.t == 0 else
-                   "no monitor.step() call closed a step: call it after each optimizer step, or pass optimizer="
-                   if self.t == 0 else f"{self.t} steps were closed and every={self.every} records every "
-                   f"{self.every}th from step 0")
+                   if self.optimizer is not None else
+                   "no monitor.step() call closed a step: call it after each optimizer step, or pass optimizer=")
             log.warning("NoiseMonitor: %s recorded no step: %s", self.store.path, why)
         try:
             try:
@@ -357,14 +361,19 @@ class NoiseMonitor:
         return check_loss_output(out, n, name=loss_name(self.loss_fn),
                                  need_grad=need_grad and torch.is_grad_enabled(), finite=False)
 
+    def _unchanged_grads(self, marks: Mapping[str, tuple[Any, int]]) -> list[str]:
+        """The tensors whose ``.grad`` is still the one ``marks`` saw (the same tensor, at the same version)."""
+        out = []
+        for name, (ref, version) in marks.items():
+            g = self.params[name].grad
+            if g is not None and ref() is g and g._version == version:
+                out.append(name)
+        return out
+
     def _grads_reset(self, pending: Pending) -> bool:
         """Whether every ``.grad`` this step's backward left has been zeroed or replaced since: a new step began
         although no optimizer step closed the last one."""
-        for name, (ref, version) in pending.grad_versions.items():
-            g = self.params[name].grad
-            if g is not None and ref() is g and g._version == version:
-                return False
-        return True
+        return not self._unchanged_grads(pending.grad_versions)
 
     def _drop_unstepped(self, pending: Pending) -> Pending:
         """The last backward was not followed by an optimizer step (a GradScaler skipping a step with inf/NaN
@@ -381,21 +390,18 @@ class NoiseMonitor:
             self.store.add_note(note)
         return self._start()
 
-    def _backward_starts(self, g: Tensor, micro: Micro, marks: list[tuple[str, Any, int]] | None) -> None:
+    def _backward_starts(self, g: Tensor, micro: Micro, marks: dict[str, tuple[Any, int]] | None) -> None:
         """The hook on the per-example losses: their weights wᵢ, and, at the step's first backward, before it
         accumulates anything, whether a ``.grad`` still holds the last step's (not zeroed since the optimizer
         step: the same tensor, not modified since)."""
         micro.weights.append(g.detach())
         if marks and self._pending is not None:
-            grads = {n: p.grad for n, p in self.params.items()}
-            self._pending.stale = [n for n, ref, version in marks
-                                   if grads[n] is not None and ref() is grads[n] and grads[n]._version == version]
+            self._pending.stale = self._unchanged_grads(marks)
 
     def _mark_grads(self) -> None:
         """After a step, before a recorded one: which ``.grad`` tensors exist, at which version (weak references:
         a ``.grad`` set to None is freed as usual)."""
-        self._grad_marks = [(n, weakref.ref(p.grad), p.grad._version) for n, p in self.params.items()
-                            if p.grad is not None] or None
+        self._grad_marks = {n: _grad_mark(p.grad) for n, p in self.params.items() if p.grad is not None} or None
 
     def _check_uses(self, per: Tensor) -> None:
         """Once, at the first recorded step: parameters used outside their hooked module go to the fallback."""
@@ -421,7 +427,7 @@ class NoiseMonitor:
             pend = self._pending
             if pend is not None and pend.record and not pend.observed and p.grad is not None:
                 pend.grad_sq[name] = _sqnorm(p.grad.detach())
-                pend.grad_versions[name] = (weakref.ref(p.grad), p.grad._version)
+                pend.grad_versions[name] = _grad_mark(p.grad)
         return hook
 
     def _make_micro_hook(self, name: str) -> Any:

@@ -109,3 +109,15 @@ def test_lightning_accumulation_and_resume_from_a_checkpoint(tmp_path):
     ds = xr.open_zarr(tmp_path / "run.zarr", consolidated=False)
     assert list(ds.step.values) == list(range(8))
     assert list(ds.examples_seen.values) == [8 * (t + 1) for t in range(8)]
+
+
+def test_callbacks_refuse_the_settings_they_set_themselves():
+    from gradlab.errors import UsageError
+    from gradlab.monitor.checks import refuse_managed
+
+    _lightning()
+    from gradlab.monitor.lightning import NoiseMonitorCallback
+
+    with pytest.raises(UsageError, match=r"sets \['resume', 'start_step'\] itself .* remove them"):
+        NoiseMonitorCallback("cross-entropy", "x.zarr", resume=True, start_step=3)
+    refuse_managed({"every": 2, "ema_decay": 0.9}, "X", "fit")  # other kwargs pass through

@@ -14,6 +14,17 @@ flushes), in buffers allocated once, with as few passes over the parameters as t
   rounding of θ + Δθ to the parameters' dtype (in float32 a relative 1e-7·|θ|/|Δθ| per entry).  Other optimizers
   fall back to the snapshot.
 
+Background (``NoiseMonitor(background=...)``; default: on for CPU parameters when torch's intra-op threads leave a
+core free, and an optimizer's step hooks close the steps): the passes of a recorded step run on a worker thread
+while the training thread goes on with the next forward and backward, which only read θ; the next optimizer step
+waits for them (its pre-step hook) before it changes θ.  The worker also copies θ_{t+1} into the snapshot, so that
+at ``every=1`` the next step needs no copy of its own.  The operations are the same, in the same order, at the same
+intra-op thread count (a new thread inherits it), so the numbers are the same bit for bit.  θ changed between the
+step and the wait (an in-place edit of a parameter between optimizer steps: its version or storage changed) cannot
+be told from the worker's reads: that step's two norms are NaN, with a note, and the worker is switched off for
+the rest of the run.  Edits through ``.data`` bypass the version counter and are not seen: switch the worker off
+(``background=False``) in a loop that edits parameters through ``.data`` between steps.
+
 Why squares and sums rather than ``torch.linalg.vector_norm``: on CPU, torch's float32 norm accumulates each SIMD
 lane sequentially, and over a million entries of one magnitude it is off by 1e-5 (4e-4 when the entries are
 nearly equal, as differences from init are); ``Tensor.sum`` is cascaded (3e-8 there) and, squaring in a buffer
@@ -23,12 +34,28 @@ MLP, one thread).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import Tensor
 
 MODES = ("realized", "optimizer")
+
+
+def spare_core() -> bool:
+    """Whether torch's intra-op threads leave a core of this process's CPUs free (for the background worker)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+def _marks(params: list[Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's storage and version: any in-place change (outside ``.data``) or storage swap changes them."""
+    return [(p.data_ptr(), p._version) for p in params]
 
 
 def sgd_direction(optimizer: Any) -> str | None:
@@ -53,16 +80,69 @@ class Distances:
     """Per-tensor update norms and distances from ``theta0`` for ``params`` (float64 torch vectors, no sync)."""
 
     def __init__(self, params: list[Tensor], theta0: list[Tensor], optimizer: Any = None,
-                 mode: str = "realized") -> None:
+                 mode: str = "realized", background: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown update-norm mode {mode!r}; choose one of {MODES}")
         self.params = params
         self.theta0 = theta0
         self.optimizer = optimizer
         self.mode = mode
+        self.background = bool(background)
         self._buf: list[Tensor] | None = None
         self._snap: list[Tensor] | None = None
         self._snapped = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: tuple[Future, list[tuple[int, int]]] | None = None
+        self._snap_marks: list[tuple[int, int]] | None = None  # θ's marks when the worker's copy into _snap was θ
+
+    # -- the background worker --------------------------------------------------------------------------------
+    def measure(self, updated: bool, keep: bool = False) -> Future | tuple[Tensor | None, Tensor]:
+        """The update norm (if ``updated``) and the distance from init of the current θ: at once, or a Future
+        of them on the worker (see the module docs); ``keep``: the worker also copies θ into the snapshot for the
+        next step's update norm."""
+        if not (self.background and self._direction() is None):
+            return (self.update_norms() if updated else None), self.dist_norms()
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlab-monitor-distances")
+        params = [p.detach() for p in self.params]
+        marks = _marks(self.params)
+        future = self._pool.submit(self._measure, params, updated, keep)
+        self._job = (future, marks)
+        return future
+
+    def _measure(self, params: list[Tensor], updated: bool, keep: bool) -> tuple[Tensor | None, Tensor]:
+        upd = self.update_norms(params) if updated else None
+        dist = self.dist_norms(params)
+        if keep:
+            with torch.no_grad():
+                if self._snap is None:
+                    self._snap = [p.clone() for p in params]
+                else:
+                    torch._foreach_copy_(self._snap, params)
+        return upd, dist
+
+    def wait(self) -> bool:
+        """Wait for the worker's job (before θ may change); False if θ changed while it read (see module docs)."""
+        if self._job is None:
+            return True
+        future, marks = self._job
+        self._job = None
+        future.result()
+        if _marks(self.params) != marks:
+            self._snap_marks = None
+            self.background = False
+            return False
+        self._snap_marks = marks
+        return True
+
+    def shutdown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def _direction(self) -> str | None:
         if self.mode != "optimizer" or self.optimizer is None:
@@ -71,8 +151,13 @@ class Distances:
 
     def before_step(self) -> None:
         """Before ``optimizer.step()`` of a recorded step: snapshot θ_t unless the update is known."""
+        self.wait()
         self._snapped = False
         if self._direction() is not None:
+            return
+        kept, self._snap_marks = self._snap_marks, None
+        if kept is not None and self._snap is not None and kept == _marks(self.params):
+            self._snapped = True  # the worker copied θ_t after the last step, and θ has not changed since
             return
         with torch.no_grad():
             params = [p.detach() for p in self.params]
@@ -82,8 +167,9 @@ class Distances:
                 torch._foreach_copy_(self._snap, params)
         self._snapped = True
 
-    def update_norms(self) -> Tensor | None:
+    def update_norms(self, params: list[Tensor] | None = None) -> Tensor | None:
         """‖θ_{t+1} − θ_t‖ per tensor after the step (None if no snapshot was taken and the update is unknown)."""
+        params = [p.detach() for p in self.params] if params is None else params
         with torch.no_grad():
             kind = self._direction()
             if kind is not None:
@@ -91,7 +177,7 @@ class Distances:
             if not self._snapped or self._snap is None:
                 return None
             self._snapped = False
-            torch._foreach_sub_(self._snap, [p.detach() for p in self.params])  # θ_t − θ_{t+1}
+            torch._foreach_sub_(self._snap, params)  # θ_t − θ_{t+1}
             return _norms_in_place(self._snap)
 
     def _sgd_update_norms(self, kind: str) -> Tensor:
@@ -119,12 +205,13 @@ class Distances:
             self._buf = [torch.empty_like(p.detach()) for p in self.params]
         return self._buf
 
-    def dist_norms(self) -> Tensor:
+    def dist_norms(self, params: list[Tensor] | None = None) -> Tensor:
         """‖θ − θ₀‖ per tensor at the current θ."""
+        params = [p.detach() for p in self.params] if params is None else params
         with torch.no_grad():
             bufs = self._buffers()
-            for p, p0, b in zip(self.params, self.theta0, bufs):
-                torch.sub(p.detach(), p0, out=b)
+            for p, p0, b in zip(params, self.theta0, bufs):
+                torch.sub(p, p0, out=b)
             return _norms_in_place(bufs)
 
 

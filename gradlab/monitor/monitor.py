@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from gradlab.errors import UsageError
 from gradlab.monitor.checks import check_arguments, extra_loss_terms, extra_terms_note
-from gradlab.monitor.distances import MODES, Distances
+from gradlab.monitor.distances import MODES, Distances, spare_core
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
@@ -118,14 +118,18 @@ class NoiseMonitor:
     and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
     the monitor's cost on memory-bound CPUs; they are then recorded as NaN); ``distances="optimizer"`` takes the
     update norm of a ``torch.optim.SGD`` from its own update, without a snapshot of θ
-    (:mod:`gradlab.monitor.distances`).
+    (:mod:`gradlab.monitor.distances`); ``background`` runs those passes on a worker thread while training goes on
+    (the same numbers; None: when the parameters are on the CPU, torch's threads leave a core free and
+    ``optimizer=`` is given, whose next step waits for the worker; ``False`` in a loop that edits parameters
+    through ``.data`` between steps).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
                  optimizer: torch.optim.Optimizer | None = None, every: int = 1, estimator: str = "per-example",
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
                  level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
-                 distances: bool = True, config: Mapping[str, Any] | None = None) -> None:
+                 distances: bool = True, background: bool | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
         check_arguments(model, loss=loss, path=path, optimizer=optimizer, every=every, estimator=estimator,
                         reduction=reduction, ema_decay=ema_decay, level=level, pool_size=pool_size,
                         chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config)
@@ -140,6 +144,11 @@ class NoiseMonitor:
             raise UsageError(f"distances must be True, False or one of {MODES}, got {distances!r}")
         self.distances = bool(distances)
         self.update_mode = distances if isinstance(distances, str) else "realized"
+        if background not in (None, True, False):
+            raise UsageError(f"background must be True, False or None (automatic), got {background!r}")
+        if background and optimizer is None:
+            raise UsageError("background=True needs optimizer= (its next step waits for the worker before the "
+                             "parameters change); pass the optimizer, or leave background at None")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise UsageError("the model has no trainable parameters to monitor")
@@ -186,7 +195,13 @@ class NoiseMonitor:
         self._warned_unstepped = False
         self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
         self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
-        self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
+        if background is None:
+            background = (optimizer is not None and spare_core()
+                          and all(p.device.type == "cpu" for p in self.params.values()))
+        self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode,
+                               background=self.distances and background)
+        self._dist_row: tuple[Any, StepCopy] | None = None  # the worker's job and the row it fills
+        self._warned_edit = False
         self._handles: list[Any] = []
         for name, p in self.params.items():
             self._handles.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(name)))
@@ -293,6 +308,7 @@ class NoiseMonitor:
             self.store.set_attrs({"examples_at_step": {**marks, str(self.t): self.examples_seen}})
 
     def _submit(self) -> None:
+        self._wait_dist()
         if self._rows:
             rows = chunk_rows(self._rows, group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
                               pool_size=self.pool_size, ema=self.ema)
@@ -312,7 +328,10 @@ class NoiseMonitor:
             try:
                 self._submit()
             finally:
-                self._appender.shutdown()
+                try:
+                    self._dist.shutdown()
+                finally:
+                    self._appender.shutdown()
             self._mark_examples()
             self.store.set_attrs({"excluded_params": self.excluded})
             self.store.consolidate()  # finished: plain xr.open_zarr(path) opens quietly
@@ -321,6 +340,8 @@ class NoiseMonitor:
 
     def _abandon(self) -> None:
         """Release the store and the hooks without writing (the store's folder was removed meanwhile)."""
+        self._dist_row = None
+        self._dist.shutdown()
         self._appender.shutdown()
         self._release()
 
@@ -475,7 +496,27 @@ class NoiseMonitor:
                 self.store.add_note(note, excluded_params=self.excluded)
         micro.batch = None
 
+    def _wait_dist(self) -> None:
+        """The worker's norms of the last recorded step into its row (before θ changes, or the row is written)."""
+        if self._dist_row is None:
+            return
+        (future, row), self._dist_row = self._dist_row, None
+        unchanged = self._dist.wait()
+        upd, dist = future.result()
+        if unchanged:
+            row.dist[:] = dist.numpy()
+            if upd is not None:
+                row.update[:] = upd.numpy()
+        elif not self._warned_edit:
+            self._warned_edit = True
+            note = (f"step {row.step}: a parameter was changed in place after the optimizer step, while the "
+                    "background worker read θ for the update norm and the distance from init: both are NaN at "
+                    "that step, and computed on the training thread from then on")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
+
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._wait_dist()
         pend = self._start()
         if pend.record:
             pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
@@ -525,12 +566,16 @@ class NoiseMonitor:
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
                         "monitor.loss(batch), e.g. already reduced): recorded as missing; compute the loss with "
                         "monitor.loss(batch), or call monitor.observe(batch) before the optimizer step", pend.step)
+        self._wait_dist()  # (the pre-step hook did, unless no optimizer step came between)
         parts = [s1, q]
-        dist = upd = None
+        dist = upd = job = None
         if self.distances:
-            upd = self._dist.update_norms() if updated else None
-            dist = self._dist.dist_norms()
-            parts += [dist] + ([upd] if upd is not None else [])
+            measured = self._dist.measure(updated, keep=self.every == 1)
+            if isinstance(measured, tuple):
+                upd, dist = measured
+                parts += [dist] + ([upd] if upd is not None else [])
+            else:
+                job = measured
         loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
         parts.append(loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
         if mat is not None:  # the per-example rows' non-finite entries are counted on the host if they are few
@@ -543,10 +588,13 @@ class NoiseMonitor:
         nonfinite = 0 if mat is None else int(rows[0]) if mat.numel() > 4096 else int((~np.isfinite(rows)).sum())
         self._rows.append(StepCopy(
             s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
-            update=arr[3 * n:4 * n] if upd is not None else None, nonfinite=nonfinite, loss_sum=float(arr[end]),
+            update=arr[3 * n:4 * n] if upd is not None else np.full(n, np.nan) if job is not None else None,
+            nonfinite=nonfinite, loss_sum=float(arr[end]),
             step=pend.step, examples_seen=self.examples_seen, batch_size=pend.batch_size, n_groups=k,
             missing=missing, lr=pend.lr, excluded=np.array([name in self.excluded for name in self.names]),
             wall_time=time.time()))
+        if job is not None:  # its norms are filled in by _wait_dist
+            self._dist_row = (job, self._rows[-1])
         if len(self._rows) >= self.store.chunk_steps:
             self._submit()
 

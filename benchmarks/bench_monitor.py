@@ -9,7 +9,12 @@ the 2-block GPT of earlier sessions (vocabulary 256, fused qkv).  Conditions, in
 
 - ``plain``: the training step alone (forward, mean loss, backward, optimizer step);
 - ``monitor``: the same step with ``NoiseMonitor`` recording every step (per-example norms from the step's own
-  backward, update norm, distance from init, moving averages, zarr appends every 64 steps);
+  backward, update norm, distance from init, moving averages, zarr appends every 64 steps), as a user gets it:
+  the step's arithmetic on the background worker when torch's threads leave a core free (``background=None``;
+  :mod:`gradlab.monitor.worker`: with ``OMP_NUM_THREADS=1`` on two cores, the second core), else on the training
+  thread;
+- ``monitor 1-thread``: the same with ``background=False``: everything on the training thread (the monitor's
+  whole cost in CPU time; what ``monitor`` costs when torch's threads take every core);
 - ``monitor noise``: every step, without the update norm and distance from init (``distances=False``);
 - ``monitor sgd-upd``: every step, the update norm from SGD's own update (``distances="optimizer"``: no snapshot;
   Adam falls back to the snapshot, so on the GPTs this equals ``monitor``);
@@ -27,6 +32,7 @@ stores use its default chunk of 128 recorded steps.
   BackPACK's extended modules.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_monitor.py              # both models, timings
+    python benchmarks/bench_monitor.py --model mlp                    # torch's threads on every core: no worker
     python benchmarks/bench_monitor.py --model mlp --rounds 7 --memory
 """
 
@@ -200,7 +206,8 @@ def make_step(cond: str, name: str, device: str, tmp: Path):
         every = 16 if cond == "monitor/16" else 1
         mon = NoiseMonitor(model, loss_name, tmp / f"{name}-{cond.replace('/', '_').replace(' ', '_')}.zarr",
                            optimizer=opt, every=every,
-                           distances={"monitor noise": False, "monitor sgd-upd": "optimizer"}.get(cond, True))
+                           distances={"monitor noise": False, "monitor sgd-upd": "optimizer"}.get(cond, True),
+                           background=False if cond == "monitor 1-thread" else None)
     params = list(model.parameters())
     i = [0]
 
@@ -290,10 +297,14 @@ def main() -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     models = ["mlp", "gpt", "gpt-pos"] if args.model == "both" else [args.model]
-    conds = ["plain", "monitor", "monitor noise", "monitor sgd-upd", "monitor/16"] + ([] if args.no_naive else
+    conds = ["plain", "monitor", "monitor 1-thread", "monitor noise", "monitor sgd-upd", "monitor/16"] + \
+        ([] if args.no_naive else
                                                                                    ["naive"])
+    from gradlab.monitor.worker import spare_core
+
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds × {args.steps} steps")
+          f"{args.rounds} rounds × {args.steps} steps; background worker "
+          f"{'on (a core is free)' if spare_core() and args.device == 'cpu' else 'off'}")
     results = {}
     no_cockpit = cockpit_available()
     if no_cockpit:
@@ -311,7 +322,7 @@ def main() -> None:
             ratios = [a / b for a, b in zip(t[c], base)]
             res[c] = {"ms": 1e3 * statistics.median(t[c]), "ratio": statistics.median(ratios),
                       "ratio_range": [min(ratios), max(ratios)]}
-            print(f"  {c:13s} {res[c]['ms']:9.2f} ms   ratio to plain {res[c]['ratio']:.3f}× "
+            print(f"  {c:16s} {res[c]['ms']:9.2f} ms   ratio to plain {res[c]['ratio']:.3f}× "
                   f"(rounds: {min(ratios):.3f}–{max(ratios):.3f})")
         if "naive" in res:
             print(f"  monitor vs naive per-example loop: {res['naive']['ms'] / res['monitor']['ms']:.1f}× faster")

@@ -14,16 +14,12 @@ flushes), in buffers allocated once, with as few passes over the parameters as t
   rounding of θ + Δθ to the parameters' dtype (in float32 a relative 1e-7·|θ|/|Δθ| per entry).  Other optimizers
   fall back to the snapshot.
 
-Background (``NoiseMonitor(background=...)``; default: on for CPU parameters when torch's intra-op threads leave a
-core free, and an optimizer's step hooks close the steps): the passes of a recorded step run on a worker thread
-while the training thread goes on with the next forward and backward, which only read θ; the next optimizer step
-waits for them (its pre-step hook) before it changes θ.  The worker also copies θ_{t+1} into the snapshot, so that
-at ``every=1`` the next step needs no copy of its own.  The operations are the same, in the same order, at the same
-intra-op thread count (a new thread inherits it), so the numbers are the same bit for bit.  θ changed between the
-step and the wait (an in-place edit of a parameter between optimizer steps: its version or storage changed) cannot
-be told from the worker's reads: that step's two norms are NaN, with a note, and the worker is switched off for
-the rest of the run.  Edits through ``.data`` bypass the version counter and are not seen: switch the worker off
-(``background=False``) in a loop that edits parameters through ``.data`` between steps.
+On the monitor's background worker (:mod:`gradlab.monitor.worker`) the same operations run on the worker's thread:
+:meth:`Distances.capture` takes, on the training thread, what the step's norms read (θ, and the optimizer's
+direction tensors in the ``"optimizer"`` mode, whose ``.grad`` the loop may drop before the worker runs), and
+:meth:`Distances.measure` computes from it.  The worker also copies θ_{t+1} into the snapshot (``keep``), and
+:meth:`Distances.kept` tells :meth:`before_step` that the copy is still θ_t, so that at ``every=1`` the next step
+needs no copy of its own.
 
 Why squares and sums rather than ``torch.linalg.vector_norm``: on CPU, torch's float32 norm accumulates each SIMD
 lane sequentially, and over a million entries of one magnitude it is off by 1e-5 (4e-4 when the entries are
@@ -34,28 +30,25 @@ MLP, one thread).
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradlab.monitor.worker import unchanged
+
 MODES = ("realized", "optimizer")
 
 
-def spare_core() -> bool:
-    """Whether torch's intra-op threads leave a core of this process's CPUs free (for the background worker)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+@dataclass(frozen=True)
+class Captured:
+    """What a recorded step's norms read: θ after the step (detached), whether it was an update, and the SGD
+    direction tensors (index, tensor, η) when the update is known from the optimizer."""
 
-
-def _marks(params: list[Tensor]) -> list[tuple[int, int]]:
-    """Each tensor's storage and version: any in-place change (outside ``.data``) or storage swap changes them."""
-    return [(p.data_ptr(), p._version) for p in params]
+    params: list[Tensor]
+    updated: bool
+    dirs: list[tuple[int, Tensor, float]] | None
 
 
 def sgd_direction(optimizer: Any) -> str | None:
@@ -80,69 +73,17 @@ class Distances:
     """Per-tensor update norms and distances from ``theta0`` for ``params`` (float64 torch vectors, no sync)."""
 
     def __init__(self, params: list[Tensor], theta0: list[Tensor], optimizer: Any = None,
-                 mode: str = "realized", background: bool = False) -> None:
+                 mode: str = "realized") -> None:
         if mode not in MODES:
             raise ValueError(f"unknown update-norm mode {mode!r}; choose one of {MODES}")
         self.params = params
         self.theta0 = theta0
         self.optimizer = optimizer
         self.mode = mode
-        self.background = bool(background)
         self._buf: list[Tensor] | None = None
         self._snap: list[Tensor] | None = None
         self._snapped = False
-        self._pool: ThreadPoolExecutor | None = None
-        self._job: tuple[Future, list[tuple[int, int]]] | None = None
-        self._snap_marks: list[tuple[int, int]] | None = None  # θ's marks when the worker's copy into _snap was θ
-
-    # -- the background worker --------------------------------------------------------------------------------
-    def measure(self, updated: bool, keep: bool = False) -> Future | tuple[Tensor | None, Tensor]:
-        """The update norm (if ``updated``) and the distance from init of the current θ: at once, or a Future
-        of them on the worker (see the module docs); ``keep``: the worker also copies θ into the snapshot for the
-        next step's update norm."""
-        if not (self.background and self._direction() is None):
-            return (self.update_norms() if updated else None), self.dist_norms()
-        self.wait()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlab-monitor-distances")
-        params = [p.detach() for p in self.params]
-        marks = _marks(self.params)
-        future = self._pool.submit(self._measure, params, updated, keep)
-        self._job = (future, marks)
-        return future
-
-    def _measure(self, params: list[Tensor], updated: bool, keep: bool) -> tuple[Tensor | None, Tensor]:
-        upd = self.update_norms(params) if updated else None
-        dist = self.dist_norms(params)
-        if keep:
-            with torch.no_grad():
-                if self._snap is None:
-                    self._snap = [p.clone() for p in params]
-                else:
-                    torch._foreach_copy_(self._snap, params)
-        return upd, dist
-
-    def wait(self) -> bool:
-        """Wait for the worker's job (before θ may change); False if θ changed while it read (see module docs)."""
-        if self._job is None:
-            return True
-        future, marks = self._job
-        self._job = None
-        future.result()
-        if _marks(self.params) != marks:
-            self._snap_marks = None
-            self.background = False
-            return False
-        self._snap_marks = marks
-        return True
-
-    def shutdown(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        self._kept: list[Any] | None = None  # the marks of θ when the worker copied it into the snapshot
 
     def _direction(self) -> str | None:
         if self.mode != "optimizer" or self.optimizer is None:
@@ -151,12 +92,11 @@ class Distances:
 
     def before_step(self) -> None:
         """Before ``optimizer.step()`` of a recorded step: snapshot θ_t unless the update is known."""
-        self.wait()
         self._snapped = False
         if self._direction() is not None:
             return
-        kept, self._snap_marks = self._snap_marks, None
-        if kept is not None and self._snap is not None and kept == _marks(self.params):
+        kept, self._kept = self._kept, None
+        if kept is not None and self._snap is not None and unchanged(kept):
             self._snapped = True  # the worker copied θ_t after the last step, and θ has not changed since
             return
         with torch.no_grad():
@@ -167,36 +107,62 @@ class Distances:
                 torch._foreach_copy_(self._snap, params)
         self._snapped = True
 
-    def update_norms(self, params: list[Tensor] | None = None) -> Tensor | None:
+    def capture(self, updated: bool) -> Captured:
+        """On the training thread, after the step: what :meth:`measure` reads (θ, and the SGD direction tensors)."""
+        params = [p.detach() for p in self.params]
+        kind = self._direction() if updated else None
+        return Captured(params, updated, self._sgd_dirs(kind) if kind is not None else None)
+
+    def measure(self, cap: Captured, keep: bool = False) -> tuple[Tensor | None, Tensor]:
+        """The update norm (None if not measured) and the distance from init of a :meth:`capture`; ``keep``: copy
+        θ into the snapshot afterwards (then :meth:`kept`, once θ is known to be unchanged)."""
+        upd = self.update_norms(cap) if cap.updated else None
+        dist = self.dist_norms(cap.params)
+        if keep and cap.dirs is None:
+            with torch.no_grad():
+                if self._snap is None:
+                    self._snap = [p.clone() for p in cap.params]
+                else:
+                    torch._foreach_copy_(self._snap, cap.params)
+        return upd, dist
+
+    def kept(self, saved: list[Any]) -> None:
+        """The snapshot holds θ as it was at ``saved`` (:func:`gradlab.monitor.worker.marks`)."""
+        self._kept = saved
+
+    def update_norms(self, cap: Captured | None = None) -> Tensor | None:
         """‖θ_{t+1} − θ_t‖ per tensor after the step (None if no snapshot was taken and the update is unknown)."""
-        params = [p.detach() for p in self.params] if params is None else params
+        cap = self.capture(True) if cap is None else cap
         with torch.no_grad():
-            kind = self._direction()
-            if kind is not None:
-                return self._sgd_update_norms(kind)
+            if cap.dirs is not None:
+                return self._sgd_update_norms(cap.dirs)
             if not self._snapped or self._snap is None:
                 return None
             self._snapped = False
-            torch._foreach_sub_(self._snap, params)  # θ_t − θ_{t+1}
+            torch._foreach_sub_(self._snap, cap.params)  # θ_t − θ_{t+1}
             return _norms_in_place(self._snap)
 
-    def _sgd_update_norms(self, kind: str) -> Tensor:
+    def _sgd_dirs(self, kind: str) -> list[tuple[int, Tensor, float]]:
+        """(tensor index, −Δθ/η, η) of every tensor the SGD step moved."""
         lr = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
         state = self.optimizer.state
-        dirs: list[Tensor] = []
-        where: list[int] = []
+        out = []
         for j, p in enumerate(self.params):
             d = p.grad if kind == "grad" else state.get(p, {}).get("momentum_buffer")
             if id(p) in lr and d is not None:  # SGD skips parameters without a gradient: they do not move
-                dirs.append(d.detach())
-                where.append(j)
+                out.append((j, d.detach(), lr[id(p)]))
+        return out
+
+    def _sgd_update_norms(self, moved: list[tuple[int, Tensor, float]]) -> Tensor:
+        dirs = [d for _, d, _ in moved]
+        where = [j for j, _, _ in moved]
         out = torch.zeros(len(self.params), dtype=torch.float64, device=self.params[0].device)
         if dirs:
             bufs = self._buffers()
             scratch = [bufs[j] for j in where]
             for d, b in zip(dirs, scratch):
                 torch.mul(d, d, out=b)
-            scale = torch.tensor([lr[id(self.params[j])] for j in where], dtype=torch.float64, device=out.device)
+            scale = torch.tensor([lr for _, _, lr in moved], dtype=torch.float64, device=out.device)
             out[where] = _sqrt_sums(scratch) * scale
         return out
 
@@ -206,7 +172,7 @@ class Distances:
         return self._buf
 
     def dist_norms(self, params: list[Tensor] | None = None) -> Tensor:
-        """‖θ − θ₀‖ per tensor at the current θ."""
+        """‖θ − θ₀‖ per tensor at the current θ (``params``: its detached tensors)."""
         params = [p.detach() for p in self.params] if params is None else params
         with torch.no_grad():
             bufs = self._buffers()

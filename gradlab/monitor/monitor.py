@@ -44,10 +44,11 @@ from torch import Tensor, nn
 
 from gradlab.errors import UsageError
 from gradlab.monitor.checks import check_arguments, extra_loss_terms, extra_terms_note
-from gradlab.monitor.distances import MODES, Distances, spare_core
+from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
 from gradlab.monitor.store import GROUPS, MonitorStore
+from gradlab.monitor.worker import Worker, input_marks, marks, spare_core, unchanged
 from gradlab.monitor.writer import Appender
 from gradlab.monitor.rows import StepCopy, chunk_rows
 from gradlab.monitor.state import initial_parameters, resume_store, store_attrs
@@ -118,10 +119,10 @@ class NoiseMonitor:
     and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
     the monitor's cost on memory-bound CPUs; they are then recorded as NaN); ``distances="optimizer"`` takes the
     update norm of a ``torch.optim.SGD`` from its own update, without a snapshot of θ
-    (:mod:`gradlab.monitor.distances`); ``background`` runs those passes on a worker thread while training goes on
-    (the same numbers; None: when the parameters are on the CPU, torch's threads leave a core free and
-    ``optimizer=`` is given, whose next step waits for the worker; ``False`` in a loop that edits parameters
-    through ``.data`` between steps).
+    (:mod:`gradlab.monitor.distances`); ``background`` computes each recorded step's numbers on a worker thread
+    while training goes on (the same numbers; None: when the parameters are on the CPU, torch's threads leave a
+    core free and ``optimizer=`` is given, whose next step waits for the worker; :mod:`gradlab.monitor.worker`;
+    ``False`` in a loop that edits parameters or input buffers through ``.data`` between steps).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
@@ -195,12 +196,13 @@ class NoiseMonitor:
         self._warned_unstepped = False
         self._random_forward: bool | None = None  # does the forward draw random numbers (dropout)? first step
         self._sums_check: bool | None = None  # None: not checked yet; True: the loss has other terms
+        self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode)
         if background is None:
             background = (optimizer is not None and spare_core()
                           and all(p.device.type == "cpu" for p in self.params.values()))
-        self._dist = Distances(list(self.params.values()), self.theta0, optimizer, self.update_mode,
-                               background=self.distances and background)
-        self._dist_row: tuple[Any, StepCopy] | None = None  # the worker's job and the row it fills
+        self._background = bool(background)
+        self._worker = Worker()
+        self._work: tuple[Any, ...] | None = None  # the worker's job for the last recorded step, to record
         self._warned_edit = False
         self._handles: list[Any] = []
         for name, p in self.params.items():
@@ -308,7 +310,7 @@ class NoiseMonitor:
             self.store.set_attrs({"examples_at_step": {**marks, str(self.t): self.examples_seen}})
 
     def _submit(self) -> None:
-        self._wait_dist()
+        self._wait_work()
         if self._rows:
             rows = chunk_rows(self._rows, group_masks=self._group_masks, two_batch=self.estimator == "two-batch",
                               pool_size=self.pool_size, ema=self.ema)
@@ -329,7 +331,7 @@ class NoiseMonitor:
                 self._submit()
             finally:
                 try:
-                    self._dist.shutdown()
+                    self._worker.shutdown()
                 finally:
                     self._appender.shutdown()
             self._mark_examples()
@@ -340,8 +342,8 @@ class NoiseMonitor:
 
     def _abandon(self) -> None:
         """Release the store and the hooks without writing (the store's folder was removed meanwhile)."""
-        self._dist_row = None
-        self._dist.shutdown()
+        self._work = None
+        self._worker.shutdown()
         self._appender.shutdown()
         self._release()
 
@@ -466,7 +468,12 @@ class NoiseMonitor:
         micro.collected = True
         check = self._sums_check is None and len(pending.micros) == 1 and not pending.observed
         sums: dict[str, Tensor] | None = {} if check else None
-        micro.norms = self.hooks.collect(micro.n, sums)
+        if self._background and not check:  # the arithmetic on the worker; what it reads is marked
+            plan = self.hooks.take(micro.n)
+            micro.marks = input_marks(c.inp for _, _, calls in plan for c in calls if isinstance(c.inp, Tensor))
+            micro.job = self._worker.submit(self.hooks.compute, plan)
+        else:
+            micro.norms = self.hooks.collect(micro.n, sums)
         if check and sums:
             self._check_sums(sums)
         self.hooks.disarm()
@@ -496,27 +503,8 @@ class NoiseMonitor:
                 self.store.add_note(note, excluded_params=self.excluded)
         micro.batch = None
 
-    def _wait_dist(self) -> None:
-        """The worker's norms of the last recorded step into its row (before θ changes, or the row is written)."""
-        if self._dist_row is None:
-            return
-        (future, row), self._dist_row = self._dist_row, None
-        unchanged = self._dist.wait()
-        upd, dist = future.result()
-        if unchanged:
-            row.dist[:] = dist.numpy()
-            if upd is not None:
-                row.update[:] = upd.numpy()
-        elif not self._warned_edit:
-            self._warned_edit = True
-            note = (f"step {row.step}: a parameter was changed in place after the optimizer step, while the "
-                    "background worker read θ for the update norm and the distance from init: both are NaN at "
-                    "that step, and computed on the training thread from then on")
-            log.warning("NoiseMonitor: %s", note)
-            self.store.add_note(note)
-
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._wait_dist()
+        self._wait_work()  # the worker may read θ: it finishes before the update
         pend = self._start()
         if pend.record:
             pend.lr = float(optimizer.param_groups[0].get("lr", math.nan))
@@ -548,7 +536,69 @@ class NoiseMonitor:
             raise UsageError(f"step {pend.step} has {pend.batch_size} examples, more than pool_size={self.pool_size} "
                              "(the number of training examples batches are drawn from without replacement); pass "
                              "the size of the training set, or pool_size=None for draws with replacement")
+        self._wait_work()  # (the pre-step hook did, unless no optimizer step came between)
+        cap = self._dist.capture(updated) if self.distances else None
+        ctx = (pend, self.examples_seen, np.array([name in self.excluded for name in self.names]), time.time())
+        if self._background:
+            theta = marks(self.params.values())
+            dirs = marks(d for _, d, _ in cap.dirs) if cap is not None and cap.dirs is not None else []
+            job = self._worker.submit(self._numbers, pend, cap, self.every == 1)
+            self._work = (job, ctx, theta, dirs)
+        else:
+            self._record(ctx, self._numbers(pend, cap, False))
+
+    def _numbers(self, pend: Pending, cap: Any, keep: bool) -> tuple[np.ndarray, int, int, int | None, bool, bool]:
+        """A recorded step's arithmetic (on the worker, or at once): S₁, Q, the norms and the loss in one float64
+        vector copied to the host once, the missing code, k, the size of the per-example rows, which norms."""
+        for m in pend.micros:
+            if m.job is not None:  # an earlier job of the same worker: done by now
+                m.norms, m.job = m.job.result(), None
         s1, q, mat, missing, k = step_sums(pend, self.names, self.estimator)
+        parts = [s1, q]
+        dist = upd = None
+        if cap is not None:
+            upd, dist = self._dist.measure(cap, keep)
+            parts += [dist] + ([upd] if upd is not None else [])
+        loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
+        parts.append(loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
+        if mat is not None:  # the per-example rows' non-finite entries are counted on the host if they are few
+            parts.append(mat.reshape(-1) if mat.numel() <= 4096 else
+                         (~torch.isfinite(mat)).sum().to(torch.float64).reshape(1))
+        arr = torch.cat([x.to(s1.device) for x in parts]).cpu().numpy()  # the step's one copy
+        return arr, missing, k, None if mat is None else mat.numel(), dist is not None, upd is not None
+
+    def _wait_work(self) -> None:
+        """Record the worker's last step (before θ changes, or the rows are written), checking that nothing it
+        read was changed in place meanwhile (:mod:`gradlab.monitor.worker`)."""
+        if self._work is None:
+            return
+        (job, ctx, theta, dirs), self._work = self._work, None
+        numbers = job.result()
+        dist_ok = unchanged(theta) and unchanged(dirs)
+        norms_ok = all(unchanged(m.marks) for m in ctx[0].micros)
+        if dist_ok and self.every == 1:
+            self._dist.kept(theta)
+        if not (dist_ok and norms_ok):
+            self._background = False
+            if not self._warned_edit:
+                self._warned_edit = True
+                what = ("a parameter (or an optimizer buffer)" if not dist_ok else "a layer input") + \
+                    " was changed in place after the optimizer step"
+                lost = "the update norm and the distance from init are NaN" if not dist_ok else \
+                    "the step is not estimated (missing = 7)"
+                note = (f"step {ctx[0].step}: {what}, while the background worker read it: {lost} at that step, "
+                        "and the monitor computes on the training thread from then on")
+                log.warning("NoiseMonitor: %s", note)
+                self.store.add_note(note)
+        self._record(ctx, numbers, norms_ok=norms_ok, dist_ok=dist_ok)
+
+    def _record(self, ctx: tuple[Any, ...], numbers: tuple[Any, ...], norms_ok: bool = True,
+                dist_ok: bool = True) -> None:
+        """A recorded step's row from its numbers, with the missing code and its notes."""
+        pend, examples_seen, excluded, wall_time = ctx
+        arr, missing, k, mat_numel, has_dist, has_upd = numbers
+        if not norms_ok and missing == 0:
+            missing = 7
         if missing == 0 and self._sums_check:
             missing = 6
         if pend.stale and missing in (0, 6):
@@ -566,35 +616,17 @@ class NoiseMonitor:
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
                         "monitor.loss(batch), e.g. already reduced): recorded as missing; compute the loss with "
                         "monitor.loss(batch), or call monitor.observe(batch) before the optimizer step", pend.step)
-        self._wait_dist()  # (the pre-step hook did, unless no optimizer step came between)
-        parts = [s1, q]
-        dist = upd = job = None
-        if self.distances:
-            measured = self._dist.measure(updated, keep=self.every == 1)
-            if isinstance(measured, tuple):
-                upd, dist = measured
-                parts += [dist] + ([upd] if upd is not None else [])
-            else:
-                job = measured
-        loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
-        parts.append(loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
-        if mat is not None:  # the per-example rows' non-finite entries are counted on the host if they are few
-            parts.append(mat.reshape(-1) if mat.numel() <= 4096 else
-                         (~torch.isfinite(mat)).sum().to(torch.float64).reshape(1))
-        arr = torch.cat([x.to(s1.device) for x in parts]).cpu().numpy()  # the step's one copy
         n = len(self.names)
-        end = 2 * n + (n if dist is not None else 0) + (n if upd is not None else 0)
+        end = 2 * n + (n if has_dist else 0) + (n if has_upd else 0)
         rows = arr[end + 1:]
-        nonfinite = 0 if mat is None else int(rows[0]) if mat.numel() > 4096 else int((~np.isfinite(rows)).sum())
+        nonfinite = 0 if mat_numel is None else int(rows[0]) if mat_numel > 4096 else int((~np.isfinite(rows)).sum())
+        s1, q = (arr[:n], arr[n:2 * n]) if missing != 7 else (np.full(n, np.nan), np.full(n, np.nan))
+        nonfinite = nonfinite if missing != 7 else 0
         self._rows.append(StepCopy(
-            s1=arr[:n], q=arr[n:2 * n], dist=arr[2 * n:3 * n] if dist is not None else np.full(n, np.nan),
-            update=arr[3 * n:4 * n] if upd is not None else np.full(n, np.nan) if job is not None else None,
-            nonfinite=nonfinite, loss_sum=float(arr[end]),
-            step=pend.step, examples_seen=self.examples_seen, batch_size=pend.batch_size, n_groups=k,
-            missing=missing, lr=pend.lr, excluded=np.array([name in self.excluded for name in self.names]),
-            wall_time=time.time()))
-        if job is not None:  # its norms are filled in by _wait_dist
-            self._dist_row = (job, self._rows[-1])
+            s1=s1, q=q, dist=arr[2 * n:3 * n] if has_dist and dist_ok else np.full(n, np.nan),
+            update=arr[3 * n:4 * n] if has_upd and dist_ok else None, nonfinite=nonfinite,
+            loss_sum=float(arr[end]), step=pend.step, examples_seen=examples_seen, batch_size=pend.batch_size,
+            n_groups=k, missing=missing, lr=pend.lr, excluded=excluded, wall_time=wall_time))
         if len(self._rows) >= self.store.chunk_steps:
             self._submit()
 

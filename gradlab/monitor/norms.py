@@ -208,8 +208,12 @@ class PerExampleNorms:
         0…N−1 of shape (N,) (also when N = n), is unhooked for good: its parameters are appended to
         :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func).  Other unbatched inputs
         whose leading dimension equals n cannot be told apart: give such modules batched inputs."""
-        out: dict[str, Tensor] = {}
-        self._grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this collect only)
+        return self.compute(self.take(n), sums)
+
+    def take(self, n: int | None = None) -> list[tuple[nn.Module, dict[str, str], list[_Capture]]]:
+        """The first half of :meth:`collect`: the captured calls to compute from (each module with its roles), the
+        unbatched modules unhooked; the captures are forgotten here (the next backward may be captured meanwhile)."""
+        plan = []
         for module, calls in self._calls.items():
             if module not in self.modules:  # unhooked since it was called (check_uses)
                 continue
@@ -221,19 +225,27 @@ class PerExampleNorms:
                 self.fallback.extend(names)
                 continue
             if calls:
-                out.update(self._module_norms(module, calls))
-                if sums is not None:
-                    sums.update(self._module_sums(module, calls))
+                plan.append((module, dict(self.modules[module]), calls))
         self._calls.clear()
-        self._grams = {}
+        return plan
+
+    def compute(self, plan: list[tuple[nn.Module, dict[str, str], list[_Capture]]],
+                sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The second half of :meth:`collect`: the per-example norms of a :meth:`take` (arithmetic only: it may run
+        on another thread)."""
+        out: dict[str, Tensor] = {}
+        grams: dict[int, Tensor] = {}  # input Grams shared by layers reading one tensor (this plan only)
+        for module, roles, calls in plan:
+            out.update(self._module_norms(module, calls, roles, grams))
+            if sums is not None:
+                sums.update(self._module_sums(module, calls, roles))
         return out
 
-    def _module_sums(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
+    def _module_sums(self, module: nn.Module, calls: list[_Capture], roles: dict[str, str]) -> dict[str, Tensor]:
         """Σᵢ wᵢgᵢ of a Linear on (B, d) called once -- what its parameters' ``.grad`` holds when nothing else
         enters the backpropagated loss (one GEMM; :meth:`collect` computes it on request)."""
         if not isinstance(module, nn.Linear) or len(calls) != 1 or calls[0].inp.dim() != 2:
             return {}
-        roles = self.modules[module]
         a, d = calls[0].inp.detach(), calls[0].grad
         res = {}
         if "weight" in roles:
@@ -242,8 +254,8 @@ class PerExampleNorms:
             res[roles["bias"]] = d.sum(0)
         return res
 
-    def _module_norms(self, module: nn.Module, calls: list[_Capture]) -> dict[str, Tensor]:
-        roles = self.modules[module]
+    def _module_norms(self, module: nn.Module, calls: list[_Capture], roles: dict[str, str],
+                      grams: dict[int, Tensor]) -> dict[str, Tensor]:
         res: dict[str, Tensor] = {}
         linear = isinstance(module, nn.Linear) or _is_hf_conv1d(module)  # ‖gᵢ‖² does not see the transpose
         if linear and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
@@ -258,9 +270,9 @@ class PerExampleNorms:
             a = _cat1([_as_btd(c.inp.detach(), d_in) for c in calls])
             d = _cat1([_as_btd(c.grad, d_out) for c in calls])
             # one call: the input tensor object (alive in the capture) keys the cache of input Grams
-            grams, key = (self._grams, id(calls[0].inp)) if len(calls) == 1 else (None, 0)
+            cache, key = (grams, id(calls[0].inp)) if len(calls) == 1 else (None, 0)
             if "weight" in roles:
-                res[roles["weight"]] = linear_sq_norms(a, d, grams, key)
+                res[roles["weight"]] = linear_sq_norms(a, d, cache, key)
             if "bias" in roles:
                 res[roles["bias"]] = _sq_rows(d.sum(1))
         elif isinstance(module, nn.Embedding):

@@ -66,7 +66,7 @@ def chunk_rows(copies: list[StepCopy], *, group_masks: np.ndarray, two_batch: bo
     s1v = np.where(ex, np.nan, np.stack([c.s1 for c in copies]))
     qv = np.where(ex, np.nan, np.stack([c.q for c in copies]))
     missing0 = np.array([c.missing for c in copies], dtype=np.int8)
-    measured = ~ex & ~np.isin(missing0, (3, 5))[:, None]  # codes 3 and 5 measure nothing: NaN is no finding
+    measured = ~ex & ~np.isin(missing0, (3, 5, 7))[:, None]  # codes 3, 5, 7 measure nothing: NaN is no finding
     nonfinite = np.array([c.nonfinite for c in copies], dtype=np.int64) + (~np.isfinite(s1v) & measured).sum(1)
     if two_batch:
         nonfinite += (~np.isfinite(qv) & measured).sum(1)

@@ -32,6 +32,8 @@ class Micro:
     norms: dict[str, Tensor] = field(default_factory=dict)   # per-example: (n,) ‖wᵢgᵢ‖²; two-batch: ‖Σ wᵢgᵢ‖²
     unscaled: dict[str, Tensor] = field(default_factory=dict)  # fallback parameters: (n,) ‖gᵢ‖²
     collected: bool = False
+    job: Any = None  # the background worker's Future of ``norms`` (:mod:`gradlab.monitor.worker`)
+    marks: list[Any] = field(default_factory=list)  # what that job reads, to check it was not edited meanwhile
 
 
 @dataclass

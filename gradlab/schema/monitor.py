@@ -16,6 +16,7 @@ MISSING = {
     4: "one micro-batch: the two-batch estimator needs ≥ 2 micro-batches",
     5: "no backward pass reached the monitored parameters for this step",
     6: "the backpropagated loss has terms besides the per-example losses (e.g. a penalty): not estimated",
+    7: "a layer input the background worker read was changed in place before the next step: not estimated",
 }
 
 

@@ -3,10 +3,12 @@
 Both are computed afresh at every recorded step (never carried forward: the numbers do not depend on resumes or
 flushes), in buffers allocated once, with as few passes over the parameters as the mode allows:
 
-- distance from init: ``torch.sub(θ, θ₀, out=buffer)`` per tensor, squared in place, then one (cascaded) sum per
-  tensor;
-- update norm, ``"realized"`` (the default): a snapshot of θ_t before the step (``torch._foreach_copy_``), then
-  θ_t − θ_{t+1} in place, squared in place and summed: the float difference of the stored parameters;
+- distance from init: θ − θ₀ into a scratch block, squared in place and summed (cascaded), block by block
+  (blocks of ``CHUNK`` entries on the CPU, so that the block is still in cache for the squaring and the sum and
+  each entry of θ and θ₀ is read from memory once; whole tensors on an accelerator), the block sums added in
+  float64;
+- update norm, ``"realized"`` (the default): a snapshot of θ_t before the step, then θ_t − θ_{t+1} of each block
+  in the same pass: the float difference of the stored parameters;
 - update norm, ``"optimizer"`` (opt-in, ``NoiseMonitor(distances="optimizer")``): for a plain ``torch.optim.SGD``
   whose every group moves θ by −η·(the gradient) (no momentum, no weight decay) or −η·(the momentum buffer)
   (momentum, not Nesterov), ‖Δθ‖ = η‖d‖ from a tensor the optimizer already holds (squared into the distance
@@ -39,6 +41,10 @@ from torch import Tensor
 from gradlab.monitor.worker import unchanged
 
 MODES = ("realized", "optimizer")
+
+#: entries per block of the CPU passes (256 KiB of float32: the block's difference stays in L2 between its
+#: subtraction, squaring and sum, so each parameter, θ₀ and snapshot entry crosses the memory bus once)
+CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class Distances:
         self._snap: list[Tensor] | None = None
         self._snapped = False
         self._kept: list[Any] | None = None  # the marks of θ when the worker copied it into the snapshot
+        self._tmp: dict[tuple[Any, ...], Tensor] = {}
 
     def _direction(self) -> str | None:
         if self.mode != "optimizer" or self.optimizer is None:
@@ -100,11 +107,10 @@ class Distances:
             self._snapped = True  # the worker copied θ_t after the last step, and θ has not changed since
             return
         with torch.no_grad():
-            params = [p.detach() for p in self.params]
+            flat = [p.detach().reshape(-1) for p in self.params]
             if self._snap is None:
-                self._snap = [p.clone() for p in params]
-            else:
-                torch._foreach_copy_(self._snap, params)
+                self._snap = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in flat]
+            torch._foreach_copy_(self._snap, flat)
         self._snapped = True
 
     def capture(self, updated: bool) -> Captured:
@@ -115,32 +121,61 @@ class Distances:
 
     def measure(self, cap: Captured, keep: bool = False) -> tuple[Tensor | None, Tensor]:
         """The update norm (None if not measured) and the distance from init of a :meth:`capture`; ``keep``: copy
-        θ into the snapshot afterwards (then :meth:`kept`, once θ is known to be unchanged)."""
-        upd = self.update_norms(cap) if cap.updated else None
-        dist = self.dist_norms(cap.params)
-        if keep and cap.dirs is None:
-            with torch.no_grad():
-                if self._snap is None:
-                    self._snap = [p.clone() for p in cap.params]
-                else:
-                    torch._foreach_copy_(self._snap, cap.params)
-        return upd, dist
+        θ into the snapshot as well (then :meth:`kept`, once θ is known to be unchanged)."""
+        with torch.no_grad():
+            if cap.dirs is not None:  # the update from the optimizer's own tensors
+                upd = self._sgd_update_norms(cap.dirs) if cap.updated else None
+                return upd, self._passes(cap.params, False, False)[1]
+            realized = cap.updated and self._snapped and self._snap is not None
+            self._snapped = False
+            if keep and self._snap is None:
+                self._snap = [torch.empty_like(p.reshape(-1), memory_format=torch.contiguous_format)
+                              for p in cap.params]
+            return self._passes(cap.params, realized, keep)
+
+    def _passes(self, params: list[Tensor], realized: bool, keep: bool) -> tuple[Tensor | None, Tensor]:
+        """‖θ − θ₀‖ per tensor, and with ``realized`` ‖θ_t − θ‖ from the snapshot θ_t, then with ``keep`` θ copied
+        into the snapshot: one pass over each tensor, in blocks of ``CHUNK`` entries on the CPU (each block's
+        difference squared and summed while it is in cache: θ, θ₀ and the snapshot are read once, the snapshot
+        written once) or whole on an accelerator."""
+        dist = torch.empty(len(params), dtype=torch.float64, device=params[0].device)
+        upd = torch.empty_like(dist) if realized else None
+        for j, (p, p0) in enumerate(zip(params, self.theta0)):
+            pf, zf = p.reshape(-1), p0.reshape(-1)
+            sf = self._snap[j] if (realized or keep) and self._snap is not None else None
+            step = CHUNK if pf.device.type == "cpu" else max(pf.numel(), 1)
+            tmp = self._scratch(pf, step)
+            dparts, uparts = [], []
+            for a in range(0, pf.numel(), step):
+                pc = pf[a:a + step]
+                t = tmp[:pc.numel()]
+                torch.sub(pc, zf[a:a + step], out=t)
+                t.mul_(t)
+                dparts.append(t.sum())
+                if sf is not None:
+                    sc = sf[a:a + step]
+                    if realized:
+                        torch.sub(sc, pc, out=t)  # θ_t − θ_{t+1}
+                        t.mul_(t)
+                        uparts.append(t.sum())
+                    if keep:
+                        sc.copy_(pc)
+            dist[j] = _total(dparts, p)
+            if upd is not None:
+                upd[j] = _total(uparts, p)
+        return upd.sqrt() if upd is not None else None, dist.sqrt()
+
+    def _scratch(self, flat: Tensor, step: int) -> Tensor:
+        """A scratch block for differences: one per dtype and device on the CPU, one per size elsewhere."""
+        key = (flat.dtype, flat.device, min(step, max(flat.numel(), 1)) if flat.device.type != "cpu" else step)
+        buf = self._tmp.get(key)
+        if buf is None:
+            buf = self._tmp[key] = torch.empty(key[2], dtype=flat.dtype, device=flat.device)
+        return buf
 
     def kept(self, saved: list[Any]) -> None:
         """The snapshot holds θ as it was at ``saved`` (:func:`gradlab.monitor.worker.marks`)."""
         self._kept = saved
-
-    def update_norms(self, cap: Captured | None = None) -> Tensor | None:
-        """‖θ_{t+1} − θ_t‖ per tensor after the step (None if no snapshot was taken and the update is unknown)."""
-        cap = self.capture(True) if cap is None else cap
-        with torch.no_grad():
-            if cap.dirs is not None:
-                return self._sgd_update_norms(cap.dirs)
-            if not self._snapped or self._snap is None:
-                return None
-            self._snapped = False
-            torch._foreach_sub_(self._snap, cap.params)  # θ_t − θ_{t+1}
-            return _norms_in_place(self._snap)
 
     def _sgd_dirs(self, kind: str) -> list[tuple[int, Tensor, float]]:
         """(tensor index, −Δθ/η, η) of every tensor the SGD step moved."""
@@ -171,22 +206,19 @@ class Distances:
             self._buf = [torch.empty_like(p.detach()) for p in self.params]
         return self._buf
 
-    def dist_norms(self, params: list[Tensor] | None = None) -> Tensor:
-        """‖θ − θ₀‖ per tensor at the current θ (``params``: its detached tensors)."""
-        params = [p.detach() for p in self.params] if params is None else params
+    def dist_norms(self) -> Tensor:
+        """‖θ − θ₀‖ per tensor at the current θ."""
         with torch.no_grad():
-            bufs = self._buffers()
-            for p, p0, b in zip(params, self.theta0, bufs):
-                torch.sub(p, p0, out=b)
-            return _norms_in_place(bufs)
+            return self._passes([p.detach() for p in self.params], False, False)[1]
+
+
+def _total(parts: list[Tensor], like: Tensor) -> Tensor:
+    """The sum of a tensor's block sums, in float64 (0 for an empty tensor)."""
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return parts[0].to(torch.float64) if len(parts) == 1 else torch.stack(parts).to(torch.float64).sum()
 
 
 def _sqrt_sums(squares: list[Tensor]) -> Tensor:
     """√(Σ entries) per tensor, as a float64 vector (cascaded sums in the tensors' dtype)."""
     return torch.stack([b.sum() for b in squares]).to(torch.float64).sqrt()
-
-
-def _norms_in_place(bufs: list[Tensor]) -> Tensor:
-    """‖b‖ per tensor of buffers the monitor owns (they are squared in place)."""
-    torch._foreach_mul_(bufs, bufs)
-    return _sqrt_sums(bufs)

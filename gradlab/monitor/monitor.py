@@ -436,8 +436,11 @@ class NoiseMonitor:
 
     def _check_sums(self, sums: dict[str, Tensor]) -> None:
         """Once (:func:`gradlab.monitor.checks.extra_loss_terms`): a loss with other terms estimates no step."""
+        if not sums:  # no hooked Linear on (B, d) to compare with: nothing to check, now or later
+            self._sums_check = False
+            return
         bad = extra_loss_terms(self.params, sums)
-        if bad is None:
+        if bad is None:  # no gradient, or a non-finite step: a later step is checked
             return
         self._sums_check = bool(bad)
         if bad:
@@ -474,8 +477,8 @@ class NoiseMonitor:
             micro.job = self._worker.submit(self.hooks.compute, plan)
         else:
             micro.norms = self.hooks.collect(micro.n, sums)
-        if check and sums:
-            self._check_sums(sums)
+        if check:
+            self._check_sums(sums or {})
         self.hooks.disarm()
         new = [n for n in self.hooks.unbatched if n in self.params and n not in self.fallback]
         if new:  # e.g. position embeddings called on (1, T): per-example gradients by torch.func from now on

@@ -166,11 +166,11 @@ class Distances:
         return upd.sqrt() if upd is not None else None, dist.sqrt()
 
     def _scratch(self, flat: Tensor, step: int) -> Tensor:
-        """A scratch block for differences: one per dtype and device on the CPU, one per size elsewhere."""
-        key = (flat.dtype, flat.device, min(step, max(flat.numel(), 1)) if flat.device.type != "cpu" else step)
+        """A scratch block of ``step`` entries for differences (one per dtype, device and size)."""
+        key = (flat.dtype, flat.device, step)
         buf = self._tmp.get(key)
         if buf is None:
-            buf = self._tmp[key] = torch.empty(key[2], dtype=flat.dtype, device=flat.device)
+            buf = self._tmp[key] = torch.empty(step, dtype=flat.dtype, device=flat.device)
         return buf
 
     def kept(self, saved: list[Any]) -> None:
@@ -205,11 +205,6 @@ class Distances:
         if self._buf is None:
             self._buf = [torch.empty_like(p.detach()) for p in self.params]
         return self._buf
-
-    def dist_norms(self) -> Tensor:
-        """‖θ − θ₀‖ per tensor at the current θ."""
-        with torch.no_grad():
-            return self._passes([p.detach() for p in self.params], False, False)[1]
 
 
 def _total(parts: list[Tensor], like: Tensor) -> Tensor:

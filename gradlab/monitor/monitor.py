@@ -622,9 +622,12 @@ class NoiseMonitor:
         n = len(self.names)
         end = 2 * n + (n if has_dist else 0) + (n if has_upd else 0)
         rows = arr[end + 1:]
-        nonfinite = 0 if mat_numel is None else int(rows[0]) if mat_numel > 4096 else int((~np.isfinite(rows)).sum())
-        s1, q = (arr[:n], arr[n:2 * n]) if missing != 7 else (np.full(n, np.nan), np.full(n, np.nan))
-        nonfinite = nonfinite if missing != 7 else 0
+        if missing == 7:  # what the worker read changed: nothing measured
+            s1, q, nonfinite = np.full(n, np.nan), np.full(n, np.nan), 0
+        else:
+            s1, q = arr[:n], arr[n:2 * n]
+            nonfinite = 0 if mat_numel is None else int(rows[0]) if mat_numel > 4096 else \
+                int((~np.isfinite(rows)).sum())
         self._rows.append(StepCopy(
             s1=s1, q=q, dist=arr[2 * n:3 * n] if has_dist and dist_ok else np.full(n, np.nan),
             update=arr[3 * n:4 * n] if has_upd and dist_ok else None, nonfinite=nonfinite,

@@ -63,14 +63,16 @@ def unchanged(saved: list[tuple[Any, int, int]]) -> bool:
 
 
 class Worker:
-    """One thread running jobs in submission order (a job may read the results of earlier ones)."""
+    """One thread, started at the first job, running jobs in submission order (a job may read the results of
+    earlier ones); also the thread of the store's appends (:class:`gradlab.monitor.writer.Appender`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "gradlab-monitor-worker") -> None:
+        self._name = name
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlab-monitor-worker")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:

@@ -12,9 +12,11 @@ again by the next :meth:`submit` or :meth:`wait`: no result is lost silently.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
+
+from gradlab.monitor.worker import Worker
 
 
 class Appender:
@@ -22,15 +24,13 @@ class Appender:
 
     def __init__(self, append: Callable[[Mapping[str, np.ndarray]], None]) -> None:
         self._append = append
-        self._pool: ThreadPoolExecutor | None = None
+        self._worker = Worker("gradlab-monitor-append")
         self._pending: list[Future] = []
 
     def submit(self, rows: Mapping[str, np.ndarray]) -> None:
         """Queue an append (raises the error of an earlier one that failed)."""
         self._reap()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlab-monitor-append")
-        self._pending.append(self._pool.submit(self._append, rows))
+        self._pending.append(self._worker.submit(self._append, rows))
 
     def wait(self) -> None:
         """Block until every queued append is written; raise the first error."""
@@ -42,9 +42,7 @@ class Appender:
         try:
             self.wait()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            self._worker.shutdown()
 
     def _reap(self) -> None:
         """Raise the error of a finished append (one look at each future: one that finishes meanwhile stays

@@ -32,9 +32,10 @@ def _seq_batch(g):
 
 
 def _run(path, background, every, make_opt, edit_at=None, steps=20, chunk_steps=8, seq=False, micro=1,
-         distances=True, edit_input_at=None):
+         distances=True, edit_input_at=None, width=16):
     torch.manual_seed(0)
-    model = SeqNet().double() if seq else nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    model = SeqNet().double() if seq else \
+        nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)).double()
     opt = make_opt(model.parameters())
     g = torch.Generator().manual_seed(1)
     make_batch = _seq_batch if seq else _mlp_batch
@@ -68,7 +69,7 @@ OPTS = {"sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}
 
 
-CASES = {  # (every, optimizer, SeqNet, micro-batches per step, distances)
+CASES = {  # (every, optimizer, SeqNet, micro-batches per step, distances[, hidden width])
     "mlp-every1-momentum": (1, "sgd-momentum", False, 1, True),
     "mlp-every3-momentum": (3, "sgd-momentum", False, 1, True),
     "mlp-every1-adam": (1, "adam", False, 1, True),
@@ -77,13 +78,16 @@ CASES = {  # (every, optimizer, SeqNet, micro-batches per step, distances)
     "mlp-accumulation": (1, "adam", False, 3, True),
     "seq-every1-adam": (1, "adam", True, 1, True),
     "seq-every2-accumulation": (2, "sgd-momentum", True, 2, True),
+    "mlp-wide-blocks": (1, "adam", False, 1, True, 300),  # a 300×300 weight: the distances' pass in several blocks
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_background_worker_writes_the_same_store_bit_for_bit(tmp_path, case):
-    every, opt, seq, micro, dist = CASES[case]
-    kw = dict(seq=seq, micro=micro, distances=dist)
+    every, opt, seq, micro, dist, *width = CASES[case]
+    kw = dict(seq=seq, micro=micro, distances=dist, width=width[0] if width else 16)
+    if width:
+        assert width[0] ** 2 > distances_mod.CHUNK
     bg, threads = _run(tmp_path / "bg.zarr", True, every, OPTS[opt], **kw)
     fg, fg_threads = _run(tmp_path / "fg.zarr", False, every, OPTS[opt], **kw)
     assert threads and all(t.startswith("gradlab-monitor-worker") for t in threads)
@@ -125,6 +129,46 @@ def test_an_input_buffer_edited_in_place_before_the_worker_is_checked_marks_the_
         np.testing.assert_array_equal(bg[v].values[keep], fg[v].values[keep], err_msg=v)
     np.testing.assert_array_equal(bg.dist_init_layer.values[5], fg.dist_init_layer.values[5])  # θ unchanged
     assert any("a layer input was changed in place" in n for n in bg.attrs["notes"])
+
+
+class _NoFlatLinear(nn.Module):
+    """A sequence model without a Linear on (B, d) (as the zoo gpt): the loss-terms check has nothing to compare."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(11, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.proj(torch.tanh(self.emb(ids))).mean(1)  # (B, T, 3) -> (B, 3)
+
+
+def test_norms_of_a_model_without_a_flat_linear_run_on_the_worker(tmp_path):
+    """After the first recorded step the per-example norms of such a model are computed on the worker (they stayed
+    on the training thread when the loss-terms check, which has nothing to compare here, was retried every step)."""
+    from gradlab.monitor.norms import PerExampleNorms
+
+    threads = []
+    compute = PerExampleNorms.compute
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return compute(self, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = _NoFlatLinear().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PerExampleNorms, "compute", spy)
+        with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", optimizer=opt, background=True) as mon:
+            for _ in range(5):
+                opt.zero_grad()
+                mon.loss(_seq_batch(g)).backward()
+                opt.step()
+    assert threads[0] == "MainThread" and all(t.startswith("gradlab-monitor-worker") for t in threads[1:])
+    assert len(threads) == 5
+    ds = xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    assert (ds.missing.values == 0).all()
 
 
 def test_background_arguments(tmp_path):

@@ -547,8 +547,11 @@ class NoiseMonitor:
             dirs = marks(d for _, d, _ in cap.dirs) if cap is not None and cap.dirs is not None else []
             job = self._worker.submit(self._numbers, pend, cap, self.every == 1)
             self._work = (job, ctx, theta, dirs)
-        else:
-            self._record(ctx, self._numbers(pend, cap, False))
+        else:  # at every=1 the pass also copies θ_{t+1} into the snapshot: the next step's copy is skipped
+            keep = self.every == 1 and cap is not None
+            self._record(ctx, self._numbers(pend, cap, keep))
+            if keep:
+                self._dist.kept(marks(self.params.values()))
 
     def _numbers(self, pend: Pending, cap: Any, keep: bool) -> tuple[np.ndarray, int, int, int | None, bool, bool]:
         """A recorded step's arithmetic (on the worker, or at once): S₁, Q, the norms and the loss in one float64

@@ -228,7 +228,8 @@ def probe(
     config = resolve_config(ck_args, data=data_spec, init=None if init is None else str(init), model=model_spec,
                             model_kwargs=model_kwargs, batch_sizes=batch_sizes, budget=budget, trials=trials,
                             protocol=protocol, reduction=reduction, lr=lr, params=params, keep=keep, seed=seed,
-                            device=device, dtype=dtype, replacement=replacement, loss=loss_spec, collate=collate)
+                            device=device, dtype=dtype, replacement=replacement, loss=loss_spec, collate=collate,
+                            init_option="init=")
     summary = run_probe(config, out, resume=resume, workers=workers, scheduler=scheduler, progress=progress)
     return _open(summary.path)
 

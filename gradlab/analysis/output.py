@@ -33,6 +33,14 @@ def _est_vars(name: str, dims: tuple[str, ...], ests: np.ndarray, long_name: str
     return out
 
 
+def _stable_range_attrs(vars_: dict[str, Any], name: str) -> None:
+    """Say on an α-stable index variable that values outside (0, 2] are kept as computed, not clipped."""
+    vars_[name][2]["alpha_stable_range"] = "(0, 2]"
+    vars_[name][2]["comment"] = ("α-stable indices lie in (0, 2]; an estimate outside is kept as computed (not "
+                                 "clipped): the α-stable model does not describe those entries (above 2: finite "
+                                 "variance, or dependent entries / few blocks)")
+
+
 def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits: dict[str, CheckpointFits],
                      changes: list[Change], *, batch_sizes: np.ndarray, pool_size: int | None, replacement: bool,
                      frozen: bool, ref_batch_size: int, n_boot: int, seed: int, level: float) -> Any:
@@ -68,6 +76,7 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
                        "binned Hill tail index α of the entries of S, pooled over the selected tensors", "1")
     vars_ |= _est_vars("tail_index_alpha_stable", cm, alpha,
                        "α-stable tail index of the entries of S, blocks inside layers (per-layer standardised)", "1")
+    _stable_range_attrs(vars_, "tail_index_alpha_stable")
     layer_names = sorted({name for c in labels for t in fits[c].tails.values() for name in t.alpha_stable_layers})
     if layer_names and "layer" in ds.coords:
         all_layers = [str(v) for v in ds["layer"].values]
@@ -79,6 +88,7 @@ def analysis_dataset(ds: Any, computed: Any, hist_raw: Any, hist_norm: Any, fits
                     per[ci, mi, li] = t.alpha_stable_layers.get(name) if t is not None else None
         vars_ |= _est_vars("tail_index_alpha_stable_layer", (*cm, "layer"), per,
                            "α-stable tail index of the entries of S in one layer", "1")
+        _stable_range_attrs(vars_, "tail_index_alpha_stable_layer")
     vars_["hill_threshold"] = (cm, thr, {"long_name": "magnitude where the Hill tail starts", "units": norm_units})
     vars_["hill_n_tail"] = (cm, ntail, {"long_name": "entries above the Hill threshold", "units": "count"})
     # power laws

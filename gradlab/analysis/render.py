@@ -31,8 +31,20 @@ CAPTIONS = {
     "entry_tails": "Counts of |entries of S| per log-magnitude bin (log–log, pooled over trials and over the "
                    "selected tensors), one line per batch size; triangles are the overflow bin. A flatter right "
                    "end means a heavier tail.",
-    "tail_index": "Tail indices of the entries of S against batch size with 95% intervals: binned Hill (circles; "
-                  "pooled over tensors) and α-stable (squares; blocks inside layers). Smaller means heavier.",
+    "tail_index": "Two different tail measures of the entries of S against batch size m (log₂ axis), one colour per "
+                  "checkpoint, with 95% intervals, on separate panels with their own y-axes: compare each across "
+                  "m and checkpoints, not the two panels' heights. Left: the binned Hill estimate of the tail "
+                  "exponent α of |entries| (P(|x| > t) ∝ t^−α above the fitted threshold; pooled over the "
+                  "selected tensors), any positive value; smaller means a heavier tail. Right: the α-stable index "
+                  "(blocks inside layers), defined only on (0, 2]; the dashed line α = 2 is the Gaussian "
+                  "(finite-variance) end of that range, and estimates above it (open markers, grey band) mean the "
+                  "entries are not heavy-tailed in the α-stable sense: they are shown unclipped, not as tail "
+                  "indices. Smaller means heavier.",
+    "tail_index_hill": "The binned Hill estimate of the tail exponent α of the entries' magnitudes |x| "
+                       "(P(|x| > t) ∝ t^−α above the fitted threshold; pooled over the selected tensors) against "
+                       "batch size m (log₂ axis), one colour per checkpoint, with 95% intervals; any positive value, "
+                       "smaller means a heavier tail. No α-stable index is shown: it needs the vectors S "
+                       "(gradlab probe --keep vectors).",
     "weights_per_layer": "Distance from initialisation ‖θ − θ₀‖ and cosine to initialisation per parameter tensor, "
                          "one bar per checkpoint.",
 }
@@ -58,6 +70,7 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
 
     files: list[str] = []
     checks: dict[str, list[str]] = {}
+    caption_of: dict[str, str] = {}  # a figure whose caption depends on what it shows
     labels = [str(c) for c in ads["checkpoint"].values]
     nn = list(ads["norm"].values)
     fig = Figure(figsize=(5.5 * len(nn), 4.2), layout="constrained")
@@ -84,10 +97,18 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
             tails.plot_entry_tails(tail_ads, ax, c)
         files += _save(fig, out, checks=checks, stem="entry_tails")
 
-        if not frozen:
-            fig = Figure(figsize=(5.5, 4), layout="constrained")
-            tails.plot_tail_index(ads, fig.subplots())
-            files += _save(fig, out, checks=checks, stem="tail_index")
+        if not frozen:  # Hill and α-stable are different quantities: separate panels, never one axis
+            if tails.has_tail_index(ads, "alpha_stable"):
+                fig = Figure(figsize=(10, 4), layout="constrained")
+                left, right = fig.subplots(1, 2)
+                tails.plot_tail_index(ads, left, "hill")
+                tails.plot_tail_index(ads, right, "alpha_stable")
+                files += _save(fig, out, checks=checks, stem="tail_index")
+            else:
+                fig = Figure(figsize=(5.5, 4), layout="constrained")
+                tails.plot_tail_index(ads, fig.subplots(), "hill")
+                files += _save(fig, out, checks=checks, stem="tail_index")
+                caption_of["tail_index"] = CAPTIONS["tail_index_hill"]
 
     layer_vars = [v for v in ("dist_init_layer", "cos_init_layer") if v in ds]
     if layer_vars:
@@ -106,7 +127,7 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
             plot_quantity(ads, fig.subplots(), name)
             files += _save(fig, out, checks=checks, stem=f"quantity_{name}")
 
-    captions = {**CAPTIONS, **quantity_captions()}
+    captions = {**CAPTIONS, **quantity_captions(), **caption_of}
     pngs = [f for f in files if f.endswith(".png")]
     result["figure_captions"] = {f: captions.get(f.removesuffix(".png"), "") for f in pngs}
     result["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
@@ -114,3 +135,70 @@ def render_figures(ds: Any, ads: Any, fits: dict[str, Any], out: Path, result: d
                               [(f, result["figure_captions"][f]) for f in pngs], result.get("notes", []))
     (out / "report.html").write_text(page, encoding="utf-8")
     return [*files, "report.html"]
+
+
+def render_sharpness(ds: Any, ads: Any, summary: dict[str, Any], out: Path, store: str) -> list[str]:
+    """The figures of a sharpness analysis (PNG + SVG, with layout checks) and its ``report.html``: the
+    per-checkpoint numbers and the sharpness-vs-x relations in the table, a caption under every figure.  Sets
+    ``figures``, ``figure_captions`` and ``figure_layout_problems`` of ``summary``; returns the file names."""
+    from matplotlib.figure import Figure
+
+    from gradlab.analysis.curvature import _caption
+    from gradlab.figures import report
+    from gradlab.figures.curvature import sharpness_figures
+
+    files: list[str] = []
+    checks: dict[str, list[str]] = {}
+    for stem, draw in sharpness_figures(ds, ads):
+        fig = Figure(figsize=(5.5, 4), layout="constrained")
+        draw(fig.subplots())
+        files += _save(fig, out, stem, checks)
+    pngs = [f for f in files if f.endswith(".png")]
+    summary["figures"] = files
+    summary["figure_captions"] = {f: _caption(f.removesuffix(".png"), ads) for f in pngs}
+    summary["figure_layout_problems"] = {k: v for k, v in checks.items() if v}
+    notes = [summary["edge_of_stability_note"]] if summary.get("edge_of_stability_note") else []
+    page = report.html_report(f"gradlab sharpness analysis of {Path(store).name}", HEADER, sharpness_rows(summary),
+                              [(f, summary["figure_captions"][f]) for f in pngs], notes)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return [*files, "report.html"]
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}g}"
+
+
+def sharpness_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows of the sharpness report's table (:data:`gradlab.analysis.table.HEADER`): per checkpoint λ_max, the
+    generalisation gap and λ_max·η/2; the power laws sharpness ~ x^b with their intervals; mini-batch λ_full."""
+    rows = []
+    for c in summary.get("checkpoints", []):
+        ck = str(c["checkpoint"])
+        trained = f"trained with m = {_num(c.get('train_batch_size'))}, η = {_num(c.get('train_lr'))}, epoch " \
+                  f"{_num(c.get('epoch'))} ({c.get('optimizer')})" + ("; latest of its run" if c.get("final") else "")
+        rows.append((ck, "λ_max (Lanczos)", _num(c.get("lambda_max")), "—", trained))
+        rows.append((ck, "generalisation gap", _num(c.get("generalization_gap")), "—", "test − train loss"))
+        rows.append((ck, "λ_max·η/2", _num(c.get("eos_ratio")), "—",
+                     "1 = edge of stability of full-batch GD without momentum"))
+    for r in summary.get("relations", []):
+        if r.get("exponent") is None:
+            ci = "no interval"
+        else:
+            ci = f"[{_num(r.get('exponent_low'))}, {_num(r.get('exponent_high'))}]"
+        remark = f"{r.get('n_points')} checkpoints ({r.get('subset')})"
+        if r.get("spearman_rho") is not None:
+            remark += f"; Spearman ρ = {_num(r['spearman_rho'])}, p = {_num(r.get('spearman_p'), 2)}"
+        if r.get("note"):
+            remark += f"; {r['note']}"
+        rows.append((str(r.get("subset")), f"b of {r['measure']} ∝ {r['x']}^b", _num(r.get("exponent")), ci,
+                     remark))
+    for mb in summary.get("minibatch", []):
+        rows.append((str(mb["checkpoint"]), "λ_full (mini-batch extrapolation)",
+                     _num(mb.get("lambda_full_extrapolated")), "—",
+                     f"sample λ_max {_num(mb.get('lambda_max_sample'))}; relative difference "
+                     f"{_num(mb.get('relative_difference'))}"))
+    return rows

@@ -31,7 +31,8 @@ from gradlab.analysis.noise_model import noise_model_statistic, finite_populatio
 from gradlab.analysis.power_law import power_law_statistic
 from gradlab.analysis.probe_fits import (NOT_MEASURED_FROZEN, SEED_CODES, CheckpointFits, fit_checkpoint,
                                         float_resolution, rng_for)
-from gradlab.analysis.tails import TailFit, fit_alpha_stable, fit_hill, pooled_block_length, stable_pair_sums
+from gradlab.analysis.tails import (STABLE_RANGE, TailFit, fit_alpha_stable, fit_hill, outside_stable_range,
+                                    pooled_block_length, stable_pair_sums)
 from gradlab.analysis.interval import Estimate
 from gradlab.analysis.persist import (ANALYSIS_GROUP, claim_out_dir, default_out_dir, remove_old_staging,
                                      write_analysis_group, write_summary)
@@ -85,7 +86,10 @@ def analyze_store(
         return result
     if kind == "sharpness":
         result = {"store": str(path), "gradlab_store": kind,
-                  "sharpness": analyze_sharpness(path, None, out, n_boot=n_boot, seed=seed), "notes": []}
+                  "sharpness": analyze_sharpness(path, None, out, n_boot=n_boot, seed=seed, figures=figures),
+                  "notes": []}
+        if figures:  # like every other store kind: PNG + SVG figures with captions, and report.html
+            result["figures"] = _sharpness_report(path, out, result["sharpness"])
         write_summary(out, result)
         return result
     if kind != "probe":
@@ -97,16 +101,19 @@ def analyze_store(
     result = _analyze_probe(ds, path, out, ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed,
                             figures=figures, level=level, write_store=write_store)
     if (path / "sharpness" / "zarr.json").exists():
-        result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed)
+        result["sharpness"] = analyze_sharpness(path, "sharpness", out, n_boot=n_boot, seed=seed, figures=figures)
     write_summary(out, result)
     return result
 
 
-def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
+def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: int, seed: int,
+                      figures: bool = True) -> dict[str, Any]:
     """Hook for sharpness data: ``gradlab.analysis.curvature.analyze`` if that module is installed.
 
-    Contract: ``analyze(path, *, group, out_dir, n_boot, seed) -> dict`` (JSON-safe); ``group`` is None for a
-    sharpness store and ``"sharpness"`` for the group inside a probe store.
+    Contract: ``analyze(path, *, group, out_dir, n_boot, seed, figures) -> dict`` (JSON-safe); ``group`` is None
+    for a sharpness store and ``"sharpness"`` for the group inside a probe store.  A sharpness store's figures
+    and report are drawn by :func:`_sharpness_report` (the hook is asked for none); the group's figures by the
+    hook when ``figures``.
     """
     if importlib.util.find_spec("gradlab.analysis.curvature") is None:
         if group is None:
@@ -116,7 +123,22 @@ def analyze_sharpness(path: Path, group: str | None, out_dir: Path, *, n_boot: i
     from gradlab.analysis.output import jsonable
 
     curvature = importlib.import_module("gradlab.analysis.curvature")
-    return jsonable(curvature.analyze(path, group=group, out_dir=out_dir, n_boot=n_boot, seed=seed))
+    return jsonable(curvature.analyze(path, group=group, out_dir=out_dir, n_boot=n_boot, seed=seed,
+                                      figures=figures and group is not None))
+
+
+def _sharpness_report(path: Path, out: Path, summary: dict[str, Any]) -> list[str]:
+    """Figures (PNG + SVG, captions, layout checks) and ``report.html`` of an analysed sharpness store."""
+    import xarray as xr
+
+    from gradlab.analysis.render import render_sharpness
+    from gradlab.store import open_store
+
+    ds = open_store(path, kind="sharpness").load()
+    if "done" in ds.variables:  # the checkpoints the analysis used
+        ds = ds.isel(checkpoint=np.flatnonzero(np.asarray(ds["done"].values, dtype=bool)))
+    ads = xr.open_zarr(summary["analysis_store"], consolidated=False).load()
+    return render_sharpness(ds, ads, summary, out, str(path))
 
 
 def _attr_bool(v: Any) -> bool:
@@ -134,6 +156,10 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
     pool_size = ds.attrs.get("pool_size")
     pool_size = int(pool_size) if pool_size is not None else None
     batch_sizes = np.asarray(ds["batch_size"].values, dtype=np.int64)
+    if batch_sizes.size < 2:
+        raise UsageError(f"{path} holds one batch size (m = {', '.join(map(str, batch_sizes))}): the analysis fits "
+                         "laws in the batch size and needs two at least; probe again with several, e.g. "
+                         "--batch-sizes 1,4,16,64 (this store's trials read as they are with xarray.open_zarr)")
     if ref_batch_size is None:
         ref_batch_size = int(batch_sizes.max())
     elif int(ref_batch_size) not in batch_sizes:
@@ -195,6 +221,7 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
         fits[label] = cf
         for fit_note in _fit_notes(cf):
             notes.append(f"checkpoint {label!r}: {fit_note}")
+        notes += _stable_range_notes(label, cf)
 
     changes: list[Change] = []
     if len(labels) >= 2:
@@ -249,6 +276,30 @@ def _fit_notes(cf: CheckpointFits) -> list[str]:
     if cf.noise_model and cf.noise_model.grad_sq_norm.note:
         notes.add(cf.noise_model.grad_sq_norm.note)
     return sorted(notes)
+
+
+def _stable_range_notes(label: str, cf: CheckpointFits) -> list[str]:
+    """One note per α-stable estimate (pooled, or one layer's) that falls outside (0, 2] at some batch size, above 2
+    and at or below 0 apart: the values are reported unclipped and flagged (``outside_stable_range`` in
+    summary.json), and the note says what they mean."""
+    found: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+    for m, t in sorted(cf.tails.items()):
+        for what, e in (("the pooled entries", t.alpha_stable),
+                        *((f"layer {name}", e) for name, e in t.alpha_stable_layers.items())):
+            if outside_stable_range(e):
+                found.setdefault((what, e.value > 2), []).append((m, e.value))
+    meaning = {True: "not heavy-tailed in the α-stable sense (consistent with finite variance, α = 2, or with "
+                     "dependent entries / few blocks)",
+               False: "the estimator is outside its validity (block sums smaller than the entries)"}
+    out = []
+    for (what, above), hits in found.items():
+        lo, hi = min(v for _, v in hits), max(v for _, v in hits)
+        vals = f"{lo:.3g}" if lo == hi else f"{lo:.3g} to {hi:.3g}"
+        out.append(f"checkpoint {label!r}: α-stable index of {what} is {vals} at m = "
+                   f"{', '.join(str(m) for m, _ in hits)}, outside {STABLE_RANGE} (the range of α-stable indices): "
+                   f"{meaning[above]}; the α-stable model is not supported there, and the values are reported "
+                   "unclipped (flag outside_stable_range in summary.json), not as tail indices")
+    return out
 
 
 def _fit_tails(ds: Any, ci: int, mi: int, d: np.ndarray, has_vectors: bool, ck: int, *, n_boot: int, seed: int,

@@ -27,6 +27,13 @@ K1 = ⌊√d_l⌋ of the layer's d_l entries; pooled over layers, one K1 = ⌊�
 contributes ln|X| and ln|Y| in proportion to its size and its scale cancels in mean ln|Y| − mean ln|X| (the
 pooled estimate is that of per-layer standardised entries).
 
+An α-stable index is defined on (0, 2] only (α = 2 is the Gaussian).  The estimator is not clipped: an estimate
+outside the range is reported as computed, with a note and the flag ``outside_stable_range`` in ``summary.json``
+(:func:`stable_range_note`).  Above 2 the entries are not heavy-tailed in the α-stable sense: finite-variance
+entries give 2 up to noise, and dependent entries (the output bias of a softmax cross-entropy, whose gradient
+entries sum to zero per example, so block sums cancel) or few blocks (a small layer) push it higher.  Such a value
+says the α-stable model does not describe the entries, not that they have a tail index above 2.
+
 Example (exact Pareto counts, α = 1.5)::
 
     >>> import numpy as np
@@ -39,7 +46,7 @@ Example (exact Pareto counts, α = 1.5)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -134,6 +141,32 @@ def _ks_profile(c: np.ndarray, overflow: float, starts: np.ndarray, ratio: float
     return np.where(starts < n, gap.max(1), np.inf)
 
 
+STABLE_RANGE = "(0, 2]"
+
+
+def outside_stable_range(e: Estimate) -> bool | None:
+    """Whether the point estimate lies outside the α-stable range (0, 2] (None: no estimate)."""
+    if not math.isfinite(e.value):
+        return None if math.isnan(e.value) else True
+    return not 0.0 < e.value <= 2.0
+
+
+def stable_range_note(e: Estimate) -> str | None:
+    """What an α-stable estimate outside (0, 2] means (None inside the range or without an estimate)."""
+    if not outside_stable_range(e):
+        return None
+    if e.value > 2:
+        return (f"estimate {e.value:.3g} outside {STABLE_RANGE}: not heavy-tailed in the α-stable sense, consistent "
+                "with finite variance (Gaussian entries give α = 2) or with dependent entries / few blocks; the "
+                "α-stable model is not supported and the value is not a tail index")
+    return (f"estimate {e.value:.3g} outside {STABLE_RANGE}: the estimator is outside its validity here (mean "
+            "ln|block sum| below mean ln|entry|); the α-stable model is not supported")
+
+
+def _stable_dict(e: Estimate) -> dict[str, Any]:
+    return {**e.to_dict(), "outside_stable_range": outside_stable_range(e)}
+
+
 @dataclass(frozen=True)
 class TailFit:
     """Binned Hill tail index with its threshold, and the α-stable index (NaN without vectors)."""
@@ -148,8 +181,8 @@ class TailFit:
     def to_dict(self) -> dict[str, Any]:
         return {"hill": self.hill.to_dict(), "hill_threshold": json_float(self.threshold), "hill_n_tail": self.n_tail,
                 "hill_ks": json_float(self.ks), "hill_pools": "every selected parameter tensor",
-                "alpha_stable": self.alpha_stable.to_dict(),
-                "alpha_stable_per_layer": {k: v.to_dict() for k, v in self.alpha_stable_layers.items()}}
+                "alpha_stable": _stable_dict(self.alpha_stable), "alpha_stable_range": STABLE_RANGE,
+                "alpha_stable_per_layer": {k: _stable_dict(v) for k, v in self.alpha_stable_layers.items()}}
 
 
 def fit_hill(entry_hist: np.ndarray, *, n_boot: int, rng: np.random.Generator, min_tail: int = 100,
@@ -244,7 +277,7 @@ def fit_alpha_stable(sums: np.ndarray, d: int | None = None, *, n_boot: int, rng
     """α of Mohammadi et al. (2015) from :func:`stable_pair_sums` output, with a bootstrap over pairs of trials.
 
     The block length is ``k1`` (as passed to :func:`stable_pair_sums`), else ⌊√d⌋.  α-stable laws have
-    α ∈ (0, 2]; an estimate above 2 is reported as is (it means "light-tailed").
+    α ∈ (0, 2]; an estimate outside is reported as is, never clipped, with :func:`stable_range_note` in its note.
     """
     if k1 is None:
         if d is None:
@@ -255,6 +288,11 @@ def fit_alpha_stable(sums: np.ndarray, d: int | None = None, *, n_boot: int, rng
         return alpha_stable_statistic(s, k1)
 
     if n_boot > 0:  # pairs of trials are resampled: the notes count those
-        return bootstrap_trials([sums], stat, n_boot=n_boot, rng=rng, level=level,
-                                unit=lambda n: f"{n} pairs of trials ({2 * n} or {2 * n + 1} trials)").estimate(0)
-    return Estimate(float(stat(sums)[0]))
+        est = bootstrap_trials([sums], stat, n_boot=n_boot, rng=rng, level=level,
+                               unit=lambda n: f"{n} pairs of trials ({2 * n} or {2 * n + 1} trials)").estimate(0)
+    else:
+        est = Estimate(float(stat(sums)[0]))
+    note = stable_range_note(est)
+    if note is None:
+        return est
+    return replace(est, note="; ".join(n for n in (note, est.note) if n))

@@ -4,17 +4,20 @@
   marker per checkpoint, with the power-law fit of the analysis dataset when given;
 - :func:`plot_minibatch_lambda`: λ_max of mini-batch Hessians against m (every trial, mean ± sd), the
   extrapolation λ_full + c·x_m and the full-sample λ_max;
-- :func:`plot_interpolation`: Keskar's parametric plot (loss on the left axis, accuracy on a twin axis).
+- :func:`plot_interpolation`: Keskar's parametric plot (loss on the left axis, accuracy on a twin axis);
+- :func:`sharpness_figures`: which of them a sharpness store gets, by file stem.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from gradlab.analysis.noise_model import finite_population_factor
 from gradlab.figures.labels import label_from_attrs
+from gradlab.figures.layout import readable_log_ticks
 
 
 def plot_sharpness_vs_batch_size(ds: Any, ax: Any, *, measure: str = "lambda_max", analysis: Any = None,
@@ -42,6 +45,7 @@ def plot_sharpness_vs_batch_size(ds: Any, ax: Any, *, measure: str = "lambda_max
     ax.set_xscale("log")
     if np.all(y[np.isfinite(y)] > 0):
         ax.set_yscale("log")
+    readable_log_ticks(ax)
     ax.set_xlabel(label_from_attrs(ds["train_batch_size"], "training batch size"))
     ax.set_ylabel(label_from_attrs(ds[measure], measure))
     return ax
@@ -68,6 +72,7 @@ def plot_minibatch_lambda(ds: Any, ax: Any, *, checkpoint: int | str = 0) -> Any
     if "lambda_max" in one:
         ax.axhline(float(one["lambda_max"]), color="k", ls="--", lw=1, label="sample lambda_max (Lanczos)")
     ax.set_xscale("log")
+    readable_log_ticks(ax, "x")
     ax.set_xlabel(label_from_attrs(ds["batch_size"], "mini-batch size"))
     ax.set_ylabel(f"mini-batch lambda_max [{ds['minibatch_lambda_max'].attrs.get('units', '')}]")
     ax.set_title(f"checkpoint {one['checkpoint'].values}", fontsize=9)
@@ -83,7 +88,8 @@ def plot_interpolation(ds: Any, ax: Any) -> Any:
         if name in ds.variables:
             ax.plot(alpha, ds[name].values, "C0" + style, label=f"{split} loss")
     ax.set_xlabel(label_from_attrs(ds["alpha"], "alpha"))
-    ax.set_ylabel(f"loss [{ds['interp_train_loss'].attrs.get('units', '')}]", color="C0")
+    units = str(ds["interp_train_loss"].attrs.get("units", ""))
+    ax.set_ylabel("loss" if units in ("", "1", "loss") else f"loss [{units}]", color="C0")  # not "loss [loss]"
     twin = ax.twinx()
     for split, style in (("train", "-"), ("test", "--")):
         name = f"interp_{split}_accuracy"
@@ -95,3 +101,16 @@ def plot_interpolation(ds: Any, ax: Any) -> Any:
     lines = [ln for ln in ax.get_lines() + twin.get_lines() if not ln.get_label().startswith("_")]
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper center")
     return ax
+
+
+def sharpness_figures(ds: Any, analysis: Any = None) -> list[tuple[str, Callable[[Any], Any]]]:
+    """The figures of a sharpness dataset as (file stem, draw(Axes)): sharpness vs batch size always, one
+    mini-batch λ_max figure per checkpoint when measured, the interpolation when measured."""
+    jobs: list[tuple[str, Callable[[Any], Any]]] = [
+        ("sharpness_vs_batch_size", lambda ax: plot_sharpness_vs_batch_size(ds, ax, analysis=analysis))]
+    if "minibatch_lambda_max" in ds.variables:
+        for c in range(ds.sizes["checkpoint"]):
+            jobs.append((f"minibatch_lambda_{c}", lambda ax, c=c: plot_minibatch_lambda(ds, ax, checkpoint=c)))
+    if "interp_train_loss" in ds.variables:
+        jobs.append(("interpolation", lambda ax: plot_interpolation(ds, ax)))
+    return jobs

@@ -71,3 +71,33 @@ def note_if_empty(ax: Any, reason: str) -> bool:
     ax.set_xticks([])
     ax.set_yticks([])
     return True
+
+
+def readable_log_ticks(ax: Any, which: str = "xy") -> None:
+    """Plain-number major ticks on the base-10 log axes of ``ax`` (``which``: "x", "y" or both), from the current
+    view limits: 1-2-5 steps on an axis spanning under 1.5 decades, 1-3 under 3, decades beyond; minor ticks
+    unlabelled.  (matplotlib labels the minor ticks of a short log axis 2×10⁰, 3×10⁰, ..., which crowd and
+    overlap.)  An axis inside [0.001, 100000) reads in plain decimals, any other in powers of ten.  Call after
+    the data are drawn."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
+
+    for name in which:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        if axis.get_scale() != "log" or getattr(axis.get_transform(), "base", 10) != 10:
+            continue
+        lo, hi = sorted(float(v) for v in (ax.get_xlim() if name == "x" else ax.get_ylim()))  # autoscaled
+        if not (lo > 0 and hi > lo and math.isfinite(hi)):
+            continue
+        decades = math.log10(hi / lo)
+        subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 3 else (1.0,)
+        locator: Any = LogLocator(base=10, subs=subs, numticks=12)
+        if sum(lo <= t <= hi for t in locator.tick_values(lo, hi)) < 2:  # a fraction of a decade
+            locator = MaxNLocator(nbins=4)
+        axis.set_major_locator(locator)
+        if 1e-3 <= lo and hi < 1e5:  # one style per axis: plain decimals, else powers of ten throughout
+            axis.set_major_formatter(FuncFormatter(lambda v, pos: f"{v:g}"))
+        else:
+            axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+        axis.set_minor_formatter(NullFormatter())

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.figures.labels import label_from_attrs
+from gradlab.figures.layout import readable_log_ticks
 
 _COMMON = (
     "Shaded: {level:.0%} intervals (t intervals of the moving averages; Fieller's for B_noise); hatched where the "
@@ -59,10 +60,25 @@ def _steps_axis(ds: Any, ax: Any) -> np.ndarray:
     ax.set_xlabel(label_from_attrs(ds["step"]))
     seen = np.asarray(ds["examples_seen"].values, dtype=np.float64)
     if steps.size >= 2 and np.all(np.diff(seen) > 0) and np.all(np.diff(steps) > 0):
-        sec = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, seen),
-                                                   lambda e: np.interp(e, seen, steps)))
+        from matplotlib.ticker import EngFormatter, MaxNLocator
+
+        # extrapolated past the recorded steps (np.interp would clamp: every tick beyond the last step would pile
+        # up at the panel's edge, overlapping), a few ticks in short form (120k, not 120000)
+        sec = ax.secondary_xaxis("top", functions=(lambda s: _extrapolate(s, steps, seen),
+                                                   lambda e: _extrapolate(e, seen, steps)))
+        sec.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        sec.xaxis.set_major_formatter(EngFormatter(sep=""))
         sec.set_xlabel(label_from_attrs(ds["examples_seen"]))
     return steps
+
+
+def _extrapolate(x: Any, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """np.interp, continued linearly beyond both ends (with the slope of the first and last segment)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.interp(x, xp, fp)
+    lo = fp[0] + (x - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+    hi = fp[-1] + (x - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return np.where(x < xp[0], lo, np.where(x > xp[-1], hi, y))
 
 
 def plot_series(ds: Any, ax: Any, name: str, groups: tuple[str, ...] = ("all", "weight", "bias"),
@@ -93,6 +109,7 @@ def plot_series(ds: Any, ax: Any, name: str, groups: tuple[str, ...] = ("all", "
         return _empty(ax, "a positive estimate")
     if log:
         ax.set_yscale("log")
+        readable_log_ticks(ax, "y")
     ax.legend(fontsize=7, title="group", title_fontsize=7)
     return ax
 
@@ -121,5 +138,6 @@ def plot_layers(ds: Any, ax: Any, name: str = "b_noise_layer") -> Any:
     if not drawn:
         return _empty(ax, "a positive estimate")
     ax.set_yscale("log")
+    readable_log_ticks(ax, "y")
     ax.legend(fontsize=6, title="parameter tensor", title_fontsize=6, ncol=2)
     return ax

@@ -18,4 +18,8 @@ def plot_per_layer(da: Any, ax: Any) -> Any:
     ax.set_ylabel(label_from_attrs(da))
     ax.set_xlabel(label_from_attrs(da["layer"]))
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    # the legend above the panel, never over the bars
+    n = df["checkpoint"].nunique()
+    ax.legend(title="checkpoint", fontsize=7, title_fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=min(n, 4), frameon=False)
     return ax

@@ -143,8 +143,12 @@ def resolve_config(
     loss: str | None = None,
     collate: str | None = None,
     draws: str = "common",
+    init_option: str = "--init",
 ) -> ProbeConfig:
     """Check every input and resolve the full config; raise :class:`UsageError` (naming the fix) on bad input.
+
+    ``init_option``: how the caller's users name ``init`` in messages (``--init`` on the command line,
+    ``init=`` in :func:`gradlab.api.probe`).
 
     Nothing is written.  Loads the data and every checkpoint (and init) to check that the weights fit the model,
     that all checkpoints share one parameter layout, and that ``params`` (a regex searched in parameter names)
@@ -206,7 +210,7 @@ def resolve_config(
             if protocol == "step":
                 refuse_dropout(net, "the step probe needs a deterministic model: use --protocol frozen or dropout 0")
             check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
-        init_path = Path(init) if init else find_init(path)
+        init_path = Path(init) if init else find_init(path, init_option)
         init_sha = ""
         if init_path is not None:
             ick = load_checkpoint(init_path)
@@ -214,8 +218,8 @@ def resolve_config(
                              n_classes=bundle.n_classes)
             init_sha = _sha256(init_path)
         else:
-            log.warning("no init checkpoint for %s (no --init / init= and no checkpoint tagged 'init' beside it): "
-                        "distances and cosines to init will be NaN", path)
+            log.warning("no init checkpoint for %s (no %s and no checkpoint tagged 'init' beside it): "
+                        "distances and cosines to init will be NaN", path, init_option)
         epoch = ckpt.meta.get("epoch")
         specs.append(CheckpointSpec(label, str(path.resolve()), _sha256(path),
                                     float(epoch) if isinstance(epoch, (int, float)) else float("nan"),

@@ -84,10 +84,10 @@ def distances(theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tens
     )
 
 
-def find_init(checkpoint_path: str | Path) -> Path | None:
+def find_init(checkpoint_path: str | Path, init_option: str = "--init") -> Path | None:
     """The init checkpoint beside ``checkpoint_path``: the one file in its folder (suffix .pt/.pth/.ckpt/
     .safetensors) whose gradlab metadata has ``tag == "init"`` (possibly the checkpoint itself).  None when there is
-    none or more than one (logged)."""
+    none or more than one (logged, naming ``init_option``: the CLI's ``--init``, the Python API's ``init=``)."""
     from gradlab.checkpoint import load_checkpoint
     from gradlab.errors import UsageError
 
@@ -105,6 +105,6 @@ def find_init(checkpoint_path: str | Path) -> Path | None:
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        log.warning("several init checkpoints beside %s (%s); pass --init to choose one", path,
-                    ", ".join(str(f) for f in found))
+        log.warning("several init checkpoints beside %s (%s); pass %s to choose one", path,
+                    ", ".join(str(f) for f in found), init_option)
     return None

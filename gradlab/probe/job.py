@@ -10,7 +10,7 @@ estimates, distances) from the stored trials on every run, so resumed and uninte
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +29,10 @@ class ProbeJob(Job):
 
     config: ProbeConfig
     kind: ClassVar[str] = "probe"
-    progress_unit: ClassVar[str] = "unit"
+    # the bar counts (trial, batch size) pairs: a frozen trial serves every m at once, a step trial runs N/m steps
+    # per m, so both advance within a unit (per trial, per block of step trials) and a unit's work is trials × |m|
+    progress_desc: ClassVar[str] = "probe (trials × batch sizes)"
+    progress_unit: ClassVar[str] = "trial×m"
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
@@ -38,7 +41,9 @@ class ProbeJob(Job):
         return probe_template(self.config)
 
     def units(self) -> Sequence[Unit]:
-        return [Unit({"checkpoint": c, "trial": slice(t0, t1)}, f"{self.config.checkpoints[c].label}[{t0}:{t1}]")
+        n_m = len(self.config.batch_sizes)
+        return [Unit({"checkpoint": c, "trial": slice(t0, t1)}, f"{self.config.checkpoints[c].label}[{t0}:{t1}]",
+                     work=(t1 - t0) * n_m)
                 for c, t0, t1 in self.config.units()]
 
     def prepare(self) -> Any:
@@ -49,7 +54,7 @@ class ProbeJob(Job):
     def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
         c, trials = int(unit.region["checkpoint"]), unit.region["trial"]
         assert isinstance(trials, slice)
-        return compute_trials(self.config, state, c, trials.start, trials.stop)
+        return compute_trials(self.config, state, c, trials.start, trials.stop, tick=ctx.tick)
 
     def on_result(self, unit: Unit, result: Mapping[str, np.ndarray], ctx: UnitContext) -> dict[str, int]:
         bad = result["nonfinite_count"]
@@ -66,9 +71,11 @@ class ProbeJob(Job):
         finalize(writer, self.config)
 
 
-def compute_trials(config: ProbeConfig, pool: Any, c: int, t0: int, t1: int) -> dict[str, np.ndarray]:
+def compute_trials(config: ProbeConfig, pool: Any, c: int, t0: int, t1: int,
+                   tick: Callable[[int], Any] | None = None) -> dict[str, np.ndarray]:
     """All per-trial variables of trials ``[t0, t1)`` of checkpoint ``c``, shaped as their store regions (the
-    ``checkpoint`` dim dropped)."""
+    ``checkpoint`` dim dropped).  ``tick(n)`` is called as (trial, batch size) pairs complete: (t1 − t0)·|m| in
+    all."""
     from gradlab.probe.protocols import protocol
     from gradlab.probe.sampling import draw_trials
     from gradlab.probe.units import empty_outputs
@@ -77,8 +84,12 @@ def compute_trials(config: ProbeConfig, pool: Any, c: int, t0: int, t1: int) -> 
                       config.draws)
     out = empty_outputs(config, t1 - t0)
     out["example_index"][...] = idx
-    protocol(config.protocol).compute(config, c, idx, pool, out)
+    protocol(config.protocol).compute(config, c, idx, pool, out, tick=tick or _no_tick)
     return out
+
+
+def _no_tick(n: int = 1) -> None:
+    return None
 
 
 def finalize(writer: Any, config: ProbeConfig) -> None:

@@ -54,16 +54,58 @@ def _chromium() -> str | None:
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
 
 
+def _sharpness_store(path: Path) -> Path:
+    """A small sharpness store: three runs (m = 16, 64, 256) with an early and a late checkpoint, λ_max growing
+    with m, mini-batch λ_max and an interpolation (every figure kind of a sharpness analysis)."""
+    import numpy as np
+    import xarray as xr
+
+    m = np.repeat([16.0, 64.0, 256.0], 2)
+    epoch = np.tile([2.0, 30.0], 3)
+    lam = np.where(epoch == 30, 3.0 * m**0.4, 1.5 * m**0.2) * np.exp(0.05 * np.random.default_rng(0).standard_normal(6))
+    sizes = np.array([8, 32])
+    alpha = np.linspace(-1, 2, 7)
+    c, u = "checkpoint", "loss / parameter^2"
+    data = {"lambda_max": ((c,), lam, {"long_name": "largest Hessian eigenvalue", "units": u}),
+            "train_loss": ((c,), np.full(6, 0.1), {"long_name": "train loss", "units": "loss"}),
+            "test_loss": ((c,), 0.1 + 0.01 * lam, {"long_name": "test loss", "units": "loss"}),
+            "done": ((c,), np.ones(6, dtype=bool), {"long_name": "done", "units": "1"}),
+            "minibatch_lambda_max": ((c, "batch_size", "trial"), lam[:, None, None] * (1 + 2 / sizes[None, :, None])
+                                     * np.linspace(0.98, 1.02, 3), {"long_name": "mini-batch lambda_max", "units": u}),
+            "minibatch_lambda_full": ((c,), lam, {"long_name": "extrapolated lambda_max", "units": u}),
+            "minibatch_slope": ((c,), 2 * lam, {"long_name": "slope", "units": u})}
+    for split in ("train", "test"):
+        data[f"interp_{split}_loss"] = (("alpha",), 0.1 + (alpha - 0.5) ** 2, {"long_name": f"{split} loss",
+                                                                               "units": "loss"})
+        data[f"interp_{split}_accuracy"] = (("alpha",), np.linspace(0.5, 0.9, 7),
+                                            {"long_name": f"{split} accuracy", "units": "1"})
+    ds = xr.Dataset(data, coords={
+        c: np.array([f"m{int(a)}-e{int(b)}" for a, b in zip(m, epoch)], dtype=object),
+        "train_batch_size": ((c,), m, {"long_name": "training batch size m", "units": "examples"}),
+        "train_lr": ((c,), np.full(6, 0.05), {"long_name": "learning rate", "units": "1"}),
+        "checkpoint_epoch": ((c,), epoch, {"long_name": "epoch", "units": "epoch"}),
+        "run_id": ((c,), np.array([f"m={int(a)}" for a in m], dtype=object)),
+        "train_optimizer": ((c,), np.array(["sgd"] * 6, dtype=object)),
+        "batch_size": ("batch_size", sizes, {"long_name": "mini-batch size m", "units": "examples"}),
+        "alpha": ("alpha", alpha, {"long_name": "interpolation coefficient alpha", "units": "1"}),
+        "example": ("example", np.arange(256))}, attrs={"gradlab_store": "sharpness"})
+    ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w")
+    return path
+
+
 @pytest.fixture(scope="module")
 def reports(step_store, frozen_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
+    sharp = _sharpness_store(out / "sharp.zarr")
     return {name: (analyze_store(path, out_dir=out / name, n_boot=49, seed=0, write_store=False), out / name)
-            for name, (path, _) in (("step", step_store), ("frozen", frozen_store))}
+            for name, path in (("step", step_store[0]), ("frozen", frozen_store[0]), ("sharpness", sharp))}
 
 
-@pytest.mark.parametrize("name", ["step", "frozen"])
+@pytest.mark.parametrize("name", ["step", "frozen", "sharpness"])
 def test_every_figure_has_a_caption_and_no_overlapping_text(reports, name):
     res, out = reports[name]
+    if name == "sharpness":  # a sharpness store's figures are described in its own section
+        res = res["sharpness"]
     assert res["figure_layout_problems"] == {}, res["figure_layout_problems"]
     pngs = [f for f in res["figures"] if f.endswith(".png")]
     assert pngs and all(len(res["figure_captions"][f]) > 60 for f in pngs)
@@ -87,7 +129,7 @@ def test_table_and_changes_read_as_sentences():
     assert "none within reach" in text and "√m range: none at this precision" in text
 
 
-@pytest.mark.parametrize("name", ["step", "frozen"])
+@pytest.mark.parametrize("name", ["step", "frozen", "sharpness"])
 def test_report_in_headless_chromium(reports, name, tmp_path):
     chromium = _chromium()
     if chromium is None:

@@ -131,3 +131,72 @@ def test_alpha_stable_notes_count_pairs_of_trials():
     v = np.random.default_rng(0).standard_cauchy((8, 400))
     est = fit_alpha_stable(stable_pair_sums(v), 400, n_boot=99, rng=np.random.default_rng(0))
     assert est.note.startswith("only 4 pairs of trials (8 or 9 trials): no interval") and "trial(s)" not in est.note
+
+
+def test_alpha_stable_estimate_above_two_is_kept_and_flagged_not_clipped():
+    """An α-stable index lies in (0, 2]; entries whose block sums partly cancel (dependent entries, as the softmax
+    output bias has) give an estimate above 2.  It is reported as computed -- never clipped to 2 -- with a note and
+    the ``outside_stable_range`` flag in the summary dict (it was reported bare: layers.4.bias 3.2-7.6)."""
+    import math
+
+    from gradlab.analysis.interval import Estimate
+    from gradlab.analysis.tails import TailFit, outside_stable_range, stable_range_note
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((40, 400))
+    blocks = g.reshape(40, 20, 20)  # K1 = ⌊√400⌋ = 20: one block per row of 20 entries
+    v = (blocks - 0.5 * blocks.mean(-1, keepdims=True)).reshape(40, 400)  # block sums halved: α̂ ≈ ln 20/ln √5
+    est = fit_alpha_stable(stable_pair_sums(v), 400, n_boot=199, rng=np.random.default_rng(1))
+    sums = stable_pair_sums(v).sum(-1)
+    raw = math.log(20) / (sums[2] / sums[3] - sums[0] / sums[1])
+    assert est.value == pytest.approx(raw, rel=1e-12) and est.value > 3  # as computed, not clipped
+    assert outside_stable_range(est) and "outside (0, 2]" in est.note and "not supported" in est.note
+    assert "consistent with finite variance" in est.note
+    inside = fit_alpha_stable(stable_pair_sums(rng.standard_cauchy((40, 400))), 400, n_boot=0, rng=rng)
+    assert 0 < inside.value <= 2 and inside.note is None and stable_range_note(inside) is None
+    assert "outside its validity" in stable_range_note(Estimate(-3.0))
+    d = TailFit(Estimate(math.nan), math.nan, 0, math.nan, inside, {"a": est, "b": inside}).to_dict()
+    assert d["alpha_stable"]["outside_stable_range"] is False and d["alpha_stable_range"] == "(0, 2]"
+    assert d["alpha_stable_per_layer"]["a"]["outside_stable_range"] is True
+    assert d["alpha_stable_per_layer"]["a"]["value"] == est.value
+    assert d["alpha_stable_per_layer"]["b"]["outside_stable_range"] is False
+
+
+def test_tail_index_figure_puts_hill_and_alpha_stable_on_separate_panels(tmp_path, monkeypatch):
+    """Hill (the tail exponent of |x|: any positive value) and the α-stable index (defined on (0, 2]) were drawn
+    on one linear axis.  Now: one panel each with its own y label, α = 2 drawn on the α-stable panel, no text
+    overlapping, and a caption saying how to read each."""
+    from matplotlib.lines import Line2D
+
+    from gradlab.analysis import render
+    from gradlab.analysis.run import analyze_store
+    from gradlab.synthetic import write_synthetic_store
+
+    store = tmp_path / "step.zarr"
+    write_synthetic_store(store, protocol="step", trials=12, batch_sizes=(1, 2, 4, 8, 16), budget=16,
+                          entry_alpha=1.5, vector_dim=400, seed=2)
+    saved = {}
+    real_save = render._save
+
+    def spy(fig, out, stem, checks=None):
+        saved[stem] = fig
+        return real_save(fig, out, stem, checks)
+
+    monkeypatch.setattr(render, "_save", spy)
+    res = analyze_store(store, out_dir=tmp_path / "an", n_boot=19, seed=0, write_store=False)
+    fig = saved["tail_index"]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2, [ax.get_ylabel() for ax in panels]
+    hill, stable = panels
+    assert "Hill" in hill.get_ylabel() and "α-stable" not in hill.get_ylabel()
+    assert "α-stable" in stable.get_ylabel() and "(0, 2]" in stable.get_ylabel()
+    assert len(hill.containers) == len(stable.containers) == 2  # one errorbar series per checkpoint on each
+
+    def flat_at(ax, y):
+        return any(isinstance(ln, Line2D) and len(set(np.asarray(ln.get_ydata(), float))) == 1
+                   and np.asarray(ln.get_ydata(), float)[0] == y for ln in ax.get_lines())
+
+    assert flat_at(stable, 2.0) and not flat_at(hill, 2.0)
+    assert res["figure_layout_problems"].get("tail_index") is None
+    caption = res["figure_captions"]["tail_index.png"]
+    assert "separate panels" in caption and "(0, 2]" in caption and "α = 2" in caption and "Hill" in caption

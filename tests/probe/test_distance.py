@@ -38,3 +38,30 @@ def test_find_init_by_tag(tmp_path):
     solo = make_run(tmp_path / "solo")
     solo["init"].unlink()
     assert find_init(solo["late"]) is None
+
+
+def test_init_warnings_name_the_api_argument_in_python_and_the_flag_on_the_cli(tmp_path, caplog, capsys):
+    """The API's warnings said "pass --init", a flag API users do not have: they name ``init=`` there and keep
+    ``--init`` on the command line."""
+    import logging
+    import shutil
+
+    import gradlab
+    from gradlab.cli import main
+
+    paths = make_run(tmp_path / "run")
+    shutil.copy(paths["init"], tmp_path / "run" / "init2.pt")  # two checkpoints tagged init: ambiguous
+    with caplog.at_level(logging.WARNING, logger="gradlab"):
+        gradlab.probe([str(paths["late"])], data="digits", out=tmp_path / "api.zarr", budget=4, batch_sizes=[1, 4],
+                      trials=2)
+    api = [r.getMessage() for r in caplog.records if "init" in r.getMessage()]
+    assert any("several init checkpoints" in m and "pass init= to choose one" in m for m in api), api
+    assert any("no init= and no checkpoint tagged 'init'" in m for m in api), api
+    assert not any("--init" in m for m in api), api
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradlab"):
+        assert main(["probe", "--checkpoint", str(paths["late"]), "--data", "digits", "--budget", "4",
+                     "--batch-sizes", "1,4", "--trials", "2", "--protocol", "frozen", "--no-progress", "--out",
+                     str(tmp_path / "cli.zarr")]) == 0
+    cli = [r.getMessage() for r in caplog.records if "init" in r.getMessage()]
+    assert any("pass --init to choose one" in m for m in cli) and any("no --init and" in m for m in cli), cli

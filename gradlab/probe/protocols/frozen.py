@@ -5,6 +5,7 @@ statistics so examples stay independent, dropout off), one per-example Gram matr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,10 @@ from gradlab.probe.config import ProbeConfig
 from gradlab.probe.units import gram_engine, put_quantities
 
 
-def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray]) -> None:
-    """Fill ``out`` (the unit's arrays) for the trials whose draws are the rows of ``idx``, at checkpoint ``c``."""
+def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray],
+            tick: Callable[[int], Any] = lambda n=1: None) -> None:
+    """Fill ``out`` (the unit's arrays) for the trials whose draws are the rows of ``idx``, at checkpoint ``c``;
+    ``tick(|m|)`` after each trial (one Gram matrix serves every batch size)."""
     import torch
 
     from gradlab.probe.distance import param_kind
@@ -52,3 +55,4 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
                 out["entry_hist"][i, j] = hist.counts(scale)
             if config.keep == "vectors":
                 out["grad_sum"][i, j] = (base * scale).cpu().numpy()
+        tick(len(config.batch_sizes))

@@ -4,6 +4,7 @@ unit's trials in lock-step).  ``nonfinite_count`` is the step engine's count ove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,10 @@ from gradlab.probe.config import ProbeConfig
 from gradlab.probe.units import checkpoint_model, entry_outputs, norms_of, put_quantities
 
 
-def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray]) -> None:
-    """Fill ``out`` (the unit's arrays) for the trials whose draws are the rows of ``idx``, at checkpoint ``c``."""
+def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[str, np.ndarray],
+            tick: Callable[[int], Any] = lambda n=1: None) -> None:
+    """Fill ``out`` (the unit's arrays) for the trials whose draws are the rows of ``idx``, at checkpoint ``c``;
+    ``tick(n)`` as each block of n trials finishes its N/m steps at one batch size m."""
     import torch
 
     from gradlab.probe.step import step_trials
@@ -29,7 +32,7 @@ def compute(config: ProbeConfig, c: int, idx: np.ndarray, pool: Any, out: dict[s
         r = step_trials(net, pool, None, torch.as_tensor(idx), int(m), config.lr,
                         config.reduction, order,  # type: ignore[arg-type]
                         dtype=getattr(torch, config.dtype), device=config.device,
-                        loss=resolve_loss(config.loss))
+                        loss=resolve_loss(config.loss), on_block=tick)
         for j in range(len(idx)):
             sums = {n: r.grad_sum[n][j] for n in order}
             out["grad_norm"][i, j], out["grad_norm_layer"][i, j], out["grad_norm_group"][i, j] = \

@@ -50,8 +50,8 @@ Example (lr = 0: S is the sum of the minibatch gradients at θ, i.e. Σᵢ gᵢ 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ def step_trials(
     trials_per_block: int | None = None,
     engine: Engine = "auto",
     loss: PerExampleLoss | None = None,
+    on_block: Callable[[int], Any] | None = None,
 ) -> StepResult:
     """Run the step protocol for every row of ``indices`` and return the per-trial :class:`StepResult`.
 
@@ -119,6 +120,7 @@ def step_trials(
         engine: ``"auto"`` (chain when the model is a Linear/ReLU chain, else loop on CPU and generic elsewhere),
             ``"chain"``, ``"loop"``, ``"generic"``.  The chain engine needs the built-in cross-entropy on (x, y).
         loss: the per-example loss ``fn(model, batch) -> (B,)`` (:mod:`gradlab.task`); default cross-entropy.
+        on_block: called with the number of trials of each block once it has finished (a progress bar).
 
     Raises:
         UsageError: bad arguments (see :func:`check_step_inputs`), active dropout, or ``engine="chain"`` on a model
@@ -175,5 +177,7 @@ def step_trials(
         step_norms[sl] = norms.double().cpu().numpy()
         nonfinite[sl] = bad.cpu().numpy()
         del res, sums, xb, yb
+        if on_block is not None:
+            on_block(int(rows.shape[0]))
     mean, std, mx = summarise_step_norms(step_norms)
     return StepResult(grad_sum, displacement, mean, std, mx, nonfinite)

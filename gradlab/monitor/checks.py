@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gradlab.errors import UsageError
 
 ESTIMATORS = ("per-example", "two-batch")
+ON_GAP = ("warn", "raise")
 
 
 def _integer(name: str, v: Any, low: int) -> None:
@@ -38,7 +39,7 @@ def _real(name: str, v: Any, low: float, high: float, closed_low: bool = True) -
 
 def check_arguments(model: object, *, loss: Any, path: Any, optimizer: Any, every: Any, estimator: Any,
                     reduction: Any, ema_decay: Any, level: Any, pool_size: Any, chunk_steps: Any, resume: Any,
-                    start_step: Any, config: Any) -> None:
+                    start_step: Any, config: Any, on_gap: Any = "warn") -> None:
     """NoiseMonitor's arguments, before anything is written (each a one-line UsageError naming the fix)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"NoiseMonitor needs a torch nn.Module, got {type(model).__name__}")
@@ -77,6 +78,9 @@ def check_arguments(model: object, *, loss: Any, path: Any, optimizer: Any, ever
             raise UsageError(f"start_step={start_step!r} is used only with resume=True (to continue a store); "
                              "pass resume=True, or drop start_step")
         _integer("start_step", start_step, 0)
+    if on_gap not in ON_GAP:
+        raise UsageError(f"on_gap must be one of {ON_GAP} (what a resume does when the store ends before the "
+                         f"checkpoint's step: record the gap and warn, or refuse), got {on_gap!r}")
     if config is not None:
         if not isinstance(config, Mapping):
             raise UsageError(f"config must be a dict of JSON values, got {type(config).__name__}")

@@ -30,6 +30,7 @@ norms.  The estimators, their sampling model and the smoothing: :mod:`gradlab.mo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -85,6 +86,28 @@ def _close_earlier(path: str, model: nn.Module) -> None:
             mon._abandon()
 
 
+def _close_at_exit() -> None:
+    """At the interpreter's exit (a script's end, an uncaught exception, KeyboardInterrupt; not ``os._exit``, a
+    signal's default action such as SIGTERM's, or ``kill -9``): close this process's open monitors, so that the steps
+    they buffered reach their stores.  A forked child's copies are not its own: they are left alone."""
+    for key, ref in list(_LIVE.items()):
+        mon = ref()
+        if mon is None or mon.closed or getattr(mon, "_pid", None) != os.getpid():
+            continue
+        try:
+            if mon.store.path.is_dir():
+                mon.close()
+                log.info("NoiseMonitor: closed the monitor of %s at exit (call close(), or use a with block)", key)
+            else:
+                mon._abandon()
+        except Exception as exc:  # noqa: BLE001 - one monitor's failure must not stop the others
+            log.warning("NoiseMonitor: could not close the monitor of %s at exit (%s: %s)", key,
+                        type(exc).__name__, exc)
+
+
+atexit.register(_close_at_exit)
+
+
 def _grad_mark(grad: Tensor) -> tuple[Any, int]:
     """A weak reference to a ``.grad`` tensor and its version: whether it is still that tensor, unmodified."""
     return weakref.ref(grad), grad._version
@@ -114,7 +137,11 @@ class NoiseMonitor:
     the loss :meth:`loss` returns (``"mean"`` or ``"sum"``); ``pool_size`` n for batches drawn without replacement
     from n examples (None: with replacement); ``ema_decay`` β per recorded step; ``level`` of the intervals;
     ``chunk_steps`` recorded steps per appended chunk; ``resume`` with ``start_step`` (the number of optimizer
-    steps the restored checkpoint had taken): the store keeps its steps < start_step and continues; ``config``
+    steps the restored checkpoint had taken): the store keeps its steps < start_step and continues (steps it
+    holds from start_step on are dropped, noted); ``on_gap`` what such a resume does when the store ends before
+    start_step, its last steps never written (the monitor was not flushed when the checkpoint was saved: call
+    ``monitor.flush()``, or save ``monitor.state_dict()``, with each checkpoint): ``"warn"`` continues with the gap
+    recorded in the store (``gaps`` attr, a note, a warning), ``"raise"`` refuses with a UsageError; ``config``
     extra JSON-safe settings recorded in the store (seeds, data, ...); ``distances=False`` skips the update norm
     and the distance from init (each costs a few passes over the parameters per recorded step: the largest part of
     the monitor's cost on memory-bound CPUs; they are then recorded as NaN); ``distances="optimizer"`` takes the
@@ -129,11 +156,12 @@ class NoiseMonitor:
                  optimizer: torch.optim.Optimizer | None = None, every: int = 1, estimator: str = "per-example",
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
                  level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
-                 distances: bool = True, background: bool | None = None,
+                 on_gap: str = "warn", distances: bool = True, background: bool | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         check_arguments(model, loss=loss, path=path, optimizer=optimizer, every=every, estimator=estimator,
                         reduction=reduction, ema_decay=ema_decay, level=level, pool_size=pool_size,
-                        chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config)
+                        chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config,
+                        on_gap=on_gap)
         self._key = os.path.abspath(os.fspath(path))
         _close_earlier(self._key, model)
         self.model = model
@@ -184,7 +212,7 @@ class NoiseMonitor:
         self._rows: list[StepCopy] = []
         self._appender = Appender(self.store.append)  # full chunks are written in the background
         try:
-            self._init_state(resume, start_step)
+            self._init_state(resume, start_step, on_gap)
         except BaseException:
             self.store.close()
             raise
@@ -213,14 +241,18 @@ class NoiseMonitor:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
         self.closed = False
+        self._pid = os.getpid()  # closed at this process's exit (not a forked child's)
         _LIVE[self._key] = weakref.ref(self)
 
     # -- state: θ₀, resume ----------------------------------------------------------------------------------
-    def _init_state(self, resume: bool, start_step: int | None) -> None:
+    def _init_state(self, resume: bool, start_step: int | None, on_gap: str = "warn") -> None:
+        new = "init" not in self.store.group
         self.theta0 = initial_parameters(self.store.group, self.params)
+        if new:  # the commit record lists the init group too
+            self.store.commit(rescan=True)
         if not resume:
             return
-        self.t, self.examples_seen = resume_store(self.store, self.ema, int(start_step), self.every)
+        self.t, self.examples_seen = resume_store(self.store, self.ema, int(start_step), self.every, on_gap)
 
     # -- the user's calls -------------------------------------------------------------------------------------
     def loss(self, batch: Batch) -> Tensor:
@@ -293,7 +325,8 @@ class NoiseMonitor:
 
     def flush(self) -> None:
         """Write the buffered steps to the store now and wait until they are on disk (call before saving a
-        checkpoint).
+        checkpoint, or save :meth:`state_dict` with it: a checkpoint saved without it leaves a gap in the store
+        on resume).
 
         The moving averages' estimates and intervals of all buffered steps are computed here, at once, from the
         EMA state each step left (elementwise: the same numbers as step by step).  Full chunks are appended in a
@@ -301,6 +334,15 @@ class NoiseMonitor:
         self._submit()
         self._appender.wait()
         self._mark_examples()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flush (:meth:`flush`), then what a checkpoint needs to resume this store: put it in the checkpoint you
+        save, and resume with ``NoiseMonitor(..., resume=True, start_step=state["step"])``.  Saving it with each
+        checkpoint keeps the store and the checkpoint consistent: no step the checkpoint took is missing from
+        the store on resume."""
+        self._check_open()
+        self.flush()
+        return {"step": self.t, "examples_seen": self.examples_seen, "store": str(self.store.path)}
 
     def _mark_examples(self) -> None:
         """Record the examples seen by the steps closed so far (a resume at this step restores the count, which
@@ -318,7 +360,8 @@ class NoiseMonitor:
             self._appender.submit(rows)
 
     def close(self) -> None:
-        """Flush, record the final attrs, remove every hook and release the store."""
+        """Flush, record the final attrs, remove every hook and release the store (done at the interpreter's exit
+        for a monitor still open: :func:`_close_at_exit`)."""
         if getattr(self, "closed", True):
             return
         if self.t == 0:  # step 0 is always recorded: no step was closed at all

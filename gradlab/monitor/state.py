@@ -51,27 +51,65 @@ def store_attrs(task: dict[str, Any], estimator: str, every: int, reduction: str
     }
 
 
-def resume_store(store: Any, ema: Any, start_step: int, every: int) -> tuple[int, int]:
-    """Continue ``store`` at optimizer step ``start_step`` (the restored checkpoint's): drop its steps ≥ it, note
-    the steps that were never flushed, replay the moving averages over the kept steps (the same float operations
-    as an uninterrupted run).  Returns (the next step, the examples seen so far)."""
+GAP_REASON = "not flushed before the checkpoint was saved"
+
+
+def _steps(first: int, last: int, every: int) -> str:
+    return f"{first}..{last}" + (f" (every {every} steps)" if every > 1 else "")
+
+
+def resume_store(store: Any, ema: Any, start_step: int, every: int, on_gap: str = "warn") -> tuple[int, int]:
+    """Continue ``store`` at optimizer step ``start_step`` (the restored checkpoint's): drop its steps ≥ it (noted),
+    record the recorded steps that were never written before it (a gap: the monitor was not flushed when the
+    checkpoint was saved; ``on_gap="raise"`` refuses instead, before anything is written), replay the moving
+    averages over the kept steps (the same float operations as an uninterrupted run).  Returns (the next step, the
+    examples seen so far)."""
+    from gradlab.errors import UsageError
+
     steps = store.read("step")
     keep = int(np.searchsorted(steps, start_step, side="left"))
+    if store.created:  # a new store for a training resumed at start_step: its first step is that one
+        first = start_step
+    else:
+        first = int(store.json_attr("first_step", 0))
+    expected = int(steps[keep - 1]) + every if keep else -(-first // every) * every  # the next step to record
+    missing = ((start_step - 1) // every) * every  # the last recorded step before start_step
+    gap = None
+    if expected < start_step and expected <= missing:
+        ends = f"the store ends at step {int(steps[keep - 1])}" if keep else "the store holds no step"
+        gap = (f"{ends} but training resumes at step {start_step}: recorded steps "
+               f"{_steps(expected, missing, every)} were never written ({GAP_REASON})")
+        if on_gap == "raise":
+            raise UsageError(f"{store.path}: {gap}; call monitor.flush() (or save monitor.state_dict()) with each "
+                             f"checkpoint, resume from a checkpoint at step ≤ {expected}, or pass on_gap='warn' "
+                             "to continue with the gap recorded in the store")
+    if store.created and start_step > 0:
+        store.set_attrs({"first_step": start_step})
     if keep < steps.size:
-        log.info("NoiseMonitor: dropping %d recorded steps ≥ %d (after the checkpoint)", steps.size - keep,
-                 start_step)
+        note = (f"resumed at step {start_step}, before the store's end: the {steps.size - keep} recorded steps "
+                f"{_steps(int(steps[keep]), int(steps[-1]), every)} written after that checkpoint were dropped "
+                "(recorded again from there)")
+        log.info("NoiseMonitor: %s", note)
+        store.add_note(note)
     store.truncate(keep)
+    gaps = [g for g in store.json_attr("gaps", []) if g["first"] < start_step]
+    gaps = [{**g, "last": min(g["last"], missing)} for g in gaps if gap is None or g["first"] < expected]
+    if gap is not None:
+        gaps.append({"first": expected, "last": missing, "every": every, "resumed_at": start_step,
+                     "reason": GAP_REASON})
+    if gaps != store.json_attr("gaps", []):
+        store.set_attrs({"gaps": gaps})
+    if gap is not None:
+        note = (f"{gap}: they are missing from the store (its gaps attr); call monitor.flush() (or save "
+                "monitor.state_dict()) with each checkpoint")
+        log.warning("NoiseMonitor: %s", note)
+        store.add_note(note)
     marks = {int(k): int(v) for k, v in store.json_attr("examples_at_step", {}).items()}
     store.set_attrs({"examples_at_step": {str(k): v for k, v in marks.items() if k <= start_step}})
     if not keep:
         return start_step, marks.get(start_step, 0)
     last = int(steps[keep - 1])
     seen = int(store.read("examples_seen")[-1])
-    if last != ((start_step - 1) // every) * every:
-        note = (f"steps {last + 1}..{start_step - 1} were not in the store when training resumed at step "
-                f"{start_step} (not flushed before the checkpoint): they are missing")
-        log.warning("NoiseMonitor: %s", note)
-        store.add_note(note)
     if start_step in marks:  # flushed at the checkpoint: the count includes the unrecorded steps before it
         seen = marks[start_step]
     elif last != start_step - 1:

@@ -9,11 +9,17 @@ stores).  Root attrs: ``gradlab_store = "monitor"``, ``schema_version``, ``confi
 
 Appending (:meth:`MonitorStore.append`) writes the new rows' chunk files of every variable first (each file is
 written to a temporary name and renamed: a chunk is old or new, never torn), beyond the arrays' visible length,
-and only then extends each array's length (its ``zarr.json``, also written by rename).  A process killed at any
-moment therefore leaves every appended chunk readable; the one thing a kill can leave is some arrays already
-extended and others not, if it lands inside the few milliseconds of metadata updates at the end of an append.
-:func:`open_monitor` reads such a store at the common length, and resuming (``NoiseMonitor(resume=True)``)
-truncates it to a consistent length, so neither ever sees a half-written step.  Readers see whole appends only.
+then extends each array's length (its ``zarr.json``, also written by rename), and last commits the append: the
+root ``zarr.json``, rewritten by one rename, carries consolidated metadata holding every array's length.  That one
+file is the store's commit record.  Each array's own ``zarr.json`` is a separate file, so no set of them changes
+at once: a kill inside the metadata updates of an append leaves some arrays extended and others not, while the
+root still holds the lengths of the last committed append, equal for every array.  A plain ``xr.open_zarr(path)``
+(which reads consolidated metadata when a store has it) therefore opens a store at any moment, during training
+and after a kill anywhere, at its last committed append, every array at the same length; so does
+:func:`open_monitor`.  Only a reader that skips the commit record, ``xr.open_zarr(path, consolidated=False)``, can
+meet arrays of different lengths (after a kill inside those milliseconds of metadata updates); resuming
+(``NoiseMonitor(resume=True)``) first sets every array back to the committed length.  Readers see whole appends
+only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +69,8 @@ class MonitorStore:
         self.path = Path(path)
         self.chunk_steps = int(chunk_steps)
         self.vars = {v.name: v for v in monitor_variables()}
+        self._root_lock = threading.Lock()  # the root zarr.json: attrs (training thread), commits (append thread)
+        self._root: dict[str, Any] | None = None
         exists = self.path.exists()
         if exists and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()  # an empty folder made beforehand holds nothing: the store is created there
@@ -74,10 +84,8 @@ class MonitorStore:
             raise StoreError(f"cannot write a monitor store at {self.path} ({exc.strerror or exc}); choose a path "
                              "in a writable folder") from None
         try:
-            if exists:  # a writer again: consolidated metadata (written at close) would go stale as steps append
-                _drop_consolidated(self.path)
             if exists and not resume:
-                if consistent_length(zarr.open_group(self.path, mode="r", use_consolidated=False)) > 0:
+                if committed_length(self.path) > 0:
                     raise StoreError(f"{self.path} already holds a gradlab monitor store; pass resume=True to "
                                      "continue it, or choose a new store path")
                 import shutil  # no step recorded (a first loss() that failed, say): nothing to keep; start afresh
@@ -86,6 +94,7 @@ class MonitorStore:
                 exists = False
             if not exists:
                 self._create(layers, kinds, sizes, config, attrs)
+            self.created = not exists
             self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
             if exists:
                 stored = self.group.attrs.get("config_hash")
@@ -99,7 +108,11 @@ class MonitorStore:
             self.arrays = {name: self.group[name] for name in [*self.vars, "step"]}
             self._meta = {name: json.loads((self.path / name / "zarr.json").read_text()) for name in self.arrays}
             self._codecs = {name: _codec_of(meta) for name, meta in self._meta.items()}
-            self.length = consistent_length(self.group)
+            self.length = committed_length(self.path)
+            for name, meta in self._meta.items():  # a kill inside an append's metadata updates: back to the commit
+                if meta["shape"][0] != self.length:
+                    self._set_length(name, self.length)
+            self.commit(rescan=True)
         except BaseException:
             self.close()
             raise
@@ -148,16 +161,19 @@ class MonitorStore:
 
     # -- writing ------------------------------------------------------------------------------------------
     def truncate(self, length: int) -> None:
-        """Make every step array ``length`` long (resume: drop steps recorded after the checkpoint).  Chunk files
-        beyond it stay until overwritten: they are outside every array's shape, so nothing reads them."""
+        """Make every step array ``length`` long (resume: drop steps recorded after the checkpoint), committed.
+        Chunk files beyond it stay until overwritten: they are outside every array's shape, so nothing reads
+        them (and a kill before the commit leaves the old length, whose chunks are all still there)."""
         for name in self.arrays:
             self._set_length(name, length)
         self.length = length
+        self.commit()
 
     def append(self, rows: Mapping[str, np.ndarray]) -> None:
         """Append ``rows`` (name -> array with a leading axis of r new steps; ``step`` included).
 
-        Chunk data first (beyond the visible length), then each array's length: see the module docstring.
+        Chunk data first (beyond the visible length), then each array's length, then the commit (the root
+        ``zarr.json``): see the module docstring.
         """
         r = int(np.asarray(rows["step"]).shape[0])
         if r == 0:
@@ -175,6 +191,7 @@ class MonitorStore:
         for name in self.arrays:
             self._set_length(name, n1)
         self.length = n1
+        self.commit()
 
     def _fill(self, name: str) -> Any:
         return self.vars[name].fill_value() if name in self.vars else 0
@@ -186,9 +203,7 @@ class MonitorStore:
         n1 = n0 + values.shape[0]
         c0 = n0 // k
         if n0 % k:  # the visible partial chunk: its rows are rewritten together with the new ones
-            import zarr
-
-            head = np.asarray(zarr.open_array(self.path / name, mode="r")[c0 * k:n0])
+            head = self._get_chunk(name, (c0, *([0] * (arr.ndim - 1))))[: n0 - c0 * k]
             values = np.concatenate([head, values])
         start = c0 * k
         for c in range(c0, (n1 - 1) // k + 1):
@@ -196,6 +211,26 @@ class MonitorStore:
             chunk = np.full((k, *arr.shape[1:]), self._fill(name), dtype=arr.dtype)
             chunk[: rows.shape[0]] = rows
             self._put_chunk(name, (c, *([0] * (arr.ndim - 1))), chunk)
+
+    def _get_chunk(self, name: str, index: tuple[int, ...]) -> np.ndarray:
+        """A whole chunk of ``name``, decoded here (no zarr call: this also runs at interpreter exit, when zarr's
+        thread pool takes no new work)."""
+        arr = self.arrays[name]
+        k = self.chunk_steps
+        codec = self._codecs[name]
+        if codec is None:  # an unexpected codec pipeline: let zarr decode
+            import zarr
+
+            return np.asarray(zarr.open_array(self.path / name, mode="r")[index[0] * k:(index[0] + 1) * k])
+        target = self.path / name / "c" / "/".join(str(i) for i in index)
+        shape = (k, *arr.shape[1:])
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            return np.full(shape, self._fill(name), dtype=arr.dtype)
+        if codec != "raw":
+            data = codec.decode(data)
+        return np.frombuffer(data, dtype=arr.dtype.newbyteorder("<")).reshape(shape).astype(arr.dtype)
 
     def _put_chunk(self, name: str, index: tuple[int, ...], chunk: np.ndarray) -> None:
         codec = self._codecs[name]
@@ -221,8 +256,33 @@ class MonitorStore:
         meta["shape"][0] = int(n)
         _atomic_write(self.path / name / "zarr.json", json.dumps(meta, indent=2).encode())
 
+    def commit(self, rescan: bool = False) -> None:
+        """Write the root ``zarr.json`` with consolidated metadata holding every array's current length: the
+        commit record of the appends so far (one rename).  ``rescan`` builds that metadata from the store's files
+        first (zarr's own consolidation: at opening, once the ``init`` group exists, and at close); otherwise the
+        cached copy is written with the step arrays' current metadata."""
+        with self._root_lock:
+            if rescan or self._root is None:
+                import zarr
+
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                    zarr.consolidate_metadata(str(self.path))
+                self._root = json.loads((self.path / "zarr.json").read_text())
+                return
+            members = self._root["consolidated_metadata"]["metadata"]
+            for name, meta in self._meta.items():  # copies: an attrs write meanwhile keeps the committed lengths
+                members[name] = {**meta, "shape": list(meta["shape"])}
+            self._write_root()
+
+    def _write_root(self) -> None:
+        _atomic_write(self.path / "zarr.json", json.dumps(self._root, indent=2, default=_json_default).encode())
+
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
-        self.group.attrs.update({k: _attr(v) for k, v in attrs.items()})
+        """Update root attrs (written with the commit record's current lengths, by one rename)."""
+        with self._root_lock:
+            self._root["attributes"].update({k: _attr(v) for k, v in attrs.items()})
+            self._write_root()
 
     def add_note(self, note: str, **attrs: Any) -> None:
         """Append ``note`` to the store's ``notes`` attr (and set ``attrs`` with it)."""
@@ -230,15 +290,19 @@ class MonitorStore:
 
     def json_attr(self, name: str, default: Any) -> Any:
         """A root attr that :meth:`set_attrs` stored as JSON text (dicts, lists of numbers), decoded."""
-        raw = self.group.attrs.get(name, default)
+        with self._root_lock:
+            raw = self._root["attributes"].get(name, default)
         return json.loads(raw) if isinstance(raw, str) else raw
 
     def consolidate(self) -> None:
-        """Consolidated metadata, once the run has written everything (``xr.open_zarr(path)`` then opens quietly);
-        the next writer of the store removes it first (:func:`_drop_consolidated`)."""
-        from gradlab.store import consolidate
+        """Consolidated metadata once the run has written everything, as every gradlab store has at its end (the
+        monitor's has had it since its creation: its commit record, current), and that of an enclosing zarr store
+        if the monitor's lies inside one."""
+        from gradlab.store import _outer_store, consolidate
 
-        consolidate(self.path)
+        self.commit()
+        if _outer_store(self.path) is not None:
+            consolidate(self.path)
 
     def close(self) -> None:
         if getattr(self, "_lock_fd", -1) >= 0:
@@ -249,14 +313,6 @@ class MonitorStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _drop_consolidated(path: Path) -> None:
-    """Remove the consolidated metadata from the store's root ``zarr.json`` (atomically)."""
-    root = path / "zarr.json"
-    meta = json.loads(root.read_text())
-    if meta.pop("consolidated_metadata", None) is not None:
-        _atomic_write(root, json.dumps(meta, indent=2).encode())
 
 
 def _acquire(lock: Path, store: Path) -> int:
@@ -306,6 +362,12 @@ def _codec_of(meta: Mapping[str, Any]) -> Any:
     return None
 
 
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON serializable")
+
+
 def _attr(v: Any) -> Any:
     if isinstance(v, (dict, list, tuple)) and not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
         return json.dumps(v, default=str)
@@ -319,12 +381,35 @@ def consistent_length(group: Any) -> int:
     return int(min(lengths)) if lengths else 0
 
 
+def _committed(path: Path) -> int | None:
+    """The step count of the store's commit record (its consolidated metadata), or None if it has none."""
+    try:
+        root = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    members = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+    lengths = [m["shape"][0] for k, m in members.items() if "/" not in k and m.get("node_type") == "array"
+               and (m.get("dimension_names") or [None])[0] == "step"]
+    return int(min(lengths)) if lengths else None
+
+
+def committed_length(path: str | os.PathLike) -> int:
+    """The number of steps of the last committed append: from the root's consolidated metadata (the commit
+    record), or, for a store without one (written live by an older gradlab), the length every array has reached."""
+    import zarr
+
+    n = _committed(Path(path))
+    if n is not None:
+        return n
+    return consistent_length(zarr.open_group(Path(path), mode="r", use_consolidated=False))
+
+
 def open_monitor(path: str | os.PathLike, retries: int = 20) -> Any:
     """Open a monitor store with xarray (lazily), also while it is being written or after a crash.
 
-    Plain ``xr.open_zarr(path, consolidated=False)`` works on any store a completed append left; this function
-    also reads a store caught between the metadata updates of an append (live readers, or a kill at that moment)
-    at the common length of its arrays.
+    The store's last committed append, as a plain ``xr.open_zarr(path)`` reads it (the module docstring); a store
+    without a commit record (written live, or killed, by an older gradlab) is read at the common length of its
+    arrays, also when caught between the metadata updates of an append.
     """
     import xarray as xr
     import zarr
@@ -336,6 +421,8 @@ def open_monitor(path: str | os.PathLike, retries: int = 20) -> Any:
         raise StoreError(f"{p} is not a zarr v3 store (no zarr.json); give the store path of a NoiseMonitor")
     if not _is_monitor_store(p):
         raise StoreError(f"{p} is not a gradlab monitor store")
+    if _committed(p) is not None:
+        return xr.open_zarr(p, consolidated=True)
     for attempt in range(retries):
         try:
             return xr.open_zarr(p, consolidated=False)

@@ -71,9 +71,22 @@ class Worker:
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``; at interpreter exit (the monitor's ``atexit`` close, after Python has joined its
+        pool threads and refuses new jobs: our own :meth:`shutdown` drops the pool, so a refusal means that) it
+        runs here, at once, and the returned future is already done."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-        return self._pool.submit(fn, *args)
+        try:
+            return self._pool.submit(fn, *args)
+        except RuntimeError as exc:
+            if "cannot schedule new futures" not in str(exc):
+                raise
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, as the pool would
+            done.set_exception(exc)
+        return done
 
     def shutdown(self) -> None:
         if self._pool is not None:

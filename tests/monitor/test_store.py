@@ -85,22 +85,43 @@ def test_readable_while_training_and_after_partial_flush(tmp_path):
     assert list(ds.step.values) == list(range(9)) and ds.attrs["gradlab_store"] == "monitor"
 
 
-def test_a_store_caught_between_metadata_updates_is_read_at_the_common_length(tmp_path):
-    import zarr
+def _edit_json(path: Path, edit) -> None:
+    import json
 
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_a_store_caught_between_metadata_updates_is_read_at_the_committed_length(tmp_path, record):
+    """A kill inside the metadata updates of an append: some arrays' own zarr.json already extended, the commit
+    record (the root's consolidated metadata) not yet.  Plain xr.open_zarr and open_monitor read the last committed
+    append; a resume sets every array back to it.  ``record=False``: a store of an older gradlab, without a commit
+    record, is read at the common length of its arrays."""
     model = nn.Linear(3, 2).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
-    with NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", chunk_steps=2) as mon:
+    path = tmp_path / "m.zarr"
+    with NoiseMonitor(model, "cross-entropy", path, chunk_steps=2) as mon:
         for _ in range(4):
             mon.loss((x, y)).backward()
             mon.step()
-    g = zarr.open_group(tmp_path / "m.zarr", mode="r+")
-    g["loss"].resize((2,))  # as if killed inside the metadata updates of the second append
-    ds = open_monitor(tmp_path / "m.zarr", retries=1)
+
+    def committed_at_two(root):
+        for name, m in root["consolidated_metadata"]["metadata"].items():
+            if (m.get("dimension_names") or [None])[0] == "step":
+                m["shape"][0] = 2
+
+    _edit_json(path / "zarr.json", committed_at_two if record else lambda root: root.pop("consolidated_metadata"))
+    _edit_json(path / "loss" / "zarr.json", lambda m: m["shape"].__setitem__(0, 2))  # the others say 4
+    if record:
+        assert list(xr.open_zarr(path).step.values) == [0, 1]
+    ds = open_monitor(path, retries=1)
     assert ds.sizes["step"] == 2 and list(ds.step.values) == [0, 1]
-    mon = NoiseMonitor(model, "cross-entropy", tmp_path / "m.zarr", resume=True, start_step=2, chunk_steps=2)
+    mon = NoiseMonitor(model, "cross-entropy", path, resume=True, start_step=2, chunk_steps=2)
+    assert xr.open_zarr(path, consolidated=False).sizes["step"] == 2  # every array's own length set back
     mon.close()
-    assert xr.open_zarr(tmp_path / "m.zarr", consolidated=False).sizes["step"] == 2
+    assert xr.open_zarr(path, consolidated=False).sizes["step"] == xr.open_zarr(path).sizes["step"] == 2
 
 
 def test_refuses_other_data_and_an_existing_store(tmp_path):
@@ -199,8 +220,9 @@ def test_a_failed_background_append_is_raised_not_lost(tmp_path, monkeypatch):
 
 def test_a_finished_store_opens_quietly_and_a_resumed_one_never_shows_stale_steps(tmp_path):
     """After close() plain xr.open_zarr(path) opens without xarray's consolidated-metadata warning (the README's
-    promise for every finished store); a resumed writer first removes that metadata, so a plain open while it
-    appends (or after it truncated) never reads the old lengths."""
+    promise for every finished store); a resumed writer keeps that metadata current (it is the store's commit
+    record), so a plain open while it appends (or after it truncated) opens quietly too and never reads the old
+    lengths."""
     import warnings
 
     torch.manual_seed(0)
@@ -222,7 +244,7 @@ def test_a_finished_store_opens_quietly_and_a_resumed_one_never_shows_stale_step
     mon = NoiseMonitor(model, "cross-entropy", path, optimizer=opt, chunk_steps=2, resume=True, start_step=3)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no consolidated metadata while a writer has it: xarray says so
+            warnings.simplefilter("error")
             assert xr.open_zarr(path).sizes["step"] == 3  # truncated to the checkpoint, not the stale 5
         steps(mon, 4)
     finally:

@@ -90,8 +90,15 @@ def bootstrap_trials(
     low = np.atleast_1d(np.asarray(res.confidence_interval.low, dtype=np.float64))
     high = np.atleast_1d(np.asarray(res.confidence_interval.high, dtype=np.float64))
     if caught:
-        messages = sorted({str(w.message).split(".")[0] for w in caught})
-        notes.append("bootstrap: " + "; ".join(messages))
+        notes.append("bootstrap: " + "; ".join(sorted({_plain(str(w.message)) for w in caught})))
     dist = np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(n_out, -1)
     return BootstrapResult(value, low, high, np.atleast_1d(res.standard_error), dist, level,
                            "; ".join(notes) or None)
+
+
+def _plain(message: str) -> str:
+    """scipy's warning in the notes' words: a degenerate bootstrap distribution says what it means."""
+    if "degenerate" in message or "cannot be calculated" in message:
+        return ("the resampled values are all (nearly) equal, as when every trial gives the same value: no "
+                "interval (the spread over trials is zero, not the uncertainty)")
+    return message.split(".")[0]

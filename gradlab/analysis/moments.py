@@ -34,11 +34,34 @@ def trial_moments(gram_trace: np.ndarray, gram_sum: np.ndarray, budget: int, poo
     return g2, q - g2
 
 
+WHOLE_POOL = ("every trial holds the whole pool (budget = pool size, drawn without replacement): ‖G‖², tr Σ and "
+              "B_noise are the pool's exact values, the same in every trial (their intervals are the floating-point "
+              "resolution, not a sampling interval); trials differ only in how the pool is split into minibatches; "
+              "for an interval over draws from the pool, probe with a budget below the pool size")
+
+
+def whole_pool(budget: int, pool_size: int | None, replacement: bool) -> bool:
+    """Whether every trial of a frozen store draws the whole pool (without replacement, budget = pool size)."""
+    return not replacement and pool_size is not None and int(budget) >= int(pool_size)
+
+
+def _exact(value: float, resolution: float, level: float) -> Estimate:
+    """A value exact up to the arithmetic: the interval is its floating-point resolution."""
+    half = abs(value) * resolution
+    return Estimate(value, value - half, value + half, level, WHOLE_POOL)
+
+
 def moment_estimates(gram_trace: np.ndarray, gram_sum: np.ndarray, budget: int, pool_size: int | None,
                      replacement: bool, *, n_boot: int, rng: np.random.Generator,
-                     level: float = 0.95) -> dict[str, Estimate]:
-    """{"grad_sq_norm", "trace_cov", "b_noise"} with bootstrap-over-trials intervals (``n_boot`` = 0: none)."""
+                     level: float = 0.95, resolution: float = 0.0) -> dict[str, Estimate]:
+    """{"grad_sq_norm", "trace_cov", "b_noise"} with bootstrap-over-trials intervals (``n_boot`` = 0: none).
+    When every trial holds the whole pool (:func:`whole_pool`) the values are exact: no bootstrap, the interval is
+    ``resolution`` (relative) wide either side, and the note says so."""
     g2, tr = trial_moments(gram_trace, gram_sum, budget, pool_size, replacement)
+    if whole_pool(budget, pool_size, replacement) and g2.size:  # every trial: the same N examples
+        g, t = float(g2.mean()), float(tr.mean())
+        return {k: _exact(v, resolution, level) for k, v in
+                (("grad_sq_norm", g), ("trace_cov", t), ("b_noise", t / g if g else float("nan")))}
     sample = np.stack([g2, tr])
 
     def stat(s: np.ndarray) -> np.ndarray:  # (*batch, 2, trial) -> (3, *batch)
@@ -60,7 +83,7 @@ def headline_estimates(ds: Any, done: Any, labels: list[str], index: list[int], 
     """Put the headline U-statistic estimates of every checkpoint (from its finished trials' ``gram_trace`` and
     ``gram_sum``) into ``result["checkpoints"][label]["estimates"]``; ``index``: each label's checkpoint index in
     the store (it seeds the bootstrap)."""
-    from gradlab.analysis.probe_fits import SEED_CODES, rng_for
+    from gradlab.analysis.probe_fits import SEED_CODES, float_resolution, rng_for
 
     result["headline"] = HEADLINE
     budget = int(ds.attrs.get("budget", ds["batch_size"].values.max()))
@@ -69,5 +92,6 @@ def headline_estimates(ds: Any, done: Any, labels: list[str], index: list[int], 
         t1 = np.asarray(ds["gram_trace"].isel(checkpoint=ci).values, dtype=np.float64)[d]
         t2 = np.asarray(ds["gram_sum"].isel(checkpoint=ci).values, dtype=np.float64)[d]
         ests = moment_estimates(t1, t2, budget, pool_size, replacement, n_boot=n_boot, level=level,
-                                rng=rng_for(seed, index[ci], SEED_CODES["moments"]))
+                                rng=rng_for(seed, index[ci], SEED_CODES["moments"]),
+                                resolution=float_resolution(str(ds.attrs.get("dtype", "float64")), budget))
         result["checkpoints"][label]["estimates"] = {k: e.to_dict() for k, e in ests.items()}

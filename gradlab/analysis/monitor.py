@@ -44,9 +44,12 @@ def estimate_at(ds: Any, name: str, step: int | None = None, group: str = "all",
 
 
 def compare_with_probe(ds: Any, step: int, probe: Estimate, group: str = "all") -> dict[str, Any]:
-    """Whether the monitored B_noise at ``step`` and a probe's B_noise estimate agree (their intervals overlap)."""
+    """Whether the monitored B_noise at ``step`` and a probe's B_noise estimate agree (their intervals overlap;
+    ``agree`` None when either has no interval)."""
     mon = estimate_at(ds, "b_noise", step, group)
-    overlap = mon.has_interval and probe.has_interval and mon.low <= probe.high and probe.low <= mon.high
+    if not (mon.has_interval and probe.has_interval):  # nothing to judge: neither agreement nor disagreement
+        return {"step": int(step), "monitor": mon.to_dict(), "probe": probe.to_dict(), "agree": None}
+    overlap = mon.low <= probe.high and probe.low <= mon.high
     return {"step": int(step), "monitor": mon.to_dict(), "probe": probe.to_dict(), "agree": bool(overlap)}
 
 
@@ -98,8 +101,8 @@ def _num(v: Any) -> float:
 def comparison_note(c: dict[str, Any]) -> str:
     """One line for ``gradlab analyze``'s output."""
     m, p = ({k: f"{_num(v[k]):.4g}" for k in ("value", "low", "high")} for v in (c["monitor"], c["probe"]))
-    verdict = ("agree (intervals overlap)" if c["agree"] else
-               "no interval to compare" if "nan" in (m["low"], p["low"]) else "DISAGREE (intervals do not overlap)")
+    verdict = ("no interval to compare" if c["agree"] is None else "agree (intervals overlap)" if c["agree"] else
+               "DISAGREE (intervals do not overlap)")
     return (f"monitor vs frozen probe at {c['checkpoint']} (step {c['step']}, {c['steps_before_checkpoint']} before "
             f"the checkpoint): B_noise {m['value']} [{m['low']}, {m['high']}] vs {p['value']} "
             f"[{p['low']}, {p['high']}]: {verdict}")

@@ -223,6 +223,10 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
             notes.append(f"checkpoint {label!r}: {fit_note}")
         notes += _stable_range_notes(label, cf)
 
+    from gradlab.analysis.moments import WHOLE_POOL, whole_pool
+
+    if frozen and whole_pool(int(ds.attrs.get("budget", batch_sizes.max())), pool_size, replacement):
+        notes.append(WHOLE_POOL)
     changes: list[Change] = []
     if len(labels) >= 2:
         changes = _compare(ds, done, labels, per_trial, batch_sizes, pool_size, replacement, frozen, n_boot=n_boot,

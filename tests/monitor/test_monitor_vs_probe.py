@@ -72,4 +72,4 @@ def test_a_probe_estimate_without_an_interval_is_compared_without_crashing(pair)
     d, _ = pair
     result = {"checkpoints": {"late": {"estimates": {"b_noise": {"value": 80.0, "low": None, "high": None}}}}}
     (c,) = monitor_vs_probe(open_store(d / "p.zarr"), result)
-    assert not c["agree"] and comparison_note(c).endswith("no interval to compare")
+    assert c["agree"] is None and comparison_note(c).endswith("no interval to compare")

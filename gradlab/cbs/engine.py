@@ -23,9 +23,16 @@ Two engines compute the same numbers (``tests/cbs/test_engine.py`` compares them
   evaluated with :func:`gradlab.curvature.evaluate.evaluate` in eval mode.  This is also the "each branch its own
   training run" baseline of ``benchmarks/bench_cbs.py``.
 
-A branch *diverges* when an evaluated loss is non-finite or exceeds ``diverge_factor`` times the loss at θ;
-``diverged_step`` records the first such eval step (−1: never).  Its later losses are recorded as computed
-(non-finite values included); the estimators exclude it and say why.
+A branch *diverges* when its evaluated training loss is non-finite or exceeds max(``diverge_factor`` × L(θ), L₀),
+with L(θ) the loss at the checkpoint and L₀ the loss of the zero output (:func:`zero_output_loss`: the model's
+outputs replaced by zeros on the same examples -- log C for cross-entropy over C classes, log V per token for
+``lm``, the targets' mean square for ``mse``).  So a diverged branch is both ``diverge_factor`` times worse than
+its checkpoint and worse than a network that predicts nothing: a checkpoint trained to a tiny loss (Adam to 0.02,
+say) no longer flags a healthy branch that wanders to 0.2 (10× its loss, far below log 10 = 2.3), while a blow-up
+(non-finite, or nats above chance) still is; for a checkpoint with L(θ) ≥ L₀/``diverge_factor`` (any early one)
+the rule is the plain factor × L(θ).  Where L₀ cannot be computed (a custom loss that fails on zero outputs) the
+rule is factor × L(θ) alone.  ``diverged_step`` records the first such eval step (−1: never).  Its later losses
+are recorded as computed (non-finite values included); the estimators exclude it and say why.
 """
 
 from __future__ import annotations
@@ -72,13 +79,46 @@ def eval_plan(eval_steps: Sequence[int], n_steps: int) -> list[int]:
     return steps
 
 
-def _diverged(train: np.ndarray, eval_steps: Sequence[int], factor: float) -> np.ndarray:
-    """First eval step whose training loss is non-finite or above ``factor`` × the loss at step 0 (−1: none)."""
-    ref = train[:, :1]
-    bad = ~np.isfinite(train) | (train > factor * np.abs(ref))
+def _diverged(train: np.ndarray, eval_steps: Sequence[int], factor: float,
+              reference: float | None = None) -> np.ndarray:
+    """First eval step whose training loss is non-finite or above max(``factor`` × the loss at step 0,
+    ``reference``) (−1: none); ``reference`` (L₀) None or non-finite: ``factor`` × the loss at step 0 alone."""
+    limit = factor * np.abs(train[:, :1])
+    if reference is not None and math.isfinite(reference):
+        limit = np.fmax(limit, abs(float(reference)))  # fmax: a NaN start loss leaves L₀
+    bad = ~np.isfinite(train) | (train > limit)
     first = np.where(bad.any(1), bad.argmax(1), -1)
     steps = np.asarray(eval_steps, dtype=np.int64)
     return np.where(first >= 0, steps[np.maximum(first, 0)], -1).astype(np.int64)
+
+
+class _ZeroOutput(nn.Module):
+    """``net`` whose output tensor is replaced by zeros of the same shape (the loss of "predicting nothing")."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        from gradlab.task import _output_tensor
+
+        return torch.zeros_like(_output_tensor(self.net(*args, **kwargs)))
+
+
+def zero_output_loss(model: nn.Module, loss: Any, batch: Any) -> float | None:
+    """L₀: the mean per-example loss on ``batch`` when the model's outputs are zeros (cross-entropy: log C; lm: log V
+    per token; mse: the targets' mean square) -- the loss of predicting nothing, the floor of the divergence
+    limit.  None when the loss cannot be evaluated on zero outputs (a custom loss that needs more) or is not
+    finite and positive."""
+    from gradlab.curvature.evaluate import evaluate
+
+    try:
+        with torch.no_grad():
+            value = float(evaluate(_ZeroOutput(model), batch, loss=loss, dtype=None, device=None,
+                                   chunk_size=2048)[0])
+    except Exception:  # noqa: BLE001 - a custom loss that does not accept a plain zero tensor: no floor
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,8 +127,10 @@ def _diverged(train: np.ndarray, eval_steps: Sequence[int], factor: float) -> np
 
 def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any, eval_test: Any,
                   stream: np.ndarray, lrs: Sequence[float], batch_size: int, eval_steps: Sequence[int],
-                  recipe: Recipe, *, dtype: torch.dtype = torch.float32, diverge_factor: float = 10.0) -> BranchCurves:
-    """Each branch as its own training run (``torch.optim`` on a private copy of ``model``); see module docs."""
+                  recipe: Recipe, *, dtype: torch.dtype = torch.float32, diverge_factor: float = 10.0,
+                  diverge_reference: float | None = None) -> BranchCurves:
+    """Each branch as its own training run (``torch.optim`` on a private copy of ``model``); see module docs.
+    ``diverge_reference``: L₀ (None: :func:`zero_output_loss` of ``model`` on ``eval_train``)."""
     from gradlab.probe.step.loss import minibatch_loss
     from gradlab.task import index_batch, to_run
     from gradlab.curvature.evaluate import evaluate
@@ -123,7 +165,9 @@ def loop_branches(model: nn.Module, loss: Any, train_batch: Any, eval_train: Any
             value = minibatch_loss(net, index_batch(pool, idx[k * m:(k + 1) * m]), loss, "mean")
             value.backward()
             opt.step()
-    return BranchCurves(tr, te, _diverged(tr, steps, diverge_factor))
+    if diverge_reference is None:
+        diverge_reference = zero_output_loss(copy.deepcopy(model).to(dtype=dtype), loss, ev_train)
+    return BranchCurves(tr, te, _diverged(tr, steps, diverge_factor, diverge_reference))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,9 +283,11 @@ def branches_per_block(model: nn.Module, recipe: Recipe, dtype: torch.dtype, n: 
 def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Tensor, Tensor],
                    eval_test: tuple[Tensor, Tensor], stream: np.ndarray, lrs: Sequence[float], batch_size: int,
                    eval_steps: Sequence[int], recipe: Recipe, *, dtype: torch.dtype = torch.float32,
-                   diverge_factor: float = 10.0, block: int | None = None) -> BranchCurves:
+                   diverge_factor: float = 10.0, diverge_reference: float | None = None,
+                   block: int | None = None) -> BranchCurves:
     """All branches in lock-step, ``block`` at a time (default :func:`branches_per_block`; results do not depend
-    on it); ``model`` must be a Linear/ReLU chain (:func:`chain_ops`).  See the module docs."""
+    on it); ``model`` must be a Linear/ReLU chain (:func:`chain_ops`).  ``diverge_reference``: L₀ (None:
+    :func:`zero_output_loss`, here log C).  See the module docs."""
     from gradlab.probe.step.chain import chain_ops
 
     ops = chain_ops(model)
@@ -255,8 +301,13 @@ def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Ten
                           eval_steps, recipe, dtype) for s in range(0, T, block)]
     tr = np.concatenate([p[0] for p in parts])
     te = np.concatenate([p[1] for p in parts])
+    if diverge_reference is None:  # the chain's loss is the cross-entropy: zero logits give log C
+        from gradlab.task import cross_entropy
+
+        diverge_reference = zero_output_loss(copy.deepcopy(model).to(dtype=dtype), cross_entropy,
+                                             (eval_train[0].to(dtype), eval_train[1]))
     return BranchCurves(tr, te, _diverged(tr, eval_plan(eval_steps, stream.shape[1] // int(batch_size)),
-                                          diverge_factor))
+                                          diverge_factor, diverge_reference))
 
 
 def _chain_block(ops: list[Any], model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Tensor, Tensor],

@@ -120,8 +120,13 @@ def branching_estimate(final: np.ndarray, batch_sizes: Any, epsilon: float, *, n
     with np.errstate(invalid="ignore"), _quiet():
         mean = np.nanmean(final, axis=-1)
     n_ok = np.sum(~np.isnan(final), axis=-1)
+    if bs.size < 2:  # nothing to compare the smallest batch size with
+        note = f"one batch size only ({bs[0]:g}): the branching estimate compares batch sizes; give at least two"
+        return BranchingResult(Estimate(math.nan, note=note), math.nan, False, np.zeros(bs.size), epsilon, n_ok,
+                               [note])
     if n_ok[0] == 0:
-        return BranchingResult(Estimate(math.nan, note="every branch at the smallest batch size diverged"),
+        return BranchingResult(Estimate(math.nan, note="every branch at the smallest batch size diverged "
+                                                        "(or is not computed): no reference loss"),
                                math.nan, False, np.full(bs.size, np.nan), epsilon, n_ok, ["no reference branch"])
     for m, k in zip(bs, n_ok):
         if k < final.shape[-1]:
@@ -203,6 +208,35 @@ def fit_tradeoff(S: np.ndarray, batch_sizes: Any) -> tuple[np.ndarray, np.ndarra
     return np.where(bad, np.nan, a), np.where(bad, np.nan, b)
 
 
+def _no_fit(target: float, bs: np.ndarray, reached: np.ndarray, usable: np.ndarray, curve: np.ndarray) -> str:
+    """Why fewer than two batch sizes give a step count, and which way to move the target loss: a loss that is not
+    reached needs a *higher* target (a higher loss is reached sooner) or a larger budget; a curve that starts at or
+    below the target needs a *lower* one; a batch size whose every branch diverged has no curve at all."""
+    at_start = reached & ~usable
+    if not curve.any():
+        return ("every branch of every batch size diverged (or is not computed): no curve to reach any target; "
+                "no fit")
+    if not reached.any():
+        return (f"no batch size reaches the target loss {target:.4g} within the budget (none extrapolated"
+                + (f"; {', '.join(f'{m:g}' for m in bs[~curve])}: no curve, every branch diverged or not computed"
+                   if (~curve).any() else "")
+                + "): no fit; raise the target loss (a higher loss is reached sooner) or the budget")
+    parts = []
+    if usable.any():
+        parts.append(f"only batch size {bs[usable][0]:g} reaches the target loss {target:.4g} after a positive number "
+                     "of steps (the fit needs two)")
+    if at_start.any():
+        parts.append(f"batch size(s) {', '.join(f'{m:g}' for m in bs[at_start])} start at or below the target loss "
+                     f"{target:.4g} (lower the target loss, below the checkpoint's)")
+    if (~reached & curve).any():
+        parts.append(f"batch size(s) {', '.join(f'{m:g}' for m in bs[~reached & curve])} never reach it within the "
+                     "budget (none extrapolated; raise the target loss or the budget)")
+    if (~curve).any():
+        parts.append(f"batch size(s) {', '.join(f'{m:g}' for m in bs[~curve])}: no curve (every branch diverged, "
+                     "or not computed)")
+    return "; ".join(parts) + ": no fit"
+
+
 @dataclass(frozen=True)
 class TradeoffResult:
     target: float
@@ -219,6 +253,7 @@ class TradeoffResult:
 
         return {"target": self.target, "steps": [json_float(x) for x in self.steps],
                 "examples": [json_float(x) for x in self.examples], "reached": [bool(r) for r in self.reached],
+                "n_reached": int(np.sum(self.reached)),
                 "s_min": self.s_min.to_dict(), "e_min": self.e_min.to_dict(), "b_crit": self.b_crit.to_dict(),
                 "notes": self.notes}
 
@@ -236,16 +271,20 @@ def tradeoff_estimate(steps: np.ndarray, loss: np.ndarray, batch_sizes: Any, tar
         mean = np.nanmean(loss, axis=1)
     S = steps_to_target(steps, mean, target)
     reached = np.isfinite(S)
-    for m, r, s in zip(bs, reached, S):
-        if not r:
+    n_reached = int(reached.sum())
+    curve = np.isfinite(mean).any(-1)  # False: every branch of that batch size diverged (or is missing)
+    for m, r, s, has in zip(bs, reached, S, curve):
+        if not has:
+            notes.append(f"batch size {m:g}: no curve (every branch diverged, or the unit is not computed): left out")
+        elif not r and n_reached:
             notes.append(f"batch size {m:g}: target loss {target:.4g} not reached within the budget (left out, "
                          "not extrapolated)")
-        elif s == 0:
+        elif r and s == 0:
             notes.append(f"batch size {m:g}: the curve starts at or below the target")
     a, b = (float(v) for v in fit_tradeoff(S, bs))
-    if int(reached.sum()) < 2:
-        notes.append(f"only {int(reached.sum())} batch size(s) reach the target: no fit (lower the target or raise "
-                     "the budget)")
+    usable = reached & (S > 0)  # what the fit uses: a curve that starts at or below the target says nothing
+    if int(usable.sum()) < 2:
+        notes.append(_no_fit(target, bs, reached, usable, curve))
         nan = Estimate(math.nan, note=notes[-1])
         return TradeoffResult(target, S, bs * S, reached, nan, nan, nan, notes)
     if int(reached.sum()) == 2:

@@ -20,6 +20,7 @@ lock-step (:mod:`gradlab.cbs.engine`).  A branch is the progress unit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -50,6 +51,21 @@ class BranchPoint:
     base_lr: float  # η_c: the rate applied at the checkpoint (mean reduction)
     base_batch_size: int  # m_c
     step: int = -1  # the training step of the checkpoint (meta "step"; -1 unknown): matches monitor stores
+    # the training run the checkpoint comes from (canonical JSON of the meta's IDENTITY_KEYS it records, "{}": none),
+    # checked against a monitor store's config before its B_noise is taken at ``step``
+    identity: str = "{}"
+
+
+IDENTITY_KEYS = ("run", "seed", "batch_size", "lr", "optimizer", "reduction", "dataset")
+
+
+def identity_of(meta: dict[str, Any]) -> str:
+    """The training-run identity a checkpoint's meta records (``gradlab train`` writes all of IDENTITY_KEYS), as
+    canonical JSON; only JSON scalars are kept."""
+    keep = {k: meta[k] for k in IDENTITY_KEYS
+            if isinstance(meta.get(k), (str, int, float, bool)) and not (isinstance(meta[k], float) and
+                                                                        not math.isfinite(meta[k]))}
+    return json.dumps(keep, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,9 @@ class CbsJob(Job):
     n_classes: int
     pool_size: int
     tokens_per_example: int
+    # L₀, the loss of the zero output on the eval subset (log C for cross-entropy): a branch diverges above
+    # max(diverge_factor × its checkpoint's loss, L₀) (gradlab.cbs.engine); None: factor × the checkpoint's alone
+    diverge_reference: float | None = None
 
     # -- the runner's contract ------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -124,14 +143,27 @@ class CbsJob(Job):
             "examples_seen": (("batch_size", "eval"), steps * np.array(self.batch_sizes)[:, None],
                               {**ex, "long_name": "examples seen"}),
         }
-        variables = cbs_variables(self.loss, eval_examples=self.eval_examples, diverge_factor=self.diverge_factor)
+        variables = [dataclasses.replace(v, long_name=self.diverge_rule("first eval step with")
+                                         + " (-1: never)") if v.name == "diverged_step" else v
+                     for v in cbs_variables(self.loss, eval_examples=self.eval_examples,
+                                            diverge_factor=self.diverge_factor)]
         attrs = {"dataset": self.data, "loss": self.loss, "budget": self.budget, "lr_scaling": self.lr_scaling,
                  "diverge_factor": self.diverge_factor,
+                 "diverge_reference": -1.0 if self.diverge_reference is None else self.diverge_reference,
+                 "diverge_rule": self.diverge_rule("diverged:"),
                  "tokens_per_example": self.tokens_per_example, "n_train": self.pool_size,
                  "seed_derivation": "example stream of seed s: permutations from SeedSequence([seed, s])"}
         return Template(sizes={"checkpoint": C, "batch_size": M, "lr_factor": F, "seed": R, "eval": J},
                         coords=coords, variables=variables, unit_dims=("checkpoint", "batch_size"),
                         chunks={"checkpoint": 1, "batch_size": 1}, attrs=attrs)
+
+    def diverge_rule(self, lead: str) -> str:
+        """The divergence criterion in words (the store's long_name and attrs say it)."""
+        f = f"{self.diverge_factor:g}"
+        if self.diverge_reference is None:
+            return f"{lead} a non-finite training loss or one above {f}× the checkpoint's"
+        return (f"{lead} a non-finite training loss or one above both {f}× the checkpoint's and "
+                f"{self.diverge_reference:.4g} (the loss of the zero output)")
 
     def units(self) -> list[Unit]:
         work = len(self.lr_factors) * self.seeds
@@ -154,7 +186,7 @@ class CbsJob(Job):
         stream = np.tile(state["streams"], (F, 1))
         recipe = engine.Recipe(bp.optimizer, bp.momentum, self.weight_decay)
         dtype = getattr(torch, self.dtype)
-        common = dict(dtype=dtype, diverge_factor=self.diverge_factor)
+        common = dict(dtype=dtype, diverge_factor=self.diverge_factor, diverge_reference=self.diverge_reference)
         if state["chain"]:
             x, y = state["train"]
             curves = engine.chain_branches(model, x, y, state["eval_train"], state["eval_test"], stream, lrs, m,
@@ -244,6 +276,6 @@ def tokens_per_example(bundle: Any, loss: str) -> int:
     return int(y.shape[1]) if getattr(y, "ndim", 1) == 2 else 1
 
 
-__all__ = ["BranchPoint", "CbsJob", "LR_SCALINGS", "OPTIMIZERS", "ENGINES", "example_stream", "eval_subset",
-           "tokens_per_example"]
+__all__ = ["BranchPoint", "CbsJob", "IDENTITY_KEYS", "identity_of", "LR_SCALINGS", "OPTIMIZERS", "ENGINES",
+           "example_stream", "eval_subset", "tokens_per_example"]
 

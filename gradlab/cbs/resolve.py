@@ -17,11 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradlab.cbs.job import ENGINES, LR_SCALINGS, OPTIMIZERS, BranchPoint, CbsJob, tokens_per_example
+import numpy as np
+
+from gradlab.cbs.job import (ENGINES, LR_SCALINGS, OPTIMIZERS, BranchPoint, CbsJob, identity_of,
+                             tokens_per_example)
 from gradlab.checkpoint_set import load_checkpoint_set, refuse_dropout
 from gradlab.errors import UsageError
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+DEFAULT_EVAL_EXAMPLES = 1024
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def resolve_cbs(
     momentum: float | None = None,
     weight_decay: float = 0.0,
     n_evals: int = 32,
-    eval_examples: int = 1024,
+    eval_examples: int | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     diverge_factor: float = 10.0,
@@ -68,7 +72,8 @@ def resolve_cbs(
 ) -> CbsJob:
     """Check every input and return the job; see the module docs.  ``lr``/``base_batch_size``/``optimizer``/
     ``momentum`` override the checkpoints' recipes (None: from each checkpoint's meta).  ``budget_tokens`` gives the
-    budget in tokens instead (language modelling: tokens = examples × labelled positions per example)."""
+    budget in tokens instead (language modelling: tokens = examples × labelled positions per example).
+    ``eval_examples`` (None: min(1024, the training set)) may not exceed the training set."""
     import torch
 
     from gradlab.checkpoint import checkpoint_sha256
@@ -85,11 +90,14 @@ def resolve_cbs(
         raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
     if not checkpoints:
         raise UsageError("no checkpoint given; pass --checkpoint PATH (repeatable, or LABEL=PATH)")
-    sizes = [int(m) if not isinstance(m, bool) else 0 for m in batch_sizes]
+    sizes = [int(m) if isinstance(m, (int, np.integer)) and not isinstance(m, bool) else 0 for m in batch_sizes]
     if not sizes or min(sizes) < 1:
         raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     if len(set(sizes)) != len(sizes):
         raise UsageError(f"batch sizes repeat: {sizes}; give each once")
+    if len(sizes) < 2:
+        raise UsageError(f"one batch size ({sizes[0]}) gives nothing to compare: both estimators compare batch sizes "
+                         "with the smallest; give at least two, e.g. --batch-sizes 8,16,32,64")
     sizes.sort()
     if budget_tokens is not None:
         budget_tokens = _int("--budget-tokens", budget_tokens, 1)
@@ -101,7 +109,8 @@ def resolve_cbs(
     if not factors or len(set(factors)) != len(factors):
         raise UsageError(f"--lr-factors must be distinct positive numbers, got {list(lr_factors)}")
     n_evals = _int("--evals", n_evals, 1)
-    eval_examples = _int("--eval-examples", eval_examples, 1)
+    if eval_examples is not None:
+        eval_examples = _int("--eval-examples", eval_examples, 1)
     weight_decay = _finite("--weight-decay", weight_decay, low=0.0)
     diverge_factor = _finite("--diverge-factor", diverge_factor, low=1.0, strict=True)
     if lr is not None:
@@ -120,6 +129,10 @@ def resolve_cbs(
     loss_fn = resolve_loss(loss)
     n = len(bundle.train)
     tpe = tokens_per_example(bundle, loss)
+    if budget_tokens is not None and loss != "lm":
+        raise UsageError(f"--budget-tokens needs a language-modelling task (loss 'lm'); {data!r} is trained with the "
+                         f"{loss} loss, where an example is not a run of tokens: give the budget in examples with "
+                         "--budget")
     if budget_tokens is not None:  # the data decides how many tokens an example holds
         if budget_tokens % tpe:
             raise UsageError(f"--budget-tokens {budget_tokens} is not a multiple of the {tpe} tokens per example of "
@@ -138,6 +151,12 @@ def resolve_cbs(
     if big:
         raise UsageError(f"batch sizes {big} are larger than the {n} training examples of {data!r}; use batch "
                          f"sizes <= {n}")
+    if eval_examples is None:  # the default: 1024 fixed training examples, or all of a smaller training set
+        eval_examples = min(DEFAULT_EVAL_EXAMPLES, n)
+    elif eval_examples > n:  # asked for more than there are: refused, not quietly capped
+        raise UsageError(f"--eval-examples {eval_examples} is more than the {n} training examples of {data!r}; give "
+                         f"at most {n} (or leave it out: the default is min({DEFAULT_EVAL_EXAMPLES}, the training "
+                         "set))")
     if bundle.test is None or len(bundle.test) == 0:
         raise UsageError(f"{data!r} has no held-out split; cbs records held-out losses: give data with a test split "
                          "(a factory returning {'train': ..., 'test': ...})")
@@ -169,7 +188,8 @@ def resolve_cbs(
         points.append(BranchPoint(label, str(Path(path).resolve()), checkpoint_sha256(path),
                                   float(epoch) if isinstance(epoch, (int, float)) else math.nan, str(opt), float(mom),
                                   float(eta), int(m_c),
-                                  int(meta["step"]) if isinstance(meta.get("step"), int) else -1))
+                                  int(meta["step"]) if isinstance(meta.get("step"), int) else -1,
+                                  identity_of(meta)))
     if engine == "chain":
         from gradlab.cbs.engine import supports_chain
 
@@ -177,10 +197,15 @@ def resolve_cbs(
         if not supports_chain(net, loss, x):
             raise UsageError("engine 'chain' needs a chain of nn.Linear/nn.ReLU (gradlab's MLP without batch norm) "
                              "with the cross-entropy loss; use engine 'auto'")
-    if eval_examples > n:  # the training loss is evaluated on all of them: the store says how many
-        log.info("cbs: --eval-examples %d is more than the %d training examples: the training loss uses all %d",
-                 eval_examples, n, n)
-        eval_examples = n
+    from gradlab.cbs.engine import zero_output_loss
+    from gradlab.cbs.job import eval_subset
+    from gradlab.task import index_batch, to_run
+
+    sub = torch.as_tensor(eval_subset(seed, n, eval_examples))
+    l0 = zero_output_loss(net.to(dtype=getattr(torch, dtype)), loss_fn,
+                          index_batch(to_run(bundle.train.batch, dtype=getattr(torch, dtype)), sub))
+    if l0 is not None:  # 7 digits: a summation order that differs in the last bit must not change the config
+        l0 = float(f"{l0:.7g}")
     return CbsJob(
         checkpoints=tuple(points), data=data, model=model,
         model_kwargs_json=json.dumps(dict(model_kwargs) if model_kwargs is not None else None, sort_keys=True),
@@ -188,4 +213,4 @@ def resolve_cbs(
         lr_factors=tuple(factors), seeds=seeds, seed=seed, weight_decay=weight_decay, n_evals=n_evals,
         eval_examples=eval_examples, dtype=dtype, engine=engine, diverge_factor=diverge_factor,
         input_shape=tuple(bundle.input_shape), n_classes=int(bundle.n_classes), pool_size=n,
-        tokens_per_example=tpe)
+        tokens_per_example=tpe, diverge_reference=l0)

@@ -33,9 +33,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors: exit 2 with a short hint
-        self.print_usage(sys.stderr)
-        self.exit(2, f"gradlab: error: {message}\n")
+    def error(self, message: str) -> None:
+        """argparse's own usage errors (unknown flag, bad choice, two flags of a mutually exclusive group): one line
+        naming the problem and where the usage is, exit 2 -- the same shape as every other gradlab error, not
+        argparse's multi-line usage block."""
+        hint = f"see '{self.prog} --help'"
+        if " not allowed with argument " in message:  # a mutually exclusive group: say what to do
+            hint = f"give only one of them ({hint})"
+        elif message.endswith("expected one argument"):  # e.g. --batch-sizes -4,4: the value looks like a flag
+            hint = f"a value that starts with '-' must be attached with '=', e.g. --flag=-1 ({hint})"
+        self.exit(2, f"gradlab: error: {_one_line(message)}; {hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

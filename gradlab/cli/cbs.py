@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, default=4096, help="examples per branch N (default 4096)")
     budget.add_argument("--budget-tokens", type=int, metavar="T",
-                        help="the budget in tokens instead (language modelling: T / tokens per example examples)")
+                        help="the budget in tokens instead (language modelling, loss lm only: T / tokens per "
+                             "example examples)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds (example streams) per branch (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
     parser.add_argument("--lr-scaling", choices=("constant", "linear", "sqrt"), default="constant",
@@ -38,13 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, help="SGD momentum (default: the checkpoint's)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
     parser.add_argument("--evals", type=int, default=32, help="evaluations per branch, evenly spaced in examples")
-    parser.add_argument("--eval-examples", type=int, default=1024,
-                        help="training examples the training loss is evaluated on (default 1024)")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="training examples the training loss is evaluated on, at most the training set "
+                             "(default 1024, or the whole training set when it is smaller)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--engine", choices=("auto", "chain", "loop"), default="auto",
                         help="auto: lock-step batched matmuls for Linear/ReLU chains, else branch by branch")
     parser.add_argument("--diverge-factor", type=float, default=10.0,
-                        help="a branch whose loss exceeds this × the checkpoint's is recorded as diverged")
+                        help="> 1 (default 10): a branch is recorded as diverged (and left out of the estimators) "
+                             "when its training loss turns non-finite or exceeds both this × the checkpoint's loss "
+                             "and the loss of the zero output (log C for cross-entropy over C classes), so a "
+                             "healthy branch of a low-loss checkpoint is not flagged")
     parser.add_argument("--out", required=True, help="the zarr store to write")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted store (same flags)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -36,13 +36,40 @@ CAPTIONS = {
 }
 
 
+def _say(ax: Any, text: str, blank: str = "xy") -> None:
+    """A panel with nothing to draw says why, in the middle of the axes (wrapped); ``blank``: the axes whose
+    (meaningless) ticks to hide."""
+    import textwrap
+
+    if "x" in blank:
+        ax.set_xticks([])
+    if "y" in blank:
+        ax.set_yticks([])
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 48)), transform=ax.transAxes, ha="center", va="center",
+            fontsize=8, color="0.3")
+
+
+def _log_or_linear(ax: Any, axis: str, values: np.ndarray) -> bool:
+    """Log scale on ``axis`` when every finite value is positive and there is one; else linear.  (Matplotlib
+    cannot log-scale an axis without a positive value: "Data cannot be log-scaled".)  Returns whether it is log."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    log = v.size > 0 and bool((v > 0).all())
+    if log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    return log
+
+
 def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, target: float | None) -> Any:
     import seaborn as sns
 
     bs = ds["batch_size"].values
     colors = sns.color_palette("viridis", len(bs))
     seen = np.asarray(ds["examples_seen"].values)
+    drawn = L[c, np.arange(len(bs)), f_index]  # (M, R, J)
     for i, m in enumerate(bs):
+        if not np.isfinite(drawn[i]).any():  # every branch diverged (or the unit is not done): no line
+            continue
         y = L[c, i, f_index[i]]  # (R, J)
         with np.errstate(invalid="ignore"):
             import warnings
@@ -52,13 +79,16 @@ def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, tar
                 mean, lo, hi = np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
         ax.plot(seen[i], mean, color=colors[i], label=f"m = {m}")
         ax.fill_between(seen[i], lo, hi, color=colors[i], alpha=0.15, linewidth=0)
-    if target is not None and math.isfinite(target):
+    log = _log_or_linear(ax, "y", drawn)
+    if target is not None and math.isfinite(target) and (target > 0 or not log):
         ax.axhline(target, color="k", ls="--", lw=0.8)
     ax.set_xlabel(label_from_attrs(ds["examples_seen"]))
     ax.set_ylabel(label_from_attrs(ds["test_loss"], width=30))
-    ax.set_yscale("log")
     ax.set_title(str(ds["checkpoint"].values[c]))
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        _say(ax, "no finite loss to draw: every branch diverged (or no unit is computed yet)")
     return ax
 
 
@@ -67,11 +97,15 @@ def plot_branching(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> 
     ax.plot(bs, r, "o-", color="C0")
     ax.axhline(sec["epsilon"], color="k", ls="--", lw=0.8, label=f"ε = {sec['epsilon']:g}")
     b = Estimate.from_dict(sec["b_crit"])
-    if math.isfinite(b.value):
+    if math.isfinite(b.value) and b.value > 0:
         ax.axvline(b.value, color="C3", label=f"B_crit = {b.format()}")
-        if b.has_interval:
+        if b.has_interval and b.low > 0:
             ax.axvspan(b.low, min(b.high, bs[-1] * 1.5), color="C3", alpha=0.15)
+    if not np.isfinite(r[1:]).any():  # no ratio to compare: say why (all diverged, or a single batch size)
+        _say(ax, b.note or ("one batch size only: nothing to compare it with" if bs.size < 2 else
+                            "no batch size has a loss to compare"), blank="y")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(bs[0] / 1.5, bs[-1] * 1.5)  # the grid, whatever has a value (no finite r: no data limits)
     ax.set_xlabel("batch size [examples]")
     ax.set_ylabel("relative excess loss r(m)")
     ax.set_title(title)
@@ -82,10 +116,10 @@ def plot_branching(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> 
 def plot_tradeoff(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> Any:
     S = np.array([np.nan if v is None else v for v in sec["steps"]], dtype=float)
     E = np.array([np.nan if v is None else v for v in sec["examples"]], dtype=float)
-    ax.plot(S, E, "o", color="C0")
-    for m, s, e in zip(bs, S, E):
-        if math.isfinite(s):
-            ax.annotate(f"{m:g}", (s, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ok = np.isfinite(S) & (S > 0)  # a batch size that never reaches the target (or starts below it) has no point
+    ax.plot(S[ok], E[ok], "o", color="C0")
+    for m, s, e in zip(bs[ok], S[ok], E[ok]):
+        ax.annotate(f"{m:g}", (s, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
     smin, emin = Estimate.from_dict(sec["s_min"]).value, Estimate.from_dict(sec["e_min"]).value
     if smin > 0 and emin > 0:
         b = emin / smin
@@ -94,8 +128,20 @@ def plot_tradeoff(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> A
                 label=f"fit: B_crit = {format_estimate(sec['b_crit'])}")
         ax.axvline(smin, color="C3", ls=":", lw=0.8)
         ax.axhline(emin, color="C3", ls=":", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if ok.any():
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    if not (smin > 0 and emin > 0):  # no fit drawn: the reason (e.g. no batch size reached the target loss)
+        why = (Estimate.from_dict(sec["b_crit"]).note
+               or next((n for n in sec.get("notes", []) if "S_min" in n), "no fit"))
+        if ok.any():  # the points are worth showing: the reason goes above them, the axes make room
+            import textwrap
+
+            ax.margins(y=0.6)
+            ax.text(0.02, 0.98, "\n".join(textwrap.wrap(why, 60)), transform=ax.transAxes, fontsize=7,
+                    color="0.3", va="top")
+        else:
+            _say(ax, why)
     ax.set_xlabel("steps to target S [steps]")
     ax.set_ylabel("examples to target E [examples]")
     ax.set_title(f"{title}: target loss {sec['target']:.4g}")
@@ -126,12 +172,37 @@ def plot_b_noise(result: dict[str, Any], ax: Any) -> Any:
             ax.errorbar(x[i] + 0.12 * (k - 1), e.value, yerr=yerr, fmt=marker, color=f"C{k}",
                         label=name if i == 0 else None, capsize=3)
     ax.set_xticks(x, labels)
-    ax.set_yscale("log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_yscale("log")
+    else:
+        _say(ax, "no finite B_crit or B_noise to draw (see the notes)", blank="y")
     ax.set_ylabel("batch size [examples]")
     ax.set_xlabel("checkpoint")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     return ax
+
+
+def _caption_extra(stem: str, per: list[dict[str, Any]]) -> str:
+    """What a figure cannot show, said in its caption: checkpoints where no batch size reached the target loss,
+    where the trade-off was not estimated, or where every smallest-batch branch diverged."""
+    out = []
+    if stem in ("cbs_tradeoff", "cbs_curves"):
+        for p in per:
+            t = p.get("tradeoff")
+            if t and not any(t.get("reached", [])):
+                out.append(f"{p['checkpoint']}: no batch size reached the target loss {t['target']:.4g} within the "
+                           "budget, so there is nothing to fit (steps are never extrapolated).")
+            elif t and stem == "cbs_tradeoff" and t["b_crit"].get("value") is None:
+                out.append(f"{p['checkpoint']}: no fit ({t['b_crit'].get('note') or 'see the notes'}).")
+            elif t is None and stem == "cbs_tradeoff":
+                out.append(f"{p['checkpoint']}: not estimated ({p.get('tradeoff_not_estimated') or 'no target'}).")
+    if stem in ("cbs_branching", "cbs_curves"):
+        for p in per:
+            if not any(n > 0 for n in p["branching"].get("n_seeds", [1])[:1]):
+                out.append(f"{p['checkpoint']}: every branch at the smallest batch size diverged (or is not "
+                           "computed): no reference loss, no branching estimate.")
+    return (" " + " ".join(out)) if out else ""
 
 
 def _save(fig: Any, out: Path, stem: str) -> list[str]:
@@ -165,11 +236,14 @@ def render(ds: Any, L: np.ndarray, result: dict[str, Any], out: Path) -> list[st
         for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
             if per[c]["tradeoff"]:
                 plot_tradeoff(bs, per[c]["tradeoff"], ax, per[c]["checkpoint"])
+            else:
+                ax.set_title(per[c]["checkpoint"])
+                _say(ax, f"not estimated: {per[c].get('tradeoff_not_estimated') or 'no target loss'}")
         files += _save(fig, out, "cbs_tradeoff")
     fig = Figure(figsize=(max(4.5, 2.2 * C), 4.0), layout="constrained")
     plot_b_noise(result, fig.subplots())
     files += _save(fig, out, "cbs_b_noise")
-    captions = {s: CAPTIONS[s] for s in CAPTIONS if f"{s}.png" in files}
+    captions = {s: CAPTIONS[s] + _caption_extra(s, per) for s in CAPTIONS if f"{s}.png" in files}
     (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
     rows = []
     noise = result.get("b_noise", {}).get("per_checkpoint", {})

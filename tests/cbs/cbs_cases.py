@@ -56,3 +56,30 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert np.array_equal(va[name], vb[name], equal_nan=True), name
         else:
             assert np.array_equal(va[name], vb[name]), name
+
+
+def make_low_loss_checkpoint(folder: Path) -> Path:
+    """``adam.pt``: the digits MLP trained with Adam (lr 1e-2, batch 64, 600 steps) to a training loss near 0.03,
+    with train-style meta (optimizer adam at lr 1e-2): branches restart its moments at zero."""
+    import torch.nn.functional as F
+
+    from gradlab.checkpoint import Recipe, save_checkpoint
+    from gradlab.datasets import load_data
+    from gradlab.models import build_model
+
+    data = load_data("digits")
+    recipe = Recipe("mlp", {"widths": WIDTHS}, data.input_shape, 10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build_model("mlp", data.input_shape, 10, widths=WIDTHS)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x, y = data.train.x, data.train.y
+    for _ in range(600):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    meta = {"optimizer": "adam", "momentum": 0.0, "lr": 1e-2, "lr_applied": 1e-2, "batch_size": 64,
+            "reduction": "mean", "dataset": "digits", "epoch": 27, "step": 600}
+    return save_checkpoint(folder / "adam.pt", net, recipe, meta)

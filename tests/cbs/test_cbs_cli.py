@@ -78,7 +78,8 @@ def test_interrupted_store_resumes_to_the_identical_store(ckpts, store, tmp_path
     (["--batch-sizes", "4,2048", "--budget", "4096"], "larger than the 1438 training examples"),
     (["--batch-sizes", "4,64", "--budget", "32"], "smaller than the largest batch size 64"),
     (["--batch-sizes", "4,48", "--budget", "256"], "do not divide the budget of 256 examples"),
-    (["--budget-tokens", "256", "--batch-sizes", "4,512"], "smaller than the largest batch size 512"),
+    (["--budget-tokens", "256", "--batch-sizes", "4,512", "--data", "shakespeare-char"],
+     "smaller than the largest batch size 512"),
     (["--lr-factors", "1,-2"], "--lr-factors must be > 0"),
     (["--seeds", "0"], "--seeds must be an integer >= 1"),
     (["--momentum", "1.5"], "--momentum must be below 1"),
@@ -231,18 +232,33 @@ def test_a_killed_cbs_run_resumes_to_the_identical_store(ckpts, store, tmp_path,
     assert_same_store(out, store)
 
 
-def test_more_eval_examples_than_the_training_set_uses_all_and_says_how_many(ckpts):
+def test_more_eval_examples_than_the_training_set_is_refused_and_the_default_fits(ckpts, tmp_path, monkeypatch):
     """--eval-examples above the training set was clipped silently while the store's long_name kept the asked-for
-    number (an external user's report); the job now holds the real count, and so does the long_name."""
+    number (an external user's report), then clipped with only a log line; asking for more examples than exist is
+    now refused in one line naming the training set's size.  Left out, the default is min(1024, the training set),
+    and the store's long_name holds the real count."""
     from gradlab.cbs.resolve import resolve_cbs
+    from gradlab.errors import UsageError
     from gradlab.schema.cbs import cbs_variables
 
-    job = resolve_cbs([f"early={ckpts['early']}"], data="digits", batch_sizes=[4, 16], budget=64, seeds=2,
-                      n_evals=2, eval_examples=10**6)
-    assert job.eval_examples == job.pool_size < 10**6
+    kw = dict(data="digits", batch_sizes=[4, 16], budget=64, seeds=2, n_evals=2)
+    with pytest.raises(UsageError, match="--eval-examples 1000000 is more than the 1438 training examples"):
+        resolve_cbs([f"early={ckpts['early']}"], eval_examples=10**6, **kw)
+    assert resolve_cbs([f"early={ckpts['early']}"], eval_examples=1438, **kw).eval_examples == 1438
+    assert resolve_cbs([f"early={ckpts['early']}"], **kw).eval_examples == 1024  # the default, digits has 1438
+    # a training set smaller than the default: all of it, and the long_name says how many
+    (tmp_path / "small_digits.py").write_text(
+        "from gradlab.datasets import DataBundle, Split, load_data\n"
+        "def data():\n"
+        "    d = load_data('digits')\n"
+        "    return DataBundle(name='small', train=Split(d.train.x[:300], d.train.y[:300]), test=d.test,\n"
+        "                      n_classes=d.n_classes)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = resolve_cbs([f"early={ckpts['early']}"], **{**kw, "data": "small_digits:data"})
+    assert job.eval_examples == job.pool_size == 300
     train_loss = next(v for v in cbs_variables(job.loss, eval_examples=job.eval_examples, diverge_factor=10.0)
                       if v.name == "train_loss")
-    assert f"on {job.pool_size} fixed training examples" in train_loss.long_name
+    assert "on 300 fixed training examples" in train_loss.long_name
 
 
 def test_no_improvement_within_the_budget_estimates_no_tradeoff():

@@ -298,13 +298,47 @@ def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = Tru
     return analyze_store(store, out_dir=out, figures=figures, **options)
 
 
-def cbs_job(checkpoints: Sequence[str] | str, *, data: str, **options: Any) -> Any:
+def cbs_job(checkpoints: Sequence[str] | Mapping[str, str] | str, *, data: Any, **options: Any) -> Any:
     """The validated :class:`gradlab.cbs.job.CbsJob` of ``gradlab cbs`` (``options``: the keyword arguments of
-    :func:`gradlab.cbs.resolve.resolve_cbs`); checkpoints are paths or ``LABEL=PATH``, data a name or factory."""
+    :func:`gradlab.cbs.resolve.resolve_cbs`); checkpoints are paths, ``LABEL=PATH`` or a mapping label -> path;
+    data a name, a factory or the data itself, model and loss a name or a live object (as for :func:`probe`).
+    ``budget`` (examples) and ``budget_tokens`` are two ways to give one budget: at most one of them (None counts
+    as not given; neither: 4096 examples)."""
+    from torch import nn
+
     from gradlab.cbs.resolve import resolve_cbs
 
-    return resolve_cbs([checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else [str(c) for c in checkpoints],
-                       data=str(data), **options)
+    if options.get("budget") is not None and options.get("budget_tokens") is not None:
+        raise UsageError(f"budget={options['budget']!r} and budget_tokens={options['budget_tokens']!r} both given; "
+                         "they are the same budget in examples or in tokens: give only one of them")
+    if "budget" in options and options["budget"] is None:
+        del options["budget"]  # not given: resolve_cbs's default (4096 examples) unless budget_tokens is
+    if isinstance(checkpoints, Mapping):
+        items = [f"{label}={path}" for label, path in checkpoints.items()]
+        values = list(checkpoints.values())
+    else:
+        values = [checkpoints] if isinstance(checkpoints, (str, os.PathLike, nn.Module)) else list(checkpoints)
+        items = [str(c) for c in values]
+    bad = next((c for c in values if not isinstance(c, (str, os.PathLike))), None)
+    if bad is not None:
+        raise UsageError(f"checkpoints must be checkpoint files (paths, 'LABEL=PATH' or a mapping label -> path), got "
+                         f"{type(bad).__name__}; save a module first, e.g. torch.save(model.state_dict(), 'ck.pt'), "
+                         "and pass model= to rebuild it")
+    if "model" in options:
+        options["model"] = _model_spec(options["model"])
+    if "loss" in options:
+        loss, spec = options["loss"], _loss_spec(options["loss"])  # a name, a built-in's name, or a live object
+        if isinstance(spec, str) and spec.startswith("live:"):
+            from gradlab.factory import resolve_factory
+
+            name = f"{getattr(loss, '__module__', '')}:{getattr(loss, '__qualname__', '')}"
+            try:  # a function importable by its name keeps the name (it can travel to Dask workers)
+                if not name.startswith("__main__:") and "<" not in name and resolve_factory(name, "loss") is loss:
+                    spec = name
+            except UsageError:
+                pass
+        options["loss"] = spec
+    return resolve_cbs(items, data=_data_spec(data), **options)
 
 
 def cbs(checkpoints: Sequence[str] | str, *, data: str, out: PathLike, resume: bool = False,

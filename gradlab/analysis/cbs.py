@@ -10,7 +10,10 @@ Per checkpoint (``gradlab.cbs.estimators``; docs/science.md "Critical batch size
 - steps–examples trade-off (McCandlish et al. 2018): S(m), E(m) to the target loss L* (default: the checkpoint's
   loss minus ``target_fraction`` of the improvement the smallest batch size achieves within the budget) and the
   fit of S = S_min + E_min/m, B_crit = E_min/S_min;
-- diverged branches (``diverged_step`` ≥ 0) are left out with the reason; units not done are missing.
+- diverged branches (``diverged_step`` ≥ 0) are left out with the reason;
+- units not done (an interrupted store): both estimators use the computed batch sizes only and are provisional
+  (``complete`` false, ``missing_batch_sizes``; the branching B_crit a lower bound, "≥ m", when every computed
+  batch size up to the first missing one is within ε), said in the notes, the printed line and the captions.
 
 B_noise: from a probe store (``trace_cov``/``grad_sq_norm`` with standard errors; interval of the ratio by the
 delta method in log space, covariance ignored) or a monitor store (its smoothed B_noise and interval at the
@@ -52,8 +55,9 @@ def branch_curves(ds: Any, loss: str) -> tuple[np.ndarray, list[str]]:
     rule = ds.attrs.get("diverge_rule")  # stores before the L₀ floor: factor × the checkpoint's loss alone
     why = (rule.removeprefix("diverged: ") if isinstance(rule, str) else
            f"loss non-finite or above {ds.attrs.get('diverge_factor', 'the limit')}× the checkpoint's")
-    for c, i, f in sorted({(c, i, f) for c, i, f, _ in zip(*np.nonzero(div >= 0))}):
-        n = int((div[c, i, f] >= 0).sum())
+    diverged = (div >= 0) & done[:, :, None, None]  # a unit not done holds no diverged_step (reads as its fill)
+    for c, i, f in sorted({(c, i, f) for c, i, f, _ in zip(*np.nonzero(diverged))}):
+        n = int(diverged[c, i, f].sum())
         notes.append(f"{labels[c]}: batch size {bs[i]}, lr factor {fac[f]:g}: {n} diverged branch(es) excluded "
                      f"({why})")
     L[div >= 0] = np.nan
@@ -75,29 +79,123 @@ def checkpoint_losses(ds: Any, loss: str) -> np.ndarray:
         return np.nanmean(np.where(done & np.isfinite(first), first, np.nan).reshape(first.shape[0], -1), axis=1)
 
 
+def _batch_list(values: Any) -> str:
+    return ", ".join(f"{float(m):g}" for m in values)
+
+
+def _provisional(d: dict[str, Any], lead: str) -> dict[str, Any]:
+    """An estimate dict (summary.json) whose note starts with ``lead``."""
+    return {**d, "note": "; ".join(n for n in (lead, d.get("note")) if n)}
+
+
+def branching_section(final: np.ndarray, bs: np.ndarray, done: np.ndarray, epsilon: float, *, n_boot: int,
+                      rng: np.random.Generator) -> dict[str, Any]:
+    """Merrill's branching estimate (summary.json form) from ``final`` (M, R) on the batch sizes ``done`` (M,).
+
+    The rule reads r(m) along the grid from the smallest batch size and stops at the first one above ε, so a batch
+    size not computed yet can change the estimate only if every batch size before it is within tolerance: the
+    estimate uses the contiguous run of computed batch sizes from the smallest (a diverged batch size still counts
+    as beyond tolerance, a missing one does not).  When that run is within ε throughout, B_crit ≥ its largest batch
+    size is all the store says yet (``lower_bound``); otherwise the point estimate is what the whole grid will give,
+    and only its interval (resamples within ε up to the missing batch size: upper end +∞) may narrow later.
+    ``complete``/``missing_batch_sizes`` say which; the note begins with "provisional" when incomplete."""
+    M = bs.size
+    if done.all():
+        d = est.branching_estimate(final, bs, epsilon, n_boot=n_boot, rng=rng).to_dict()
+        return {**d, "complete": True, "missing_batch_sizes": [], "batch_sizes_used": [float(m) for m in bs],
+                "lower_bound": bool(d["censored"])}
+    from gradlab.analysis.interval import json_float
+
+    k = int(np.argmin(done))  # batch sizes bs[:k] are computed, bs[k] is not
+    missing = bs[~done]
+    with np.errstate(invalid="ignore", divide="ignore"), est._quiet():
+        mean = np.where(done, np.nanmean(final, axis=-1), np.nan)
+        ratio = mean / mean[0] - 1 if done[0] else np.full(M, np.nan)
+    n_seeds = np.where(done, np.sum(~np.isnan(final), axis=-1), 0)
+    base = {"epsilon": epsilon, "censored": False, "complete": False,
+            "missing_batch_sizes": [float(m) for m in missing], "batch_sizes_used": [float(m) for m in bs[:k]],
+            "ratio": [json_float(x) for x in ratio], "n_seeds": [int(n) for n in n_seeds]}
+    if k < 2:
+        why = (f"batch size {bs[0]:g}, the reference, is not computed yet" if k == 0 else
+               f"batch size {bs[1]:g}, the next after the smallest, is not computed yet")
+        note = (f"provisional: {why} (missing: {_batch_list(missing)}; resume the store): no branching "
+                "estimate yet")
+        return {**base, "b_crit": Estimate(math.nan, note=note).to_dict(), "grid": None, "lower_bound": False,
+                "notes": [note]}
+    sub = est.branching_estimate(final[:k], bs[:k], epsilon, n_boot=n_boot, rng=rng)
+    notes = [n for n in sub.notes if not n.startswith("every batch size is within")]
+    if not math.isfinite(sub.b_crit.value):  # e.g. every branch at the smallest batch size diverged
+        lead = f"provisional: batch size(s) {_batch_list(missing)} not computed yet (resume the store)"
+    elif sub.censored:
+        lead = (f"provisional, a lower bound: batch size(s) {_batch_list(missing)} not computed yet and every "
+                f"computed batch size up to {bs[k - 1]:g} is within ε = {epsilon:g}: B_crit ≥ {bs[k - 1]:g} "
+                "(resume the store)")
+    else:
+        lead = (f"provisional: batch size(s) {_batch_list(missing)} not computed yet (resume the store); r crosses ε "
+                f"below {bs[k]:g}, so the point estimate stands, but its interval may narrow once they are computed")
+    b = sub.b_crit
+    b_crit = Estimate(b.value, b.low, b.high, b.level, "; ".join([lead, *notes]))
+    return {**base, "b_crit": b_crit.to_dict(), "grid": json_float(sub.grid), "lower_bound": bool(sub.censored),
+            "notes": [lead, *notes]}
+
+
+def tradeoff_section(steps: np.ndarray, curves: np.ndarray, bs: np.ndarray, done: np.ndarray, target: float, *,
+                     n_boot: int, rng: np.random.Generator) -> dict[str, Any] | None:
+    """McCandlish's trade-off fit (summary.json form) on the batch sizes ``done`` only (the per-batch-size lists
+    keep the whole grid: None/False where not computed); None when no batch size is computed."""
+    idx = np.flatnonzero(done)
+    if idx.size == bs.size:
+        d = est.tradeoff_estimate(steps, curves, bs, target, n_boot=n_boot, rng=rng).to_dict()
+        return {**d, "complete": True, "missing_batch_sizes": []}
+    if idx.size == 0:
+        return None
+    d = est.tradeoff_estimate(steps[idx], curves[idx], bs[idx], target, n_boot=n_boot, rng=rng).to_dict()
+    missing = bs[~done]
+    lead = (f"provisional: batch size(s) {_batch_list(missing)} not computed yet: fitted on batch size(s) "
+            f"{_batch_list(bs[idx])} only (resume the store)")
+
+    def full(values: list[Any], fill: Any) -> list[Any]:
+        out = [fill] * bs.size
+        for i, v in zip(idx, values):
+            out[i] = v
+        return out
+
+    return {**d, "steps": full(d["steps"], None), "examples": full(d["examples"], None),
+            "reached": full(d["reached"], False), "notes": [lead, *d["notes"]],
+            **{k: _provisional(d[k], lead) for k in ("s_min", "e_min", "b_crit")},
+            "complete": False, "missing_batch_sizes": [float(m) for m in missing]}
+
+
 def analyze_checkpoint(ds: Any, c: int, L: np.ndarray, *, epsilon: float, target_loss: float | None,
                        target_fraction: float, n_boot: int, rng: np.random.Generator,
                        start: float | None = None) -> dict[str, Any]:
     """Both estimators at checkpoint ``c`` from curves ``L`` (C, M, F, R, J); ``start``: the loss at the checkpoint
-    (default: from the first evaluation of the branches in ``L`` that did not diverge)."""
+    (default: from the first evaluation of the branches in ``L`` that did not diverge).  Only the batch sizes whose
+    unit is done (``ds["done"]``; all when the dataset has none) enter the estimators; with some not done both are
+    provisional (``complete`` false, the missing batch sizes named)."""
     bs = np.asarray(ds["batch_size"].values, dtype=np.float64)
     steps = np.asarray(ds["steps"].values)
     fac = np.asarray(ds["lr_factor"].values, dtype=np.float64)
     Lc = L[c]  # (M, F, R, J)
     M = bs.size
+    done = (np.asarray(ds["done"].values[c], dtype=bool) if "done" in ds.variables else np.ones(M, dtype=bool))
     notes: list[str] = []
     with np.errstate(invalid="ignore"), est._quiet():
         final_mean = np.nanmean(Lc[..., -1], axis=-1)  # (M, F)
     f_branch = _pick(final_mean)
     final = Lc[np.arange(M), f_branch, :, -1]  # (M, R)
-    branching = est.branching_estimate(final, bs, epsilon, n_boot=n_boot, rng=rng)
+    branching = branching_section(final, bs, done, epsilon, n_boot=n_boot, rng=rng)
     if start is None:
         with np.errstate(invalid="ignore"), est._quiet():
             start = float(np.nanmean(Lc[..., 0]))
     if target_loss is None:
         best_small = float(np.nanmin(final_mean[0])) if np.isfinite(final_mean[0]).any() else math.nan
         target = start - target_fraction * (start - best_small)
-        if math.isnan(best_small):  # no curve at the smallest batch size to take the default target from
+        if not done[0]:  # no curve at the smallest batch size yet to take the default target from
+            notes.append(f"the smallest batch size {bs[0]:g} is not computed yet: no default target, the "
+                         "steps–examples trade-off is not estimated (resume the store, or give --target-loss)")
+            target = math.nan
+        elif math.isnan(best_small):  # no curve at the smallest batch size to take the default target from
             notes.append("every branch at the smallest batch size diverged (or is not computed): no default target, "
                          "the steps–examples trade-off is not estimated (give --target-loss)")
             target = math.nan
@@ -107,15 +205,17 @@ def analyze_checkpoint(ds: Any, c: int, L: np.ndarray, *, epsilon: float, target
             target = math.nan
     else:
         target = float(target_loss)
+    tradeoff = None
+    f_trade = f_branch
     if math.isfinite(target):
         with np.errstate(invalid="ignore"), est._quiet():
             S_all = est.steps_to_target(steps[:, None, :], np.nanmean(Lc, axis=2), target)  # (M, F)
         f_trade = _pick(S_all)
         curves = Lc[np.arange(M), f_trade]  # (M, R, J)
-        tradeoff = est.tradeoff_estimate(steps, curves, bs, target, n_boot=n_boot, rng=rng)
-    else:
-        f_trade = f_branch
-        tradeoff = None
+        tradeoff = tradeoff_section(steps, curves, bs, done, target, n_boot=n_boot, rng=rng)
+        if tradeoff is None:
+            notes.append("no batch size of this checkpoint is computed yet: the steps–examples trade-off is not "
+                         "estimated (resume the store)")
     skipped = notes[-1] if tradeoff is None and notes else None  # why the trade-off is not estimated
     if fac.size > 1:
         notes.append("learning-rate factor chosen per batch size on the same seeds as the intervals (optimistic "
@@ -124,7 +224,8 @@ def analyze_checkpoint(ds: Any, c: int, L: np.ndarray, *, epsilon: float, target
             "step": int(ds["checkpoint_step"].values[c]) if "checkpoint_step" in ds.coords else -1,
             "loss_at_checkpoint": start, "lr_factor_branching": [float(fac[i]) for i in f_branch],
             "lr_factor_tradeoff": [float(fac[i]) for i in f_trade],
-            "branching": branching.to_dict(), "tradeoff": tradeoff.to_dict() if tradeoff else None,
+            "branching": branching, "tradeoff": tradeoff, "complete": bool(done.all()),
+            "missing_batch_sizes": [float(m) for m in bs[~done]],
             "target_loss": target, "tradeoff_not_estimated": skipped, "notes": notes}
 
 
@@ -295,7 +396,11 @@ def _noise_section(ds: Any, per: list[dict[str, Any]], noise_store: str | Path) 
         for name in ("branching", "tradeoff"):
             sec = p.get(name)
             if sec:
-                row[f"{name}_over_b_noise"] = ratio(Estimate.from_dict(sec["b_crit"]), b_noise).to_dict()
+                r = ratio(Estimate.from_dict(sec["b_crit"]), b_noise).to_dict()
+                if sec.get("complete", True) is False:  # B_crit of an incomplete store: so is the ratio
+                    r = _provisional(r, "provisional: B_crit from a store with units not computed yet"
+                                     + (", a lower bound" if sec.get("lower_bound") else ""))
+                row[f"{name}_over_b_noise"] = r
     return {"store": str(noise_store), "kind": kind, "per_checkpoint": rows, "notes": notes}
 
 
@@ -307,7 +412,11 @@ def early_vs_late(per: list[dict[str, Any]], name: str) -> dict[str, Any] | None
     r = ratio(la, e)
     claim = ("grew" if r.has_interval and r.low > 1 else "shrank" if r.has_interval and r.high < 1 else
              "no change distinguishable")
-    return {"early": per[0]["checkpoint"], "late": per[-1]["checkpoint"], "ratio": r.to_dict(), "claim": claim}
+    complete = all(p[name].get("complete", True) for p in (per[0], per[-1]))
+    if not complete:  # a provisional B_crit (a lower bound, or an interval still to narrow): no claim yet
+        claim = "not assessed: units not computed yet (resume the store)"
+    return {"early": per[0]["checkpoint"], "late": per[-1]["checkpoint"], "ratio": r.to_dict(), "claim": claim,
+            "complete": complete}
 
 
 def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON, target_loss: float | None = None,
@@ -316,25 +425,21 @@ def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON
     """The summary of a cbs store (see the module docs); figures and report into ``out``."""
     from gradlab.store import open_store
 
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise UsageError(f"--epsilon must be a finite number > 0 (a relative tolerance, e.g. 0.05), got {epsilon}")
-    if not 0 < target_fraction < 1:
-        raise UsageError(f"--target-fraction must lie in (0, 1), got {target_fraction}")
-    if loss not in ("test_loss", "train_loss"):
-        raise UsageError(f"--cbs-loss must be test_loss or train_loss, got {loss!r}")
     ds = open_store(path, kind="cbs").load()
-    if not np.asarray(ds["done"].values).any():
-        raise UsageError(f"{path} has no finished unit yet; run gradlab cbs (with --resume) first")
-    if target_loss is not None:
-        check_target_loss(target_loss, str(ds.attrs.get("loss", "")))
+    check_options(ds, path, epsilon=epsilon, target_loss=target_loss, target_fraction=target_fraction, loss=loss,
+                  noise_store=noise_store)
     L, notes = branch_curves(ds, loss)
     starts = checkpoint_losses(ds, loss)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCB5]))
     per = [analyze_checkpoint(ds, c, L, epsilon=epsilon, target_loss=target_loss, target_fraction=target_fraction,
                               n_boot=n_boot, rng=rng, start=float(starts[c])) for c in range(ds.sizes["checkpoint"])]
+    done = np.asarray(ds["done"].values, dtype=bool)
+    labels, sizes = [str(x) for x in ds["checkpoint"].values], [int(m) for m in ds["batch_size"].values]
     result: dict[str, Any] = {
         "store": str(path), "gradlab_store": "cbs", "loss": loss, "epsilon": epsilon, "budget": int(ds.attrs["budget"]),
-        "batch_sizes": [int(m) for m in ds["batch_size"].values], "seeds": int(ds.sizes["seed"]),
+        "batch_sizes": sizes, "seeds": int(ds.sizes["seed"]),
+        "complete": bool(done.all()), "units_done": int(done.sum()), "units_total": int(done.size),
+        "missing_units": [{"checkpoint": labels[c], "batch_size": sizes[i]} for c, i in zip(*np.nonzero(~done))],
         "checkpoints": {p["checkpoint"]: p for p in per}, "notes": notes,
         "early_vs_late": {n: early_vs_late(per, n) for n in ("branching", "tradeoff")},
     }
@@ -347,6 +452,37 @@ def analyze_cbs(path: str | Path, out: Path, *, epsilon: float = DEFAULT_EPSILON
         out.mkdir(parents=True, exist_ok=True)
         result["figures"] = render(ds, L, result, out)
     return result
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
+def check_options(ds: Any, path: str | Path, *, epsilon: float = DEFAULT_EPSILON, target_loss: float | None = None,
+                  target_fraction: float = DEFAULT_TARGET_FRACTION, loss: str = "test_loss",
+                  noise_store: str | Path | None = None) -> None:
+    """Every refusal of :func:`analyze_cbs` that needs no computation, one UsageError each: run before anything is
+    written (``gradlab analyze`` calls it before it makes the report folder).  ``ds``: the cbs store (lazy)."""
+    if not (_is_number(epsilon) and math.isfinite(epsilon) and epsilon > 0):
+        raise UsageError(f"--epsilon must be a finite number > 0 (a relative tolerance, e.g. 0.05), got {epsilon!r}")
+    if not (_is_number(target_fraction) and 0 < target_fraction < 1):
+        raise UsageError(f"--target-fraction must lie in (0, 1), got {target_fraction!r}")
+    if loss not in ("test_loss", "train_loss"):
+        raise UsageError(f"--cbs-loss must be test_loss or train_loss, got {loss!r}")
+    if target_loss is not None:
+        check_target_loss(target_loss, str(ds.attrs.get("loss", "")))
+    if not np.asarray(ds["done"].values).any():
+        raise UsageError(f"{path} has no finished unit yet; run gradlab cbs (with --resume) first")
+    if noise_store is not None:
+        from gradlab.store import open_store
+
+        noise = open_store(noise_store)
+        kind = noise.attrs.get("gradlab_store")
+        if kind not in ("probe", "monitor"):
+            raise UsageError(f"{noise_store} is a gradlab {kind!r} store; give a frozen probe or a monitor store")
+        if kind == "probe" and "b_noise" not in noise:
+            raise UsageError(f"{noise_store} has no b_noise (a frozen probe store has it); probe with --protocol "
+                             "frozen")
 
 
 NONNEGATIVE_LOSSES = ("cross-entropy", "lm", "mse")
@@ -370,9 +506,22 @@ def _grid_bracket(branching: dict[str, Any], batch_sizes: list[Any]) -> str:
         return ""
     g = float(g)
     above = [float(m) for m in batch_sizes if float(m) > g]
+    if branching.get("complete", True) is False and branching.get("lower_bound"):
+        return f" (grid: ≥ {g:g}, the largest computed batch size so far)"
     if branching.get("censored") or not above:
         return f" (grid: ≥ {g:g}, the largest batch size)"
     return f" (grid: crossing between {g:g} and {min(above):g}, interpolated in log m)"
+
+
+def _branching_text(b: dict[str, Any]) -> str:
+    """B_crit of the branching estimator: "≥ m" for a lower bound, and "provisional" while units are missing."""
+    from gradlab.analysis.interval import format_estimate
+
+    text = ("≥ " if b.get("lower_bound") else "") + format_estimate(b["b_crit"])
+    if b.get("complete", True) is False and b["b_crit"].get("value") is not None and "provisional" not in text:
+        text += (" (provisional" + (", a lower bound" if b.get("lower_bound") else "")
+                 + f": batch size(s) {_batch_list(b.get('missing_batch_sizes', []))} not computed yet)")
+    return text
 
 
 def _tradeoff_text(p: dict[str, Any]) -> str:
@@ -380,7 +529,12 @@ def _tradeoff_text(p: dict[str, Any]) -> str:
     from gradlab.analysis.interval import format_estimate
 
     if p.get("tradeoff"):
-        return format_estimate(p["tradeoff"]["b_crit"])
+        t = p["tradeoff"]
+        text = format_estimate(t["b_crit"])
+        if t.get("complete", True) is False and t["b_crit"].get("value") is not None and "provisional" not in text:
+            text += (f" (provisional: fitted without batch size(s) {_batch_list(t.get('missing_batch_sizes', []))}, "
+                     "not computed yet)")
+        return text
     return f"not estimated ({p.get('tradeoff_not_estimated') or 'no target loss'})"
 
 
@@ -390,9 +544,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
     noise = result.get("b_noise", {}).get("per_checkpoint", {})
     lines = [f"{result['store']}: budget {result['budget']} examples, batch sizes {result['batch_sizes']}, "
-             f"{result['seeds']} seeds, loss {result['loss']}"]
+             f"{result['seeds']} seeds, loss {result['loss']}"
+             + ("" if result.get("complete", True) else
+                f"; incomplete: {result['units_done']} of {result['units_total']} units computed (an estimate that "
+                "lacks one is marked provisional; resume the store)")]
     for label, p in result["checkpoints"].items():
-        line = (f"  {label}: B_crit branching (ε = {result['epsilon']:g}) {format_estimate(p['branching']['b_crit'])}"
+        line = (f"  {label}: B_crit branching (ε = {result['epsilon']:g}) {_branching_text(p['branching'])}"
                 f"{_grid_bracket(p['branching'], result['batch_sizes'])}"
                 f"; steps-examples {_tradeoff_text(p)}")
         if label in noise and "b_noise" in noise[label]:

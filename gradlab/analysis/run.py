@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from gradlab.analysis.probe_fits import (NOT_MEASURED_FROZEN, SEED_CODES, Checkp
 from gradlab.analysis.tails import (STABLE_RANGE, TailFit, fit_alpha_stable, fit_hill, outside_stable_range,
                                     pooled_block_length, stable_pair_sums)
 from gradlab.analysis.interval import Estimate
-from gradlab.analysis.persist import (ANALYSIS_GROUP, claim_out_dir, default_out_dir, remove_old_staging,
-                                     write_analysis_group, write_summary)
+from gradlab.analysis.persist import (ANALYSIS_GROUP, OUT_MARKER, claim_out_dir, default_out_dir,
+                                     remove_old_staging, write_analysis_group, write_summary)
 from gradlab.errors import StoreError, UsageError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,52 @@ def analyze_store(
     if path.is_dir() and any(path.glob(".analysis.tmp-*")):
         remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
     ds = open_store(path)
-    claim_out_dir(out)
     kind = ds.attrs.get("gradlab_store")
+    _check_options(ds, path, kind, ref_batch_size=ref_batch_size, cbs_options=cbs_options)
+    made, marked = not out.exists(), not (out / OUT_MARKER).exists()
+    claim_out_dir(out)
+    try:
+        return _analyze_kind(ds, path, out, kind, ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed,
+                             figures=figures, level=level, write_store=write_store, cbs_options=cbs_options)
+    except UsageError:  # refused after the folder was claimed: leave no trace of this call (never an older report)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif marked:
+            (out / OUT_MARKER).unlink(missing_ok=True)
+        raise
+
+
+def _check_options(ds: Any, path: Path, kind: Any, *, ref_batch_size: int | None,
+                   cbs_options: dict[str, Any] | None) -> None:
+    """The refusals that need no computation, before the report folder is made (bad flags write nothing)."""
+    if kind not in ("probe", "sharpness", "monitor", "cbs"):
+        raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe', 'sharpness', 'monitor' and 'cbs' stores")
+    if kind == "cbs":
+        from gradlab.analysis.cbs import check_options
+
+        check_options(ds, path, **(cbs_options or {}))
+    elif kind == "probe":
+        missing_vars = [v for v in REQUIRED if v not in ds.variables]
+        if missing_vars:
+            raise UsageError(f"{path} lacks the probe variables {missing_vars}; it was not written by gradlab probe "
+                             "(or by an incompatible version): rewrite it with gradlab probe")
+        _check_batch_sizes(path, np.asarray(ds["batch_size"].values, dtype=np.int64), ref_batch_size)
+
+
+def _check_batch_sizes(path: Path, batch_sizes: np.ndarray, ref_batch_size: int | None) -> None:
+    if batch_sizes.size < 2:
+        raise UsageError(f"{path} holds one batch size (m = {', '.join(map(str, batch_sizes))}): the analysis fits "
+                         "laws in the batch size and needs two at least; probe again with several, e.g. "
+                         "--batch-sizes 1,4,16,64 (this store's trials read as they are with xarray.open_zarr)")
+    if ref_batch_size is not None and int(ref_batch_size) not in batch_sizes:
+        raise UsageError(f"--ref-batch-size {ref_batch_size} is not a batch size of {path}; "
+                         f"choose one of {', '.join(map(str, batch_sizes))}")
+
+
+def _analyze_kind(ds: Any, path: Path, out: Path, kind: Any, *, ref_batch_size: int | None, n_boot: int, seed: int,
+                  figures: bool, level: float, write_store: bool,
+                  cbs_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The analysis of a store of ``kind`` into the claimed folder ``out``."""
     if kind == "monitor":  # the live noise monitor's store (gradlab.monitor)
         from gradlab.analysis.monitor import analyze_monitor
 
@@ -92,12 +137,6 @@ def analyze_store(
             result["figures"] = _sharpness_report(path, out, result["sharpness"])
         write_summary(out, result)
         return result
-    if kind != "probe":
-        raise UsageError(f"{path} is a gradlab {kind!r} store; gradlab analyze reads 'probe', 'sharpness', 'monitor' and 'cbs' stores")
-    missing_vars = [v for v in REQUIRED if v not in ds.variables]
-    if missing_vars:
-        raise UsageError(f"{path} lacks the probe variables {missing_vars}; it was not written by gradlab probe "
-                         "(or by an incompatible version): rewrite it with gradlab probe")
     result = _analyze_probe(ds, path, out, ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed,
                             figures=figures, level=level, write_store=write_store)
     if (path / "sharpness" / "zarr.json").exists():
@@ -156,15 +195,9 @@ def _analyze_probe(ds: Any, path: Path, out: Path, *, ref_batch_size: int | None
     pool_size = ds.attrs.get("pool_size")
     pool_size = int(pool_size) if pool_size is not None else None
     batch_sizes = np.asarray(ds["batch_size"].values, dtype=np.int64)
-    if batch_sizes.size < 2:
-        raise UsageError(f"{path} holds one batch size (m = {', '.join(map(str, batch_sizes))}): the analysis fits "
-                         "laws in the batch size and needs two at least; probe again with several, e.g. "
-                         "--batch-sizes 1,4,16,64 (this store's trials read as they are with xarray.open_zarr)")
+    _check_batch_sizes(path, batch_sizes, ref_batch_size)
     if ref_batch_size is None:
         ref_batch_size = int(batch_sizes.max())
-    elif int(ref_batch_size) not in batch_sizes:
-        raise UsageError(f"--ref-batch-size {ref_batch_size} is not a batch size of {path}; "
-                         f"choose one of {', '.join(map(str, batch_sizes))}")
     notes: list[str] = []
     done = stats.done_mask(ds)
     missing = stats.missing_units(ds)

@@ -294,6 +294,10 @@ def chain_branches(model: nn.Module, x: Tensor, y: Tensor, eval_train: tuple[Ten
     if ops is None:
         raise UsageError(f"the chain engine needs a chain of nn.Linear/nn.ReLU, not {type(model).__name__}; "
                          "use engine='loop'")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:  # it would step them: the loop engine holds them fixed, as torch.optim does
+        raise UsageError(f"the chain engine trains every parameter, but {', '.join(frozen)} has requires_grad=False; "
+                         "use engine='loop' (it holds frozen parameters fixed)")
     T = stream.shape[0]
     block = block or branches_per_block(model, recipe, dtype, T)
     lrs = np.asarray(lrs, dtype=np.float64)
@@ -377,8 +381,10 @@ def _lazy_weights(ops: list[Any], w: dict[str, Tensor], m: int, recipe: Recipe) 
 
 
 def supports_chain(model: nn.Module, loss_name: str, x: Any) -> bool:
-    """Whether :func:`chain_branches` applies: a Linear/ReLU chain, the cross-entropy loss, tensor inputs."""
+    """Whether :func:`chain_branches` applies: a Linear/ReLU chain whose parameters all train (the chain engine
+    steps every weight and bias; a frozen one is held fixed by the loop engine, as by torch.optim), the
+    cross-entropy loss, tensor inputs."""
     from gradlab.probe.step.chain import _is_flat_chain, chain_ops
 
     return (loss_name == "cross-entropy" and isinstance(x, Tensor) and chain_ops(model) is not None
-            and (x.ndim == 2 or _is_flat_chain(model)))
+            and all(p.requires_grad for p in model.parameters()) and (x.ndim == 2 or _is_flat_chain(model)))

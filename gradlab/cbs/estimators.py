@@ -68,8 +68,8 @@ def branching_crossing(mean_loss: np.ndarray, batch_sizes: np.ndarray, epsilon: 
     """The interpolated crossing of r(m) = L̄(m)/L̄(m₀) − 1 over ε for each row of ``mean_loss`` (..., M).
 
     Returns (...,) floats; +inf marks a censored row (every batch size within tolerance: B_crit ≥ max m); a NaN
-    loss at some m (every branch there diverged or missing) counts as beyond tolerance.
-    """
+    loss at some m (every branch there diverged) counts as beyond tolerance; batch sizes not computed yet are the
+    caller's to leave out (:func:`gradlab.analysis.cbs.branching_section`)."""
     L = np.asarray(mean_loss, dtype=np.float64)
     logm = np.log(np.asarray(batch_sizes, dtype=np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -128,6 +128,11 @@ def branching_estimate(final: np.ndarray, batch_sizes: Any, epsilon: float, *, n
         return BranchingResult(Estimate(math.nan, note="every branch at the smallest batch size diverged "
                                                         "(or is not computed): no reference loss"),
                                math.nan, False, np.full(bs.size, np.nan), epsilon, n_ok, ["no reference branch"])
+    if not mean[0] > 0:  # r(m) = L̄(m)/L̄(m₀) − 1 is a relative excess only over a positive loss (a custom loss)
+        note = (f"the loss at the smallest batch size is {mean[0]:.4g} ≤ 0: the relative excess r(m) = "
+                "L(m)/L(m₀) − 1 needs a positive loss; no branching estimate")
+        return BranchingResult(Estimate(math.nan, note=note), math.nan, False, np.full(bs.size, np.nan), epsilon, n_ok,
+                               [note])
     for m, k in zip(bs, n_ok):
         if k < final.shape[-1]:
             notes.append(f"batch size {m:g}: {final.shape[-1] - k} diverged branch(es) left out"

@@ -44,6 +44,39 @@ def _int(name: str, v: Any, low: int) -> int:
     return int(v)
 
 
+def _single_value_batch_norm(net: Any, loss_fn: Any, batch: Any, sizes: Sequence[int], dtype: Any) -> list[int]:
+    """The batch sizes at which the model's train-mode batch norm fails ("Expected more than 1 value per channel
+    when training": ``BatchNorm1d`` on one example, or a ghost batch norm's last virtual batch of one), tried on a
+    copy in train mode on the first examples; [] for a model without batch norm."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from gradlab.task import index_batch, to_run
+
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             or hasattr(m, "ghost_batch_size")]
+    if not norms:
+        return []
+    ghosts = [int(m.ghost_batch_size) for m in norms if isinstance(getattr(m, "ghost_batch_size", None), int)]
+    suspects = [m for m in sizes if m == 1 or any(m > g and m % g == 1 for g in ghosts)]
+    if not suspects:
+        return []
+    model = copy.deepcopy(net).to(dtype=dtype).train()
+    failing = []
+    for m in suspects:
+        try:
+            with torch.no_grad():
+                loss_fn(model, to_run(index_batch(batch, torch.arange(m)), dtype=dtype))
+        except ValueError as exc:
+            if "more than 1 value per channel" in str(exc):
+                failing.append(m)
+        except Exception:  # noqa: BLE001 - any other failure is check_task's to report
+            pass
+    return failing
+
+
 def resolve_cbs(
     checkpoints: Sequence[str],
     *,
@@ -167,6 +200,11 @@ def resolve_cbs(
         if i == 0:
             refuse_dropout(net, "branches must be reproducible: build it with dropout 0")
             check_task(net, loss_fn, bundle.train, name=loss, dtype=getattr(torch, dtype))
+            single = _single_value_batch_norm(net, loss_fn, bundle.train.batch, sizes, getattr(torch, dtype))
+            if single:
+                raise UsageError(f"the model's batch norm runs in train mode while a branch trains and needs at least 2 "
+                                 f"examples per batch: batch size {single[0]} gives it one value per channel; drop "
+                                 "it from --batch-sizes (or use a model without batch norm)")
         meta = ckpt.meta or {}
         opt = optimizer or meta.get("optimizer")
         mom = momentum if momentum is not None else float(meta.get("momentum") or 0.0)
@@ -196,7 +234,7 @@ def resolve_cbs(
         x = bundle.train.batch[0] if isinstance(bundle.train.batch, (tuple, list)) else bundle.train.batch
         if not supports_chain(net, loss, x):
             raise UsageError("engine 'chain' needs a chain of nn.Linear/nn.ReLU (gradlab's MLP without batch norm) "
-                             "with the cross-entropy loss; use engine 'auto'")
+                             "with every parameter trainable and the cross-entropy loss; use engine 'auto'")
     from gradlab.cbs.engine import zero_output_loss
     from gradlab.cbs.job import eval_subset
     from gradlab.task import index_batch, to_run

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, metavar="M,M,...",
                         help=f"batch sizes, each dividing the budget (default {DEFAULT_BATCH_SIZES})")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=int, default=4096, help="examples per branch N (default 4096)")
+    budget.add_argument("--budget", type=int, default=None,  # None: not given (4096, unless --budget-tokens)
+                        help="examples per branch N (default 4096)")
     budget.add_argument("--budget-tokens", type=int, metavar="T",
                         help="the budget in tokens instead (language modelling, loss lm only: T / tokens per "
                              "example examples)")

@@ -13,6 +13,9 @@ import numpy as np
 from gradlab.analysis.interval import Estimate, format_estimate
 from gradlab.figures.labels import label_from_attrs
 
+LOSS_WORDS = {"test_loss": ("Held-out loss", "held-out loss"),
+              "train_loss": ("Training loss (on the store's fixed training examples)", "training loss")}
+
 CAPTIONS = {
     "cbs_curves": "Held-out loss of the branches against examples seen, one line per batch size (mean over seeds, "
                   "best learning-rate factor; shaded: the range over seeds), one panel per checkpoint. Branches "
@@ -34,6 +37,16 @@ CAPTIONS = {
                    "checkpoint line up; McCandlish et al. predict B_crit ≈ B_noise only under their assumptions "
                    "(optimally tuned learning rate, Hessian ∝ identity).",
 }
+
+
+def captions_for(loss: str) -> dict[str, str]:
+    """The captions of the figures of an analysis of ``loss`` (``test_loss`` or ``train_loss``): they name the loss
+    both estimators read."""
+    if loss == "test_loss":
+        return dict(CAPTIONS)
+    cap, low = LOSS_WORDS[loss]
+    held_cap, held_low = LOSS_WORDS["test_loss"]
+    return {k: v.replace(held_cap, cap).replace(held_low, low) for k, v in CAPTIONS.items()}
 
 
 def _say(ax: Any, text: str, blank: str = "xy") -> None:
@@ -60,7 +73,9 @@ def _log_or_linear(ax: Any, axis: str, values: np.ndarray) -> bool:
     return log
 
 
-def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, target: float | None) -> Any:
+def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, target: float | None,
+                loss: str = "test_loss") -> Any:
+    """The curves ``L`` (C, M, F, R, J) of checkpoint ``c``, of the store's variable ``loss`` (its y-label)."""
     import seaborn as sns
 
     bs = ds["batch_size"].values
@@ -83,10 +98,14 @@ def plot_curves(ds: Any, L: np.ndarray, c: int, f_index: list[int], ax: Any, tar
     if target is not None and math.isfinite(target) and (target > 0 or not log):
         ax.axhline(target, color="k", ls="--", lw=0.8)
     ax.set_xlabel(label_from_attrs(ds["examples_seen"]))
-    ax.set_ylabel(label_from_attrs(ds["test_loss"], width=30))
+    ax.set_ylabel(label_from_attrs(ds[loss], fallback=loss, width=30))
     ax.set_title(str(ds["checkpoint"].values[c]))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
+        if log:  # a loss axis spans a fraction of a decade: plain numbers, not 2.3×10⁰
+            from gradlab.figures.layout import readable_log_ticks
+
+            readable_log_ticks(ax, "y")
     else:
         _say(ax, "no finite loss to draw: every branch diverged (or no unit is computed yet)")
     return ax
@@ -98,7 +117,9 @@ def plot_branching(bs: np.ndarray, sec: dict[str, Any], ax: Any, title: str) -> 
     ax.axhline(sec["epsilon"], color="k", ls="--", lw=0.8, label=f"ε = {sec['epsilon']:g}")
     b = Estimate.from_dict(sec["b_crit"])
     if math.isfinite(b.value) and b.value > 0:
-        ax.axvline(b.value, color="C3", label=f"B_crit = {b.format()}")
+        provisional = sec.get("complete", True) is False
+        text = (f"B_crit ≥ {b.value:.3g}" if sec.get("lower_bound") else f"B_crit = {b.format()}")
+        ax.axvline(b.value, color="C3", label=text + (" (provisional)" if provisional else ""))
         if b.has_interval and b.low > 0:
             ax.axvspan(b.low, min(b.high, bs[-1] * 1.5), color="C3", alpha=0.15)
     if not np.isfinite(r[1:]).any():  # no ratio to compare: say why (all diverged, or a single batch size)
@@ -184,9 +205,17 @@ def plot_b_noise(result: dict[str, Any], ax: Any) -> Any:
 
 
 def _caption_extra(stem: str, per: list[dict[str, Any]]) -> str:
-    """What a figure cannot show, said in its caption: checkpoints where no batch size reached the target loss,
-    where the trade-off was not estimated, or where every smallest-batch branch diverged."""
+    """What a figure cannot show, said in its caption: checkpoints with units not computed yet (provisional),
+    where no batch size reached the target loss, where the trade-off was not estimated, or where every
+    smallest-batch branch diverged."""
     out = []
+    for p in per:
+        if p.get("complete", True) is False:
+            missing = ", ".join(f"{m:g}" for m in p.get("missing_batch_sizes", []))
+            out.append(f"{p['checkpoint']}: provisional, batch size(s) {missing} not computed yet (no line, no "
+                       "point); "
+                       + ("B_crit (branching) is only a lower bound." if p["branching"].get("lower_bound") else
+                          "the estimates use the computed batch sizes only."))
     if stem in ("cbs_tradeoff", "cbs_curves"):
         for p in per:
             t = p.get("tradeoff")
@@ -217,6 +246,7 @@ def render(ds: Any, L: np.ndarray, result: dict[str, Any], out: Path) -> list[st
     """Every figure (PNG + SVG), ``captions.json`` and ``report.html``; returns the file names."""
     from matplotlib.figure import Figure
 
+    from gradlab.analysis.cbs import _branching_text, _tradeoff_text
     from gradlab.figures.report import html_report
 
     per = list(result["checkpoints"].values())
@@ -225,7 +255,8 @@ def render(ds: Any, L: np.ndarray, result: dict[str, Any], out: Path) -> list[st
     files: list[str] = []
     fig = Figure(figsize=(5.5 * C, 4.2), layout="constrained")
     for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
-        plot_curves(ds, L, c, [fac.index(f) for f in per[c]["lr_factor_branching"]], ax, per[c]["target_loss"])
+        plot_curves(ds, L, c, [fac.index(f) for f in per[c]["lr_factor_branching"]], ax, per[c]["target_loss"],
+                    loss=result.get("loss", "test_loss"))
     files += _save(fig, out, "cbs_curves")
     fig = Figure(figsize=(5.5 * C, 4.2), layout="constrained")
     for c, ax in enumerate(np.atleast_1d(fig.subplots(1, C))):
@@ -243,18 +274,19 @@ def render(ds: Any, L: np.ndarray, result: dict[str, Any], out: Path) -> list[st
     fig = Figure(figsize=(max(4.5, 2.2 * C), 4.0), layout="constrained")
     plot_b_noise(result, fig.subplots())
     files += _save(fig, out, "cbs_b_noise")
-    captions = {s: CAPTIONS[s] + _caption_extra(s, per) for s in CAPTIONS if f"{s}.png" in files}
+    texts = captions_for(result.get("loss", "test_loss"))
+    captions = {s: texts[s] + _caption_extra(s, per) for s in texts if f"{s}.png" in files}
     (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
     rows = []
     noise = result.get("b_noise", {}).get("per_checkpoint", {})
     for p in per:
         n = noise.get(p["checkpoint"], {})
-        rows.append([p["checkpoint"], format_estimate(p["branching"]["b_crit"]),
-                     format_estimate((p["tradeoff"] or {}).get("b_crit")), format_estimate(n.get("b_noise")),
+        rows.append([p["checkpoint"], _branching_text(p["branching"]), _tradeoff_text(p), format_estimate(n.get("b_noise")),
                      format_estimate(n.get("branching_over_b_noise")), format_estimate(n.get("tradeoff_over_b_noise"))])
     notes = [*result["notes"], *(f"{p['checkpoint']}: {n}" for p in per for n in
                                  [*p["notes"], *p["branching"]["notes"], *((p["tradeoff"] or {}).get("notes", []))])]
-    page = html_report("Critical batch size", ["checkpoint", "B_crit (branching)", "B_crit (steps–examples)",
+    page = html_report(f"Critical batch size ({LOSS_WORDS.get(result.get('loss', 'test_loss'), ('', 'loss'))[1]})"
+                       + ("" if result.get("complete", True) else ": provisional, units not computed yet"), ["checkpoint", "B_crit (branching)", "B_crit (steps–examples)",
                                                "B_noise", "branching / B_noise", "steps–examples / B_noise"],
                        rows, [(f"{s}.png", captions[s]) for s in captions], notes)
     (out / "report.html").write_text(page)

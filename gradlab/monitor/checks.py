@@ -101,26 +101,51 @@ def refuse_managed(kwargs: Mapping[str, Any], callback: str, resumes: str) -> No
 
 
 def extra_loss_terms(params: dict[str, Tensor], sums: dict[str, Tensor]) -> list[str] | None:
-    """The parameters whose ``.grad`` differs from ``sums`` (Σᵢ wᵢgᵢ from the hooks), relative 1e-4 in float32
-    and below, 1e-9 in float64; None if no parameter could be judged (no gradient, or a non-finite step: a later
-    step is checked)."""
+    """The parameters whose ``.grad`` is not ``c · sums`` (Σᵢ wᵢgᵢ from the hooks) for one common factor c > 0,
+    relative 1e-4 in float32 and below, 1e-9 in float64; None if no parameter could be judged (no gradient, or a
+    non-finite step: a later step is checked).
+
+    The common factor is what the user's loop may do to ``.grad`` between ``backward()`` and the optimizer step
+    without changing its direction: ``clip_grad_norm_`` (c ≤ 1, the same for every tensor), a ``GradScaler``'s
+    unscaling (c = 1/scale).  S₁ and the per-example norms are read in the backward itself (before such a change)
+    and of the backpropagated loss, whose weights wᵢ carry any scale: the estimates are those of the loss
+    unscaled.  A penalty added to the loss, or ``.grad`` not zeroed, is not a common factor and is found."""
     bad, judged = [], False
+    ok: list[str] = []
+    found: list[tuple[float, float, float]] = []  # (‖sum‖², c, tol) of the tensors whose .grad is parallel to the sum
     for name, g in sums.items():
         grad = params[name].grad if name in params else None
         if grad is None:
             continue
         tol = 1e-4 if grad.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        err, ref = float((grad.detach() - g).norm()), float(grad.detach().norm())
-        if not (math.isfinite(err) and math.isfinite(ref)):
+        if g.dtype in (torch.float16, torch.bfloat16):  # autocast: the backward's products in half precision
+            tol = 3e-2 if g.dtype == torch.bfloat16 else 4e-3
+        gd = grad.detach().to(torch.float64).reshape(-1)
+        s = g.detach().to(device=gd.device, dtype=torch.float64).reshape(-1)
+        ss, ref = float(torch.dot(s, s)), float(gd.norm())
+        if not (math.isfinite(ss) and math.isfinite(ref)):
             continue
         judged = True
-        if not err <= tol * ref + 1e-30:
+        if ss == 0.0 or ref == 0.0:  # nothing to scale: .grad must be 0 too
+            if not ref <= 1e-30 + tol * math.sqrt(ss):
+                bad.append(name)
+            continue
+        c = float(torch.dot(gd, s)) / ss
+        err = float((gd - c * s).norm())
+        if not (c > 0 and err <= tol * ref + 1e-30):
             bad.append(name)
+        else:
+            found.append((ss, c, tol))
+            ok.append(name)
+    if found:  # one factor for all tensors (the largest of them, by norm, sets it)
+        c0 = max(found)[1]
+        bad += [name for (_, c, tol), name in zip(found, ok) if not abs(c - c0) <= 10 * tol * c0]
     return bad if judged else None
 
 
 def extra_terms_note(bad: list[str]) -> str:
     return (f"the backpropagated loss has terms besides monitor.loss(batch) (.grad of {bad[:3]} differs from the "
-            "sum of the per-example gradients: a penalty such as λ‖θ‖² added to the loss, or .grad not zeroed "
-            "before the step?): ‖.grad‖² is not the data gradient's, so no step is estimated (missing = 6); use the "
+            "sum of the per-example gradients times one common factor: a penalty such as λ‖θ‖² added to the loss, "
+            ".grad not zeroed before the step, or .grad changed per element before the optimizer step, e.g. "
+            "clip_grad_value_?): ‖.grad‖² is not the data gradient's, so no step is estimated (missing = 6); use the "
             "optimizer's weight_decay, or add the penalty's gradient to .grad directly, after backward()")

@@ -12,15 +12,19 @@ Plain loop (the monitor hooks the backward pass you run; nothing is recomputed):
 For loops you cannot change, ``monitor.observe(batch)`` runs its own forward/backward on the batch (with
 ``torch.autograd.grad``: the model's ``.grad`` is not touched) -- one more forward/backward per recorded step.
 Without ``optimizer=`` call ``monitor.step()`` after each backward, before the parameters change (no learning
-rate or update norm is recorded then).  The user must zero the gradients before each step's backward (S₁ is
-read from ``.grad``): a ``.grad`` still holding the last step's (the same tensor at the version the optimizer step
-left) is found at every recorded step, which is then ``missing`` 6; a backward whose gradients are zeroed with no
-optimizer step after it (a GradScaler skipping a step) is dropped with a note.  Examples must not interact (no
-batch norm in training mode: noted in the store); a forward that draws random numbers (dropout) excludes the
-torch.func fallback's parameters, whose re-run would draw others.
+rate or update norm is recorded then, and ``dist_init`` is ‖θ_t − θ₀‖ at the step's start: noted in the store).
+The user must zero the gradients before each step's backward (S₁ is read from ``.grad``): a ``.grad`` still
+holding the last step's (the same tensor at the version the optimizer step left) is found at every recorded
+step, which is then ``missing`` 6; a backward whose gradients are zeroed with no optimizer step after it (a
+GradScaler skipping a step) is dropped with a note.  Examples must not interact (no batch norm in training mode:
+noted in the store); a forward that draws random numbers (dropout) excludes the torch.func fallback's
+parameters, whose re-run would draw others.
 Backpropagate ``monitor.loss(batch)`` alone (scaled as you like): a penalty added to it (λ‖θ‖²; use the optimizer's
 weight decay instead) puts its gradient in ``.grad``; the first recorded step finds that (the hooked Linear layers'
-Σᵢ wᵢgᵢ against ``.grad``) and no step is then estimated (``missing`` 6, with a note).
+Σᵢ wᵢgᵢ against ``.grad``) and no step is then estimated (``missing`` 6, with a note).  Changing ``.grad`` by one
+common factor before the step (``clip_grad_norm_``, a GradScaler's unscaling) is fine: S₁ and the per-example norms
+are read during the backward, and divided by the weights wᵢ, which carry any loss scale
+(:func:`gradlab.monitor.checks.extra_loss_terms`).
 Gradient accumulation: call ``monitor.loss(micro_batch)`` for each micro-batch before the optimizer step; the
 per-example estimator pools the examples of all micro-batches, the two-batch estimator
 (``estimator="two-batch"``, McCandlish et al. 2018, App. A) uses the micro-batch gradients instead of per-example
@@ -34,6 +38,7 @@ import atexit
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from collections.abc import Mapping
@@ -94,6 +99,8 @@ def _close_at_exit() -> None:
         mon = ref()
         if mon is None or mon.closed or getattr(mon, "_pid", None) != os.getpid():
             continue
+        if getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None:
+            mon._raised = True  # exiting on an uncaught exception: that, not the optimizer, stopped the loop
         try:
             if mon.store.path.is_dir():
                 mon.close()
@@ -149,7 +156,10 @@ class NoiseMonitor:
     (:mod:`gradlab.monitor.distances`); ``background`` computes each recorded step's numbers on a worker thread
     while training goes on (the same numbers; None: when the parameters are on the CPU, torch's threads leave a
     core free and ``optimizer=`` is given, whose next step waits for the worker; :mod:`gradlab.monitor.worker`;
-    ``False`` in a loop that edits parameters or input buffers through ``.data`` between steps).
+    ``False`` in a loop that edits parameters or input buffers through ``.data`` between steps); ``examples_seen``
+    the examples the training had seen before the monitor's first step (a resumed checkpoint's count: a resume
+    whose store was not flushed at ``start_step`` cannot tell it, and records ``examples_seen`` as -1, noted,
+    unless it is given; ``state_dict()`` carries it).
     """
 
     def __init__(self, model: nn.Module, loss: str | PerExampleLoss, path: str | os.PathLike, *,
@@ -157,11 +167,15 @@ class NoiseMonitor:
                  reduction: str = "mean", pool_size: int | None = None, ema_decay: float = 0.95,
                  level: float = 0.95, chunk_steps: int = 128, resume: bool = False, start_step: int | None = None,
                  on_gap: str = "warn", distances: bool = True, background: bool | None = None,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, examples_seen: int | None = None) -> None:
         check_arguments(model, loss=loss, path=path, optimizer=optimizer, every=every, estimator=estimator,
                         reduction=reduction, ema_decay=ema_decay, level=level, pool_size=pool_size,
                         chunk_steps=chunk_steps, resume=resume, start_step=start_step, config=config,
                         on_gap=on_gap)
+        if examples_seen is not None and (isinstance(examples_seen, bool) or not isinstance(examples_seen, int)
+                                          or examples_seen < 0):
+            raise UsageError(f"examples_seen must be None or an int ≥ 0 (the examples the training had seen before "
+                             f"the monitor's first step: a resumed checkpoint's), got {examples_seen!r}")
         self._key = os.path.abspath(os.fspath(path))
         _close_earlier(self._key, model)
         self.model = model
@@ -196,6 +210,10 @@ class NoiseMonitor:
             notes.append(f"batch norm in training mode ({interacting[0]}) couples the examples of a batch: the "
                          "per-example gradients are not those of independent examples")
             log.warning("NoiseMonitor: %s", notes[-1])
+        if optimizer is None and self.distances:
+            notes.append("no optimizer= given: monitor.step() closes each step after its backward, before the "
+                         "parameters change, so dist_init is ‖θ_t − θ₀‖ at the step's start (not θ_{t+1}), and "
+                         "lr and update_norm are NaN")
         task = {"loss": loss_name(loss), "loss_source_sha256": source_sha256(self.loss_fn),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "model_source_sha256": source_sha256(type(model))}
@@ -209,15 +227,19 @@ class NoiseMonitor:
         self.ema = EmaRatio(len(GROUPS) + len(names), decay=ema_decay, level=level)
         self.t = 0
         self.examples_seen = 0
+        self._seen_known = True  # False: a resume whose count the store cannot give (recorded as -1)
         self._rows: list[StepCopy] = []
         self._appender = Appender(self.store.append)  # full chunks are written in the background
         try:
-            self._init_state(resume, start_step, on_gap)
+            self._init_state(resume, start_step, on_gap, examples_seen)
         except BaseException:
             self.store.close()
             raise
         self._pending: Pending | None = None
         self._warned_no_loss = False
+        self._warned_codes: set[int] = set()  # missing codes 3 and 4, said once each
+        self._warned_replaced = False
+        self._raised = False  # the loss raised, or the process/with block ends on an exception: no "never stepped"
         self._uses_checked = False
         self._grad_marks: dict[str, tuple[Any, int]] | None = None
         self._warned_stale = False
@@ -245,14 +267,29 @@ class NoiseMonitor:
         _LIVE[self._key] = weakref.ref(self)
 
     # -- state: θ₀, resume ----------------------------------------------------------------------------------
-    def _init_state(self, resume: bool, start_step: int | None, on_gap: str = "warn") -> None:
+    def _init_state(self, resume: bool, start_step: int | None, on_gap: str = "warn",
+                    examples_seen: int | None = None) -> None:
         new = "init" not in self.store.group
         self.theta0 = initial_parameters(self.store.group, self.params)
         if new:  # the commit record lists the init group too
             self.store.commit(rescan=True)
+        if examples_seen is not None:
+            self.examples_seen = int(examples_seen)
         if not resume:
             return
-        self.t, self.examples_seen = resume_store(self.store, self.ema, int(start_step), self.every, on_gap)
+        self.t, seen = resume_store(self.store, self.ema, int(start_step), self.every, on_gap)
+        if examples_seen is not None:
+            return
+        if seen is not None:
+            self.examples_seen = seen
+            return
+        self._seen_known = False
+        note = (f"examples_seen from step {self.t} on is not known (recorded as -1): the store was not flushed at "
+                f"step {self.t} and does not hold every step before it; pass examples_seen= (the examples the "
+                "checkpoint had seen) to NoiseMonitor when resuming, and call monitor.flush() (or save "
+                "monitor.state_dict()) with each checkpoint")
+        log.warning("NoiseMonitor: %s", note)
+        self.store.add_note(note)
 
     # -- the user's calls -------------------------------------------------------------------------------------
     def loss(self, batch: Batch) -> Tensor:
@@ -265,7 +302,11 @@ class NoiseMonitor:
         if pending.record and self.hooks is not None:
             self._collect(pending)
             self.hooks.arm()
-        per = self._per_example(batch, n)
+        try:
+            per = self._per_example(batch, n)
+        except BaseException:
+            self._raised = True  # close() then does not blame the optimizer for the steps never taken
+            raise
         pending.batch_size += n
         if pending.record and self.hooks is not None and not self._uses_checked:
             self._check_uses(per)
@@ -296,7 +337,11 @@ class NoiseMonitor:
             self._collect(pending)
             self.hooks.arm()
             with torch.enable_grad():
-                per = self._per_example(batch, n)
+                try:
+                    per = self._per_example(batch, n)
+                except BaseException:
+                    self._raised = True
+                    raise
                 if not self._uses_checked:
                     self._check_uses(per)
                 params = list(self.params.values())
@@ -342,14 +387,18 @@ class NoiseMonitor:
         the store on resume."""
         self._check_open()
         self.flush()
-        return {"step": self.t, "examples_seen": self.examples_seen, "store": str(self.store.path)}
+        return {"step": self.t, "examples_seen": self._seen(), "store": str(self.store.path)}
+
+    def _seen(self) -> int:
+        """The examples seen by the steps closed so far; -1 where that is not known (:meth:`_init_state`)."""
+        return self.examples_seen if self._seen_known else -1
 
     def _mark_examples(self) -> None:
         """Record the examples seen by the steps closed so far (a resume at this step restores the count, which
         the store's rows cannot give when the last steps before it were not recorded)."""
         marks = self.store.json_attr("examples_at_step", {})
-        if marks.get(str(self.t)) != self.examples_seen:
-            self.store.set_attrs({"examples_at_step": {**marks, str(self.t): self.examples_seen}})
+        if marks.get(str(self.t)) != self._seen():
+            self.store.set_attrs({"examples_at_step": {**marks, str(self.t): self._seen()}})
 
     def _submit(self) -> None:
         self._wait_work()
@@ -364,10 +413,12 @@ class NoiseMonitor:
         for a monitor still open: :func:`_close_at_exit`)."""
         if getattr(self, "closed", True):
             return
-        if self.t == 0:  # step 0 is always recorded: no step was closed at all
+        if self.t == 0 and not self._raised:  # step 0 is always recorded: no step was closed at all (not said when
+            # an exception ended the loop: the optimizer did not step because of it)
             why = ("the optimizer passed (optimizer=) never stepped: is it the one that steps this model?"
                    if self.optimizer is not None else
-                   "no monitor.step() call closed a step: call it after each optimizer step, or pass optimizer=")
+                   "no monitor.step() call closed a step: call it after each backward, before the parameters "
+                   "change, or pass optimizer=")
             log.warning("NoiseMonitor: %s recorded no step: %s", self.store.path, why)
         try:
             try:
@@ -402,6 +453,8 @@ class NoiseMonitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None:
+            self._raised = True
         self.close()
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -491,6 +544,21 @@ class NoiseMonitor:
             log.warning("NoiseMonitor: %s", note)
             self.store.add_note(note)
 
+    def _check_replaced(self, step: int) -> None:
+        """At the first recorded steps and every 64th: whether the model's trainable tensors are still the ones
+        the monitor hooked (a layer replaced after the monitor was built is not measured): said once."""
+        now = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if len(now) == len(self.params) and all(now.get(n) is p for n, p in self.params.items()):
+            return
+        self._warned_replaced = True
+        new = [n for n, p in now.items() if self.params.get(n) is not p]
+        gone = [n for n, p in self.params.items() if now.get(n) is not p]
+        note = (f"step {step}: the model's parameters are not those the monitor was built with (a layer replaced "
+                f"after NoiseMonitor(...)?): {new[:3]} are not measured, and the monitored {gone[:3]} are no longer "
+                "the model's: every number from here on leaves them out; build the monitor once the model is final")
+        log.warning("NoiseMonitor: %s", note)
+        self.store.add_note(note)
+
     def _make_grad_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:
             pend = self._pending
@@ -578,13 +646,15 @@ class NoiseMonitor:
         self._collect(pend)
         if self.hooks is not None:
             self.hooks.disarm()
+        if not self._warned_replaced and (pend.step < 4 * self.every or pend.step % (64 * self.every) == 0):
+            self._check_replaced(pend.step)
         if self.pool_size is not None and pend.batch_size > self.pool_size:
             raise UsageError(f"step {pend.step} has {pend.batch_size} examples, more than pool_size={self.pool_size} "
                              "(the number of training examples batches are drawn from without replacement); pass "
                              "the size of the training set, or pool_size=None for draws with replacement")
         self._wait_work()  # (the pre-step hook did, unless no optimizer step came between)
         cap = self._dist.capture(updated) if self.distances else None
-        ctx = (pend, self.examples_seen, np.array([name in self.excluded for name in self.names]), time.time())
+        ctx = (pend, self._seen(), np.array([name in self.excluded for name in self.names]), time.time())
         if self._background:
             theta = marks(self.params.values())
             dirs = marks(d for _, d, _ in cap.dirs) if cap is not None and cap.dirs is not None else []
@@ -660,6 +730,19 @@ class NoiseMonitor:
                         "backward")
                 log.warning("NoiseMonitor: %s", note)
                 self.store.add_note(note)
+        if missing in (3, 4) and missing not in self._warned_codes:
+            self._warned_codes.add(missing)
+            note = (f"step {pend.step}: " + (
+                "the backpropagated loss weights the examples unequally (∂L/∂ℓᵢ differ: micro-batches of "
+                "unequal sizes, each loss divided by the number of micro-batches, or a weighted loss), which the "
+                "estimators do not model: the step is not estimated (missing = 3); weight every "
+                "example alike: backpropagate monitor.loss(mb) * len(mb) / batch_size for each micro-batch (or "
+                "reduction='sum' scaled by 1 / batch_size)" if missing == 3 else
+                "the two-batch estimator needs at least two micro-batches (monitor.loss() calls) per optimizer "
+                "step, this one had one: not estimated (missing = 4); split each batch into micro-batches, or "
+                "use estimator='per-example'"))
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
             log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "

@@ -62,6 +62,16 @@ def linear_sq_norms(a: Tensor, d: Tensor, grams: dict[int, Tensor] | None = None
     return _sq_rows(torch.bmm(d.transpose(1, 2), a))
 
 
+def _common(a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """A module's input and output gradient in one dtype: under ``torch.autocast`` a Linear or Conv2d reads a
+    float32 input and its output (and output gradient) is bfloat16/float16; both are then taken in the wider dtype
+    (``torch.promote_types``: float32).  Tensors of one dtype are returned as they are."""
+    if a.dtype == d.dtype:
+        return a, d
+    dt = torch.promote_types(a.dtype, d.dtype)
+    return a.to(dt), d.to(dt)
+
+
 def _lead(x: Any) -> int:
     return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() else -1
 
@@ -246,12 +256,15 @@ class PerExampleNorms:
         enters the backpropagated loss (one GEMM; :meth:`collect` computes it on request)."""
         if not isinstance(module, nn.Linear) or len(calls) != 1 or calls[0].inp.dim() != 2:
             return {}
-        a, d = calls[0].inp.detach(), calls[0].grad
+        a, d = _common(calls[0].inp.detach(), calls[0].grad)
         res = {}
         if "weight" in roles:
             res[roles["weight"]] = d.t() @ a
         if "bias" in roles:
             res[roles["bias"]] = d.sum(0)
+        low = min((calls[0].inp.dtype, calls[0].grad.dtype), key=lambda t: torch.finfo(t).bits)
+        if res and low != next(iter(res.values())).dtype:  # autocast: the backward's own product was taken in ``low``
+            res = {k: v.to(low) for k, v in res.items()}
         return res
 
     def _module_norms(self, module: nn.Module, calls: list[_Capture], roles: dict[str, str],
@@ -259,7 +272,7 @@ class PerExampleNorms:
         res: dict[str, Tensor] = {}
         linear = isinstance(module, nn.Linear) or _is_hf_conv1d(module)  # ‖gᵢ‖² does not see the transpose
         if linear and len(calls) == 1 and calls[0].inp.dim() == 2:  # the common case
-            a, d = calls[0].inp.detach(), calls[0].grad
+            a, d = _common(calls[0].inp.detach(), calls[0].grad)
             d2 = (d * d).sum(1)
             if "weight" in roles:
                 res[roles["weight"]] = (a * a).sum(1) * d2
@@ -269,6 +282,7 @@ class PerExampleNorms:
             d_in, d_out = _linear_dims(module)
             a = _cat1([_as_btd(c.inp.detach(), d_in) for c in calls])
             d = _cat1([_as_btd(c.grad, d_out) for c in calls])
+            a, d = _common(a, d)
             # one call: the input tensor object (alive in the capture) keys the cache of input Grams
             cache, key = (grams, id(calls[0].inp)) if len(calls) == 1 else (None, 0)
             if "weight" in roles:
@@ -315,7 +329,7 @@ class PerExampleNorms:
                                 stride=module.stride)  # (B, C k k, L)
                 a_parts.append(cols.transpose(1, 2))
                 d_parts.append(c.grad.reshape(x.shape[0], module.out_channels, -1).transpose(1, 2))
-            a, d = _cat1(a_parts), _cat1(d_parts)
+            a, d = _common(_cat1(a_parts), _cat1(d_parts))
             if "weight" in roles:
                 res[roles["weight"]] = linear_sq_norms(a, d)
             if "bias" in roles:

@@ -58,12 +58,14 @@ def _steps(first: int, last: int, every: int) -> str:
     return f"{first}..{last}" + (f" (every {every} steps)" if every > 1 else "")
 
 
-def resume_store(store: Any, ema: Any, start_step: int, every: int, on_gap: str = "warn") -> tuple[int, int]:
+def resume_store(store: Any, ema: Any, start_step: int, every: int, on_gap: str = "warn"
+                 ) -> tuple[int, int | None]:
     """Continue ``store`` at optimizer step ``start_step`` (the restored checkpoint's): drop its steps ≥ it (noted),
     record the recorded steps that were never written before it (a gap: the monitor was not flushed when the
     checkpoint was saved; ``on_gap="raise"`` refuses instead, before anything is written), replay the moving
     averages over the kept steps (the same float operations as an uninterrupted run).  Returns (the next step, the
-    examples seen so far)."""
+    examples seen so far, None where the store cannot tell: not flushed at ``start_step`` and steps before it
+    not written or not recorded)."""
     from gradlab.errors import UsageError
 
     steps = store.read("step")
@@ -106,18 +108,16 @@ def resume_store(store: Any, ema: Any, start_step: int, every: int, on_gap: str 
         store.add_note(note)
     marks = {int(k): int(v) for k, v in store.json_attr("examples_at_step", {}).items()}
     store.set_attrs({"examples_at_step": {str(k): v for k, v in marks.items() if k <= start_step}})
-    if not keep:
-        return start_step, marks.get(start_step, 0)
-    last = int(steps[keep - 1])
-    seen = int(store.read("examples_seen")[-1])
     if start_step in marks:  # flushed at the checkpoint: the count includes the unrecorded steps before it
-        seen = marks[start_step]
-    elif last != start_step - 1:
-        note = (f"examples_seen from step {start_step} on leaves out the examples of the unrecorded steps "
-                f"{last + 1}..{start_step - 1} (the store was not flushed at step {start_step}: call "
-                "monitor.flush() before saving a checkpoint)")
-        log.warning("NoiseMonitor: %s", note)
-        store.add_note(note)
+        seen: int | None = marks[start_step] if marks[start_step] >= 0 else None
+    elif not keep:
+        seen = 0 if start_step == 0 or store.created else None
+    else:
+        last = int(steps[keep - 1])
+        seen = int(store.read("examples_seen")[-1]) if last == start_step - 1 else None
+        seen = None if seen is not None and seen < 0 else seen
+    if not keep:
+        return start_step, seen
     tr = np.concatenate([store.read("trace_cov"), store.read("trace_cov_layer")], axis=1)
     g2 = np.concatenate([store.read("grad_sq_norm"), store.read("grad_sq_norm_layer")], axis=1)
     for k in range(keep):

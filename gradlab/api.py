@@ -74,11 +74,11 @@ def _refuse_numpy(data: Any) -> None:
     import numpy as np
     from torch.utils._pytree import tree_flatten
 
+    from gradlab.task import numpy_data_error
+
     if isinstance(data, (tuple, list, dict, np.ndarray)) and any(
             isinstance(leaf, np.ndarray) for leaf in tree_flatten(data)[0]):
-        raise UsageError("data holds NumPy arrays; pass torch tensors, e.g. data=(torch.from_numpy(x), "
-                         "torch.from_numpy(y)) (keeping their dtypes: float32 inputs and int64 labels for a "
-                         "classifier)")
+        raise numpy_data_error()
 
 
 def _loss_spec(loss: Any) -> str | None:
@@ -157,9 +157,26 @@ def _open(path: PathLike) -> Any:
     return xr.open_zarr(path, consolidated=False)
 
 
+def _api_style(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """During the call, messages name options as this API spells them (``budget=``, not ``--budget``:
+    :func:`gradlab.store.option`)."""
+    import functools
+
+    from gradlab.store import OPTION_STYLE
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        token = OPTION_STYLE.set("api")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            OPTION_STYLE.reset(token)
+    return call
+
+
 def _cleans_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A refused or failed call that wrote no store removes the ``<out>.inputs/`` folder it made (the live
-    modules saved for it), so that nothing of it is left behind."""
+    modules saved for it), so that nothing of it is left behind.  Messages name the API's options."""
     import functools
     import shutil
 
@@ -174,7 +191,7 @@ def _cleans_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
             if made and inputs.exists() and not Path(out).exists():
                 shutil.rmtree(inputs, ignore_errors=True)
             raise
-    return call
+    return _api_style(call)
 
 
 @_cleans_inputs
@@ -198,7 +215,7 @@ def probe(
     keep: str = "histograms",
     seed: int = 0,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     replacement: bool = False,
     resume: bool = False,
     workers: int | None = None,
@@ -209,7 +226,9 @@ def probe(
 
     Defaults differ from the CLI only where a notebook wants them to: the frozen protocol, 20 trials, and when
     ``budget`` is not given the largest power of two up to min(1024, training examples), with batch sizes the
-    powers of two up to it.
+    powers of two up to it.  ``dtype`` None (the default): the widest floating dtype of the model and the data (a
+    float64 model or data runs in float64; any cast is said on stderr).  Parameters with ``requires_grad=False``
+    are left out and held fixed, as training keeps them.
     """
     from gradlab.probe.run import resolve_config, run_probe
 
@@ -228,8 +247,7 @@ def probe(
     config = resolve_config(ck_args, data=data_spec, init=None if init is None else str(init), model=model_spec,
                             model_kwargs=model_kwargs, batch_sizes=batch_sizes, budget=budget, trials=trials,
                             protocol=protocol, reduction=reduction, lr=lr, params=params, keep=keep, seed=seed,
-                            device=device, dtype=dtype, replacement=replacement, loss=loss_spec, collate=collate,
-                            init_option="init=")
+                            device=device, dtype=dtype, replacement=replacement, loss=loss_spec, collate=collate)
     summary = run_probe(config, out, resume=resume, workers=workers, scheduler=scheduler, progress=progress)
     return _open(summary.path)
 
@@ -267,6 +285,7 @@ def sharpness(
     return _open(run_sharpness(cfg, out, resume=resume, progress=say))
 
 
+@_api_style
 def train(
     *,
     model: Any,
@@ -291,6 +310,7 @@ def train(
     return _open(train_grid(cfg, out, resume=resume, show_progress=progress))
 
 
+@_api_style
 def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = True, **options: Any) -> dict[str, Any]:
     """``gradlab analyze`` from Python; returns the summary (the content of ``summary.json``)."""
     from gradlab.analysis.run import analyze_store
@@ -341,6 +361,7 @@ def cbs_job(checkpoints: Sequence[str] | Mapping[str, str] | str, *, data: Any, 
     return resolve_cbs(items, data=_data_spec(data), **options)
 
 
+@_api_style
 def cbs(checkpoints: Sequence[str] | str, *, data: str, out: PathLike, resume: bool = False,
         workers: int | None = None, scheduler: str | None = None, progress: bool = False, **options: Any) -> Any:
     """``gradlab cbs`` from Python: branches from checkpoints at every batch size; returns the store (xarray)."""

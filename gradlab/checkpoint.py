@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import stat
@@ -165,6 +166,37 @@ def _tensors_only(obj: Mapping[str, Any], path: Path, where: str) -> dict[str, t
     return tensors
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _is_loaded_module_class(name: str) -> bool:
+    """Whether ``pkg.mod.Class`` names an ``nn.Module`` subclass of a module this process already imported (looked
+    up, never imported: importing a name from an untrusted file would run code)."""
+    import sys
+
+    module, _, attr = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), attr, None)
+    return isinstance(cls, type) and issubclass(cls, nn.Module)
+
+
+def _pickled_objects_message(path: Path, detail: str) -> str:
+    """One line for a pickle that ``weights_only=True`` refuses: what it holds (torch's own message names the
+    first global it met), and gradlab's fix -- never torch's advice to unpickle with weights_only=False, which runs
+    whatever code the file carries."""
+    detail = _ANSI.sub("", detail)
+    found = re.search(r"GLOBAL ([\w.]+)", detail)
+    name = found.group(1) if found else None
+    if name and (name.startswith("torch.nn.modules.") or _is_loaded_module_class(name)):
+        what = f"a whole pickled model ({name}), not its weights"
+    elif name:
+        what = f"objects other than tensors and plain containers ({name}: possibly code)"
+    else:
+        what = "objects other than tensors and plain containers (possibly code)"
+    return (f"refusing to load {path}: it holds {what}, and gradlab loads weights only (torch.load with "
+            "weights_only=True: it never unpickles code); save the weights instead: torch.save(model.state_dict(), "
+            "path), or safetensors")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a gradlab or foreign checkpoint safely (``weights_only=True`` or safetensors)."""
     path = Path(path)
@@ -193,11 +225,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UsageError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers (possibly code), and "
-            "gradlab only unpickles with weights_only=True. Re-save it as a state_dict (torch.save(model.state_dict()"
-            ", path)) or as safetensors. Detail: " + str(exc).splitlines()[0]
-        ) from None
+        raise UsageError(_pickled_objects_message(path, str(exc))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a readable torch checkpoint: {exc}") from None
     if not isinstance(obj, Mapping):

@@ -15,6 +15,10 @@ resumes to exactly what an uninterrupted run writes:
 One writer at a time: ``writer_for`` takes an ``fcntl.flock`` on the sibling file ``.<store name>.lock`` (released
 by the kernel when the process dies, so a crash never leaves a stale lock) *before* it creates the store, so two
 runs started at the same instant on one new ``--out`` cannot both create it: the second is refused with one line.
+A run that ends without a store at its path (refused, or failed before creating it) removes the lock file while
+still holding it, so it leaves nothing behind; a lock taken on a file that was removed meanwhile is taken again on
+the one at the path (:func:`acquire_lock`).  An existing ``--out`` that is not a gradlab store is refused at once
+(:func:`store_exists_error`); an empty folder is used as the store.
 Under the lock, staging folders left by a killed creation (``.<name>.tmp-*``) are removed, and a store this run
 created is removed again when the run fails before any unit is done (so the corrected rerun is not blocked).  The lock lives beside the store, not
 in it: zarr warns about any foreign file inside a hierarchy.  A store may also be a group nested in another
@@ -29,6 +33,7 @@ command has finished a store, so that a plain ``xr.open_zarr(store)`` opens it w
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import json
 import os
@@ -46,6 +51,7 @@ from gradlab.errors import StoreError
 from gradlab.provenance import canonical_json, config_hash, provenance
 
 SCHEMA_VERSION = 1
+_UNSET: Any = object()
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,64 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), getattr(signal, os.environ.get("GRADLAB_CRASH_SIGNAL", "SIGKILL")))
 
 
+# How messages name an option: "--batch-sizes" on the command line, "batch_sizes=" in the Python API
+# (gradlab.api sets "api" for the duration of a call, so that every message names what its caller can change).
+OPTION_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("gradlab_option_style", default="cli")
+_API_NAMES = {"checkpoint": "checkpoints"}
+
+
+def option(name: str, value: Any = _UNSET) -> str:
+    """An option as the caller spells it: ``option("batch_sizes")`` is ``--batch-sizes`` on the command line and
+    ``batch_sizes=`` in the Python API; with a value, ``--protocol frozen`` / ``protocol='frozen'`` (a flag's
+    ``True``: ``--resume`` / ``resume=True``)."""
+    if OPTION_STYLE.get() == "api":
+        api = _API_NAMES.get(name, f"{name}=")
+        if value is _UNSET:
+            return api
+        return f"{api.rstrip('=')}={value!r}"
+    flag = "--" + name.replace("_", "-")
+    if value is _UNSET or value is True:
+        return flag
+    return f"{flag} {value}"
+
+
+def not_a_store_reason(path: str | os.PathLike) -> str | None:
+    """Why an existing ``path`` is not a gradlab store that a run could continue (a file, a folder holding other
+    data, a zarr store gradlab did not write), or None when it is one (or does not exist)."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return None
+    if not p.is_dir():
+        return "is a file, not a gradlab store"
+    meta = p / "zarr.json"
+    if not meta.exists():
+        return "exists and is not a gradlab store (a folder without zarr.json)"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return "exists and is not a gradlab store (its zarr.json is unreadable)"
+    if attrs.get("gradlab_store") is None and "unit_dims" not in attrs:
+        return "is a zarr store that gradlab did not write"
+    return None
+
+
 def store_exists_error(path: str | os.PathLike) -> StoreError:
-    """The one error for an ``--out`` that already exists when no ``--resume`` was given."""
-    return StoreError(f"{path} already exists; pass --resume to continue it, or choose another --out")
+    """The one error for an ``--out`` that already exists when no ``--resume`` was given: a gradlab store can be
+    continued; anything else (a file, another folder, a foreign zarr store) cannot, and the message says so."""
+    reason = not_a_store_reason(path)
+    if reason is not None:
+        return StoreError(f"{path} {reason}; choose another {option('out')} or remove it")
+    return StoreError(f"{path} already exists; pass {option('resume', True)} to continue it, or choose another "
+                      f"{option('out')}")
+
+
+def is_empty_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an existing folder with nothing in it (an ``--out`` that can simply be used)."""
+    p = Path(path)
+    try:
+        return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+    except OSError:
+        return False
 
 
 def _outer_store(path: Path) -> Path | None:
@@ -151,25 +212,49 @@ def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_LOCKS: dict[int, tuple[Path, Path]] = {}  # fd -> (lock file, store) of the locks this process holds
+
+
 def acquire_lock(path: str | os.PathLike) -> int:
     """Take the store's exclusive writer lock (a non-blocking ``flock``); returns its fd.
 
-    Raises ``StoreError`` (one line) if another process holds it."""
+    Raises ``StoreError`` (one line) if another process holds it.  The lock file may be removed by the holder
+    when it releases it (:func:`release_lock`), so a lock taken on a file that is no longer (or no longer the
+    same file) at the lock path is dropped and taken again on the file that is there."""
     path = Path(path)
     lp = lock_path(path)
     lp.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(
-            f"{path} is being written by another gradlab process; wait for it to finish or choose another --out"
-        ) from None
-    return fd
+    for _ in range(100):
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{path} is being written by another gradlab process; wait for it to finish or choose another "
+                f"{option('out')}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lp).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            _LOCKS[fd] = (lp, path)
+            return fd
+        os.close(fd)  # the holder removed that file as it released it: lock the one at the path now
+    raise StoreError(f"could not take the lock {lp} of {path}; another process keeps replacing it")
 
 
 def release_lock(fd: int) -> None:
+    """Release a lock taken with :func:`acquire_lock`.  When no gradlab store exists at the locked path (a refused
+    run, a failed creation) the lock file is removed first, while still held, so a refused run leaves nothing
+    behind; beside a store it stays."""
+    lp, path = _LOCKS.pop(fd, (None, None))
+    if lp is not None and (not path.exists() or not_a_store_reason(path) is not None):
+        try:
+            if os.fstat(fd).st_ino == os.stat(lp).st_ino:
+                os.unlink(lp)
+        except OSError:
+            pass
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
@@ -232,8 +317,10 @@ def create_store(
     import xarray as xr
 
     path = Path(path)
-    if path.exists():
+    if path.exists() and not is_empty_folder(path):
         raise store_exists_error(path)
+    if path.exists():
+        path.rmdir()  # an empty folder: the store takes its place
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def chunk_of(dims: Sequence[str]) -> tuple[int, ...]:
@@ -353,12 +440,14 @@ class StoreWriter:
             self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
             attrs = self.group.attrs
             if attrs.get("gradlab_store") is None and "unit_dims" not in attrs:
-                raise StoreError(f"{self.path} is a zarr store that gradlab did not write; choose another --out")
+                raise StoreError(f"{self.path} is a zarr store that gradlab did not write; choose another "
+                                 f"{option('out')} or remove it")
             check_schema(self.path, attrs)
             if config is not None and attrs.get("config_hash") != config_hash(dict(config)):
                 raise StoreError(
                     f"{self.path} was made with a different config ({config_difference(attrs.get('config'), config)});"
-                    " resume it with the same flags, or write a new store with another --out"
+                    f" resume it with the same {'arguments' if OPTION_STYLE.get() == 'api' else 'flags'}, or write a "
+                    f"new store with another {option('out')}"
                 )
             self.unit_dims: list[str] = list(attrs["unit_dims"])
         except BaseException:
@@ -416,11 +505,11 @@ def writer_for(
     created = False
     try:
         remove_stale_staging(path)
+        if is_empty_folder(path):  # an empty folder made for the store: simply use it
+            path.rmdir()
         if path.exists():
-            if not resume:
+            if not resume or not_a_store_reason(path) is not None:
                 raise store_exists_error(path)
-            if not (path / "zarr.json").exists():
-                raise StoreError(f"{path} exists but is not a gradlab store; choose another --out")
         else:
             create()
             created = True

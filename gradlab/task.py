@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -141,8 +142,13 @@ def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
         raise UsageError(f"the cross-entropy loss needs int64 class indices, got {y.dtype}; give the labels as "
                          "torch.long (y.long(), or np.int64 in your data)")
     if out.dim() < 2 or out.shape[0] != y.shape[0] or tuple(out.shape[2:]) != tuple(y.shape[1:]):
+        hint = ""
+        if out.dim() == 3 and y.dim() == 2 and tuple(out.shape[:2]) == tuple(y.shape):
+            from gradlab.store import option
+
+            hint = f"; for a language model's (B, T, V) logits use {option('loss', 'lm')}"
         raise UsageError(f"the cross-entropy loss needs logits (B, C, …) matching targets (B, …), got logits "
-                         f"{tuple(out.shape)} and targets {tuple(y.shape)}")
+                         f"{tuple(out.shape)} and targets {tuple(y.shape)}" + hint)
     n_out = out.shape[1]
     if _concrete() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
         raise UsageError(f"labels range over {int(y.min())}..{int(y.max())} but the model gives {n_out} logits; "
@@ -224,6 +230,163 @@ def source_sha256(obj: Any) -> str | None:
         return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
     except (OSError, TypeError):
         return None
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global names a code object (and the functions, lambdas and comprehensions nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _own_codes(obj: Any) -> list[types.CodeType]:
+    if inspect.isfunction(obj):
+        return [obj.__code__]
+    codes = []
+    for value in vars(obj).values():  # a class: its methods, static and class methods, properties
+        for fn in (getattr(value, "__func__", value), *(getattr(value, a, None) for a in ("fget", "fset"))):
+            if inspect.isfunction(fn):
+                codes.append(fn.__code__)
+    return codes
+
+
+_CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None))
+
+
+def code_sha256(obj: Any) -> str | None:
+    """SHA-256 of the code behind a user function or class: its source, and (transitively) the source of every
+    function and class of its own module that it names, and the values of the plain constants (numbers, strings,
+    tuples of them) and the qualified names of the functions, classes and modules of other modules it names -- so
+    ``def cls(): return _xy()`` changes its digest when ``_xy``'s body or defaults change, and ``ACT()`` when
+    ``ACT = nn.Tanh`` becomes ``nn.ReLU``.  None when there is no source (built-ins, code typed into a REPL)."""
+    obj = inspect.unwrap(obj) if callable(obj) else obj
+    module = getattr(obj, "__module__", None)
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    found = False
+
+    def visit(o: Any) -> None:
+        nonlocal found
+        if id(o) in seen:
+            return
+        seen.add(id(o))
+        try:
+            src = inspect.getsource(o)
+        except (OSError, TypeError):
+            return
+        found = True
+        h.update(src.encode())
+        h.update(b"\0")
+        if inspect.isfunction(o):  # default values, evaluated when the module ran (seed=SEED)
+            defaults = (*(o.__defaults__ or ()), *sorted((o.__kwdefaults__ or {}).items()))
+            h.update(repr([d if isinstance(d, _CONSTANT_TYPES + (tuple,)) else type(d).__name__
+                           for d in defaults]).encode())
+        glob = getattr(o, "__globals__", None)
+        if glob is None:
+            mod = inspect.getmodule(o)
+            glob = vars(mod) if mod is not None else {}
+        names: set[str] = set()
+        for code in _own_codes(o):
+            names |= _code_names(code)
+        if inspect.isclass(o):
+            names |= {b.__name__ for b in o.__bases__}
+        for name in sorted(names):
+            value = glob.get(name)
+            if (inspect.isfunction(value) or inspect.isclass(value)) and getattr(value, "__module__", None) == module:
+                visit(value)
+            elif inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value):
+                h.update(f"{name}={getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value.__name__)}"
+                         "\0".encode())  # what the name refers to elsewhere (ACT = nn.Tanh)
+            elif isinstance(value, _CONSTANT_TYPES) or (isinstance(value, tuple) and all(
+                    isinstance(v, _CONSTANT_TYPES) for v in value)):
+                h.update(f"{name}={value!r}\0".encode())
+
+    visit(obj)
+    return h.hexdigest() if found else None
+
+
+def data_sha256(*batches: Any) -> str:
+    """SHA-256 of the contents of batches (pytrees of tensors): every tensor leaf's dtype, shape and bytes, and the
+    tree structure; cheap next to loading in-memory data (about 1 GB/s).  Equal digests mean equal data."""
+    h = hashlib.sha256()
+    for batch in batches:
+        leaves, spec = tree_flatten(batch)
+        h.update(str(spec).encode())
+        for leaf in leaves:
+            if isinstance(leaf, Tensor):
+                t = leaf.detach()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                if t.numel():
+                    h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                h.update(repr(leaf).encode())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def model_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's architecture (not its weights, which come from checkpoint files): its ``repr``, which
+    parameters are trainable (``requires_grad``), and the code of every module class not from torch
+    (:func:`code_sha256`), whose ``forward`` the ``repr`` does not show."""
+    h = hashlib.sha256(repr(model).encode())
+    h.update(repr([(n, p.requires_grad) for n, p in model.named_parameters()]).encode())
+    classes = {type(m) for m in model.modules()}
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        if not cls.__module__.startswith("torch."):
+            h.update(f"{cls.__module__}.{cls.__qualname__}:{code_sha256(cls)}".encode())
+    return h.hexdigest()
+
+
+def batch_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The batch-norm modules of a model (torch's, and gradlab's ghost batch norm)."""
+    from gradlab.models.norm import GhostBatchNorm
+
+    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, GhostBatchNorm))]
+
+
+def single_example_batch_norm(model: nn.Module, loss: PerExampleLoss, data: Any, sizes: Sequence[int], *,
+                              dtype: torch.dtype | None = None) -> list[int]:
+    """The batch sizes among ``sizes`` at which ``model``'s train-mode batch norm fails because one of its batches
+    holds a single value per channel (``BatchNorm1d`` on (B, C) features normalising one example; a ghost batch
+    norm's last virtual batch of one example): each such size is tried on the first examples of ``data`` on a
+    copy of the model in train mode.  [] when the model has no batch norm."""
+    import copy
+
+    norms = batch_norm_modules(model)
+    if not norms:
+        return []
+    ghosts = [int(m.ghost_batch_size) for m in norms if hasattr(m, "ghost_batch_size")]
+    batch = getattr(data, "batch", data)
+    total = batch_len(batch)
+    suspects = sorted({int(s) for s in sizes if 1 <= s <= total
+                       and (s == 1 or any(s > g and s % g == 1 for g in ghosts))})
+    if not suspects:
+        return []
+    net = copy.deepcopy(model).train()
+    if dtype is not None:
+        net = net.to(dtype=dtype)
+    failing = []
+    for s in suspects:
+        first = to_run(index_batch(batch, slice(0, s)), dtype=dtype)
+        try:
+            with torch.no_grad():
+                loss(net, first)
+        except ValueError as exc:
+            if "more than 1 value per channel" in str(exc):
+                failing.append(s)
+        except Exception:  # noqa: BLE001 -- any other failure is the task check's to report
+            pass
+    return failing
+
+
+def numpy_data_error(what: str = "data", fix: str | None = None) -> UsageError:
+    """The one message for NumPy arrays where torch tensors are expected (gradlab converts nothing behind the
+    user's back)."""
+    fix = fix or ("pass torch tensors, e.g. data=(torch.from_numpy(x), torch.from_numpy(y)) (keeping their dtypes: "
+                  "float32 inputs and int64 labels for a classifier)")
+    return UsageError(f"{what} holds NumPy arrays; {fix}")
 
 
 def check_loss_output(out: Any, n: int, *, name: str = "loss", need_grad: bool = True, finite: bool = True,

@@ -9,7 +9,8 @@ parameter tensor and per group (all / weights / biases) in one zarr store ``<out
 Determinism: run r with seed s initialises its model from ``SeedSequence([s, 0])`` -- every run of a seed starts
 from the same θ₀ whatever its batch size or lr -- and shuffles with ``SeedSequence([s, 1, m])``.  The global RNG
 is forked, never changed, so results on CPU depend only on the config.  The last, smaller minibatch of an epoch
-is kept (every example is seen once per epoch).
+is kept (every example is seen once per epoch), except a last batch that a model's train-mode batch norm cannot
+normalise (a single example): it is left out, like ``drop_last``, and the grid says so once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from gradlab.errors import UsageError
 from gradlab.factory import is_factory_spec
 from gradlab.lr_rules import LRRule
 from gradlab.models import build_model
-from gradlab.task import check_task, loss_name, resolve_loss
+from gradlab.task import check_task, loss_name, resolve_loss, single_example_batch_norm
 
 log = logging.getLogger(__name__)
 make_callable(__name__, "train")  # gradlab.train(...) is the Python API (gradlab.api.train)
@@ -158,7 +159,8 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
     if problem:
         raise UsageError(problem)
     model = init_model(cfg, data, 0)
-    check_task(model, resolve_loss(cfg.loss or data.loss), data.train, name=loss_name(cfg.loss or data.loss))
+    loss_fn = resolve_loss(cfg.loss or data.loss)
+    check_task(model, loss_fn, data.train, name=loss_name(cfg.loss or data.loss))
     n = len(data.train)
     if not cfg.batch_sizes or not cfg.lrs or not cfg.seeds or not cfg.optimizers:
         raise UsageError("the grid is empty: give at least one batch size, learning rate, seed and optimizer")
@@ -204,7 +206,36 @@ def validate(cfg: TrainConfig, data: DataBundle) -> nn.Module:
         raise UsageError("--checkpoint-format must be 'pt' or 'safetensors'")
     for spec in expand_grid(cfg):
         rule_for(cfg, spec)  # raises UsageError on a bad rule
+    single = single_example_batch_norm(model, loss_fn, data.train, cfg.batch_sizes)
+    if single:
+        from gradlab.store import option
+
+        raise UsageError(f"batch norm in train mode needs at least 2 examples per batch: batch size {single[0]} in "
+                         f"{option('batch_sizes')} gives it one value per channel; drop it (or build the model "
+                         "without batch norm)")
     return model
+
+
+def warn_dropped_last_batches(cfg: TrainConfig, data: DataBundle, model: nn.Module) -> None:
+    """Say once that a grid leaves out epochs' last single-example batches (:func:`dropped_last_batches`)."""
+    dropped = dropped_last_batches(cfg, data, model)
+    if dropped:
+        log.warning("the model's train-mode batch norm cannot normalise a batch of one example: an epoch of %d "
+                    "examples at batch size %s would end on one, so that last example of each epoch's shuffle is "
+                    "left out (like drop_last) for %s", len(data.train), ", ".join(map(str, dropped)),
+                    "that batch size" if len(dropped) == 1 else "those batch sizes")
+
+
+def dropped_last_batches(cfg: TrainConfig, data: DataBundle, model: nn.Module) -> tuple[int, ...]:
+    """The batch sizes whose epochs end on a final batch that the model's train-mode batch norm cannot take (one
+    example: one value per channel; a ghost batch norm's last virtual batch of one): that batch is left out."""
+    n = len(data.train)
+    rests = {m: n % m for m in cfg.batch_sizes if n % m}
+    if not rests:
+        return ()
+    failing = set(single_example_batch_norm(model, resolve_loss(cfg.loss or data.loss), data.train,
+                                            sorted(set(rests.values()))))
+    return tuple(sorted(m for m, r in rests.items() if r in failing))
 
 
 def checkpoint_epochs(cfg: TrainConfig) -> tuple[int, ...]:
@@ -272,7 +303,7 @@ def train_grid(cfg: TrainConfig, out: str | Path, *, resume: bool = False, show_
     out = Path(out)
     check_types(dict(cfg.__dict__), "config")
     data = load_train_data(cfg)
-    validate(cfg, data)
+    warn_dropped_last_batches(cfg, data, validate(cfg, data))
     store = out / "train.zarr"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder (new or empty) for the runs")

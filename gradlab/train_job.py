@@ -41,12 +41,25 @@ class TrainJob(Job):
 
         return load_train_data(self.cfg)
 
+    def fingerprints(self) -> dict[str, str]:
+        """The data's tensors (train and test splits, in the run dtype) and the model of seed 0."""
+        from gradlab.task import data_sha256, model_sha256
+        from gradlab.train import init_model
+
+        data = self.state()
+        splits = [data.train.batch] + ([data.test.batch] if data.test is not None else [])
+        return {"data_content": data_sha256(*splits), "model_architecture": model_sha256(init_model(self.cfg, data, 0))}
+
     def template(self) -> Template:
         from gradlab.train import validate
         from gradlab.train_loop import layer_kinds
 
+        from gradlab.train import dropped_last_batches
+
         cfg, data = self.cfg, self.state()
-        names, kinds = layer_kinds(validate(cfg, data))
+        model = validate(cfg, data)
+        names, kinds = layer_kinds(model)
+        dropped = dropped_last_batches(cfg, data, model)
         specs = expand_grid(cfg)
         loss = loss_name(cfg.loss or data.loss)
         return Template(
@@ -66,7 +79,9 @@ class TrainJob(Job):
             variables=train_variables(loss), unit_dims=("run",), chunks={"run": 1},
             attrs={"dataset": data.name, "model": cfg.model, "lr_scaling": cfg.lr_scaling, "loss": loss,
                    "task": task_record(data=cfg.data, loss=loss, model=cfg.model, collate=cfg.collate),
-                   "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train)})
+                   "checkpoint_epochs": list(checkpoint_epochs(cfg)), "n_train": len(data.train),
+                   # batch sizes whose epochs leave out a last single-example batch (train-mode batch norm)
+                   **({"dropped_last_batch": list(dropped)} if dropped else {})})
 
     def units(self) -> Sequence[Unit]:
         return [Unit({"run": s.index}, s.name, work=self.cfg.epochs) for s in expand_grid(self.cfg)]

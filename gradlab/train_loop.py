@@ -5,7 +5,8 @@ probe stores use too), and checkpoints at init and at the checkpoint epochs.
 
 Determinism: run r with seed s initialises its model from ``SeedSequence([s, 0])`` and shuffles with
 ``SeedSequence([s, 1, m])``; the global RNG is forked, never changed.  The last, smaller minibatch of an epoch is
-kept (every example is seen once per epoch).
+kept (every example is seen once per epoch), unless the model's train-mode batch norm cannot normalise it (a single
+example): then it is left out, like ``drop_last`` (:func:`gradlab.train.dropped_last_batches`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from gradlab.curvature.evaluate import evaluate
 from gradlab.datasets import DataBundle, Split
 from gradlab.schema import GROUPS
 from gradlab.task import resolve_loss, to_run
-from gradlab.train import (RunSpec, TrainConfig, _torch_seed, checkpoint_epochs, init_model, recipe_for,
-                           rule_for)
+from gradlab.train import (RunSpec, TrainConfig, _torch_seed, checkpoint_epochs, dropped_last_batches, init_model,
+                           recipe_for, rule_for)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
                                        "lr": spec.lr, "optimizer": spec.optimizer})
     gen = torch.Generator().manual_seed(_torch_seed(spec.seed, 1, spec.batch_size))
     n, m, epochs = len(data.train), spec.batch_size, cfg.epochs
-    steps_per_epoch = math.ceil(n / m)
+    # a final batch the model's train-mode batch norm cannot normalise (one example) is left out, like drop_last
+    used = n - n % m if m in dropped_last_batches(cfg, data, model) else n
+    steps_per_epoch = math.ceil(used / m)
     n_layers = len(init)
     out = {k: np.full(epochs + 1, np.nan) for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr_used")}
     out["dist_init_layer"] = np.full((epochs + 1, n_layers), np.nan)
@@ -121,7 +124,7 @@ def train_run(cfg: TrainConfig, data: DataBundle, spec: RunSpec, run_dir: Path,
         for epoch in range(1, epochs + 1):
             perm = torch.randperm(n, generator=gen)
             finite = True
-            for start in range(0, n, m):
+            for start in range(0, used, m):
                 idx = perm[start:start + m]
                 lr = rule.lr_at(step, steps_per_epoch)
                 for group in opt.param_groups:

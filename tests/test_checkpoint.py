@@ -144,3 +144,16 @@ def test_a_factory_recipe_with_another_model_passed_uses_the_one_passed(tmp_path
     assert not marker.exists()
     with pytest.raises(UsageError, match="never imports code named in a checkpoint"):
         build_model_from(load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_a_pickled_whole_model_gets_gradlabs_fix_not_torchs_advice(tmp_path, tiny_mlp):
+    """torch's refusal text carries ANSI escapes and the advice to unpickle with weights_only=False (which would run
+    the file's code): the one line says what the file holds and gradlab's fix instead."""
+    path = tmp_path / "whole.pt"
+    torch.save(tiny_mlp, path)
+    with pytest.raises(UsageError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "a whole pickled model (gradlab.models.mlp.MLP), not its weights" in msg
+    assert "torch.save(model.state_dict(), path)" in msg
+    assert "\x1b" not in msg and "weights_only=False" not in msg and "\n" not in msg

@@ -144,3 +144,91 @@ def test_killed_grid_resumes_to_identical_results(tmp_path):
     a, b = (open_store(tmp_path / n / "train.zarr") for n in ("clean", "crash"))
     for name in ("train_loss", "test_acc", "dist_init_layer", "dist_origin"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+# ---- train-mode batch norm and a batch of one example; a user forward that raises --------------------------------
+
+BN = ["--model", "mlp", "--model-kwargs", '{"widths": [16], "batch_norm": true}', "--data", "digits", "--no-progress",
+      "--monitor-every", "0", "--epochs", "1", "--checkpoint-epochs", "1", "--lr", "0.05"]
+
+
+@pytest.mark.parametrize(("extra", "size"), [(["--batch-sizes", "1,32"], 1),
+                                             (["--batch-sizes", "33", "--ghost-batch-size", "32"], 33)])
+def test_batch_norm_with_a_batch_of_one_is_refused_in_one_line(tmp_path, capsys, extra, size):
+    out = tmp_path / "r"
+    assert main(["train", *BN, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("gradlab: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "batch norm in train mode needs at least 2 examples per batch" in lines[0]
+    assert f"batch size {size} in --batch-sizes" in lines[0]
+    assert not out.exists()
+
+
+def test_a_last_batch_of_one_example_is_left_out_for_batch_norm_and_said_once(tmp_path, caplog):
+    """1438 digits at batch size 479: three full batches and one example, which batch norm cannot normalise: that
+    example of each epoch's shuffle is left out (drop_last), the rest is the same training as ever."""
+    from gradlab.datasets import load_data
+    from gradlab.probe.step import minibatch_loss
+    from gradlab.task import cross_entropy
+    from gradlab.train import TrainConfig, _torch_seed, init_model
+
+    out = tmp_path / "r"
+    assert main(["train", *BN, "--out", str(out), "--batch-sizes", "479"]) == 0
+    said = [r.getMessage() for r in caplog.records if "left out (like drop_last)" in r.getMessage()]
+    assert len(said) == 1 and "batch size 479" in said[0]
+    ds = open_store(out / "train.zarr")
+    assert ds.attrs["dropped_last_batch"] == [479] and np.isfinite(ds.train_loss.values).all()
+    run = out / "runs" / ds.run.values[0]
+    ck = load_checkpoint(run / "epoch001.pt")
+    assert ck.meta["step"] == 3
+
+    cfg = TrainConfig(model="mlp", model_kwargs={"widths": [16], "batch_norm": True}, data="digits",
+                      batch_sizes=(479,), lrs=(0.05,), epochs=1, monitor_every=0)
+    data = load_data("digits")
+    net = init_model(cfg, data, 0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    perm = torch.randperm(1438, generator=torch.Generator().manual_seed(_torch_seed(0, 1, 479)))
+    net.train()
+    for k in range(3):
+        opt.zero_grad(set_to_none=True)
+        minibatch_loss(net, data.train[perm[k * 479:(k + 1) * 479]], cross_entropy, "mean").backward()
+        opt.step()
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, ck.state_dict[name]), name
+
+
+def test_a_user_forward_raising_during_training_is_one_line(tmp_path, monkeypatch, capsys):
+    import textwrap
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pickymod.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Picky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Linear(4, 3)
+            def forward(self, x):
+                if x.shape[0] == 5:
+                    raise RuntimeError("picky forward refuses batches of five")
+                return self.net(x)
+
+        def picky():
+            return Picky()
+
+        def data():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(20, 4, generator=g)
+            return x, x[:, :3].argmax(1)
+    '''))
+    sys.modules.pop("pickymod", None)
+    out = tmp_path / "r"
+    assert main(["train", "--model", "pickymod:picky", "--data", "pickymod:data", "--batch-sizes", "5", "--epochs",
+                 "1", "--monitor-every", "0", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("gradlab: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "RuntimeError: picky forward refuses batches of five" in lines[0] and "pickymod.py" in lines[0]
+    assert not (out / "train.zarr").exists()

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("step", "frozen"), default="step",
                         help="step: N/m SGD steps per trial; frozen: minibatch gradients at fixed θ (default step)")
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean", help="minibatch loss reduction")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the step protocol (default 0.01)")
+    parser.add_argument("--lr", type=float, default=0.01,
+                        help="SGD learning rate of the step protocol, >= 0 (default 0.01)")
     parser.add_argument("--params", default=".", metavar="REGEX",
                         help="regex searched in parameter names: the tensors whose gradients are measured "
                         "(default: all)")
@@ -42,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="common (default): trial t uses the same examples at every checkpoint, so early vs late "
                              "is a paired comparison; independent: each checkpoint draws its own")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                        help="compute dtype (default: the widest floating dtype of the model and the data, so a "
+                             "float32 model on float32 data runs in float32; any cast is said on stderr)")
     parser.add_argument("--replacement", action="store_true", help="draw each trial's examples with replacement")
     parser.add_argument("--trials-per-unit", type=int, metavar="T",
                         help="trials per unit of work and per store chunk (default: 8, fewer for huge vectors)")

@@ -245,8 +245,11 @@ def prepare(config: SharpnessConfig) -> _Prepared:
     n_sample = len(sample_index)
     bad = [m for m in config.minibatch_sizes if m > n_sample]
     if bad:
+        if config.samples is None:
+            raise UsageError(f"--minibatch-sizes {bad} exceed the {n_sample} training examples of {config.data} "
+                             "(--full uses them all); lower them")
         raise UsageError(f"--minibatch-sizes {bad} exceed the sample of {n_sample} examples; lower them or raise "
-                         "--samples")
+                         f"--samples (at most {n_train}, or --full)")
     models, labels, metas, n_params, seen = [], [], [], [], set()
     for path in config.checkpoints:
         ckpt = load_checkpoint(path)
@@ -255,6 +258,8 @@ def prepare(config: SharpnessConfig) -> _Prepared:
                                input_shape=data.input_shape, n_classes=data.n_classes)
         if not models:
             check_task(net, objective_loss(config.loss), data.train, name=config.loss, dtype=DTYPES[config.dtype])
+            if config.bn_mode == "train":
+                _check_bn_batches(config, net, data, n_sample)
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
         if config.top_k > n:
             raise UsageError(f"--top-k {config.top_k} exceeds the {n} parameters of {path}")
@@ -282,6 +287,38 @@ def prepare(config: SharpnessConfig) -> _Prepared:
         except UsageError as exc:
             raise type(exc)(f"{config.checkpoints[c]}: {exc}") from None
     return prep
+
+
+def _check_bn_batches(config: SharpnessConfig, net: torch.nn.Module, data: Any, n_sample: int) -> None:
+    """Refuse ``--bn-mode train`` when a batch-norm batch would hold a single example (one value per channel):
+    batch norm then normalises each ``--chunk-size`` chunk of the sample, and of each mini-batch, on its own."""
+    from gradlab.task import single_example_batch_norm
+
+    chunk = config.chunk_size
+
+    def pieces(n: int) -> set[int]:
+        return {min(n, chunk)} | ({n % chunk} if n > chunk and n % chunk else set())
+
+    sample, minis = pieces(n_sample), {m: pieces(m) for m in config.minibatch_sizes}
+    sizes = sample.union(*minis.values())
+    failing = set(single_example_batch_norm(net, objective_loss(config.loss), data.train, sorted(sizes),
+                                            dtype=DTYPES[config.dtype]))
+    if not failing:
+        return
+    from gradlab.store import option
+
+    why = (f"{option('bn_mode', 'train')} normalises each batch with its own statistics, which needs at least 2 "
+           "examples per batch-norm batch")
+    fix = f"or use {option('bn_mode', 'eval')} (running statistics)"
+    bad = [m for m, ps in minis.items() if ps & failing]
+    if bad:
+        m = bad[0]
+        where = (f"batch size {m} in {option('minibatch_sizes')}" if m <= chunk else
+                 f"batch size {m} in {option('minibatch_sizes')} leaves a last {option('chunk_size')} {chunk} chunk "
+                 "of one example")
+        raise UsageError(f"{why}: {where}; drop it, {fix}")
+    raise UsageError(f"{why}: the sample of {n_sample} examples in {option('chunk_size')} {chunk} chunks leaves a "
+                     f"last chunk of one example; change {option('samples')} or {option('chunk_size')}, {fix}")
 
 
 def _objective(config: SharpnessConfig, prep: _Prepared, net: torch.nn.Module, index: np.ndarray) -> SampleObjective:

@@ -31,6 +31,14 @@ class SharpnessJob(Job):
     def input_files(self) -> Sequence[str]:
         return [*self.config.checkpoints, *(self.config.interpolate or ())]
 
+    def fingerprints(self) -> dict[str, str]:
+        """The data's tensors (train and test splits: the sample and the evaluations) and the first model."""
+        from gradlab.task import data_sha256, model_sha256
+
+        prep = self.state()
+        splits = [prep.data.train.batch] + ([prep.data.test.batch] if prep.data.test is not None else [])
+        return {"data_content": data_sha256(*splits), "model_architecture": model_sha256(prep.models[0])}
+
     def template(self) -> Template:
         t = _template(self.config, self.state())
         return Template(sizes=t["sizes"], coords=t["coords"], variables=t["variables"], unit_dims=("checkpoint",),

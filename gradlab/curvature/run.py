@@ -19,6 +19,7 @@ from gradlab.curvature.config import (  # noqa: F401 - the public names of gradl
 from gradlab.curvature.job import SharpnessJob, resolved
 from gradlab.curvature.layout import _template, alphas_for, config_dict  # noqa: F401
 from gradlab.runner import store_exists_error
+from gradlab.store import is_empty_folder
 
 
 def run_sharpness(
@@ -36,7 +37,7 @@ def run_sharpness(
     from gradlab.runner import run_job
 
     out = Path(out)
-    if out.exists() and not resume:
+    if out.exists() and not resume and not is_empty_folder(out):
         raise store_exists_error(out)
     prep = prepare(config)
     job = SharpnessJob(resolved(config, prep))

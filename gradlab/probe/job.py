@@ -40,6 +40,14 @@ class ProbeJob(Job):
     def template(self) -> Template:
         return probe_template(self.config)
 
+    def fingerprints(self) -> dict[str, str]:
+        """The training split's tensors (the pool every trial draws from) and the first checkpoint's model."""
+        from gradlab.probe.units import checkpoint_model
+        from gradlab.task import data_sha256, model_sha256
+
+        return {"data_content": self.config.data_sha256 or data_sha256(self.state()),
+                "model_architecture": model_sha256(checkpoint_model(self.config, 0))}
+
     def units(self) -> Sequence[Unit]:
         n_m = len(self.config.batch_sizes)
         return [Unit({"checkpoint": c, "trial": slice(t0, t1)}, f"{self.config.checkpoints[c].label}[{t0}:{t1}]",
@@ -49,7 +57,11 @@ class ProbeJob(Job):
     def prepare(self) -> Any:
         from gradlab.probe.units import pool
 
-        return pool(self.config.data, self.config.device, self.config.collate)
+        return pool(self.config.data, self.config.device, self.config.collate, self.config.data_sha256)
+
+    def state_key(self) -> str:
+        # the data's digest too: a process never reuses a pool of data that changed since (a notebook rerun)
+        return f"{super().state_key()}:{self.config.data_sha256}"
 
     def compute(self, state: Any, unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
         c, trials = int(unit.region["checkpoint"]), unit.region["trial"]

@@ -19,6 +19,9 @@ def store_variables(config: ProbeConfig) -> list[VarSpec]:
     frozen protocol's standard errors of the moment estimates."""
     out = [v for v in probe_variables(config.protocol, config.keep == "vectors")
            if config.keep != "norms" or v.name != "entry_hist"]
+    # S is stored in the run dtype: a float64 run keeps its float64 vectors (the schema's float32 is for float32 runs)
+    out = [VarSpec(v.name, v.dims, config.dtype, v.long_name, v.units, v.fill, v.attrs)
+           if v.name == "grad_sum" and v.dtype != config.dtype else v for v in out]
     if config.keep == "vectors":
         layout, offset = [], 0
         for n, s in zip(config.layers, config.layer_sizes):
@@ -97,6 +100,7 @@ def probe_template(config: ProbeConfig) -> Template:
         "keep": config.keep, "params": config.params, "selected": list(config.selected), "data": config.data,
         "dtype": config.dtype, "device": config.device, "trials_per_unit": config.trials_per_unit,
         "model_mode": config.model_mode, "loss": config.loss,
+        "frozen": list(config.frozen), "dtype_cast": config.dtype_cast,
         "task": task_record(data=config.data, loss=config.loss, model=config.model, collate=config.collate),
         "seed_derivation": seed_derivation(config.draws), "draws": config.draws,
         "versions": json.dumps(package_versions()),

@@ -30,6 +30,7 @@ from gradlab.probe.config import (  # noqa: F401 - the public names of gradlab.p
 from gradlab.probe.job import ProbeJob, compute_trials, finalize  # noqa: F401
 from gradlab.probe.layout import store_nbytes, store_sizes, store_variables  # noqa: F401
 from gradlab.runner import store_exists_error, torch_threads
+from gradlab.store import is_empty_folder
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def plan_probe(config: ProbeConfig, out: str | os.PathLike, *, resume: bool = Fa
 
         done = np.asarray(zarr.open_group(path, mode="r")["done"][...])
         todo = [u for u in units if not bool(done[u[0], u[1]])]
-    elif path.exists():
+    elif path.exists() and not is_empty_folder(path):
         raise store_exists_error(path)
     n_cal = 1
     if config.protocol == "step":

@@ -19,12 +19,20 @@ from gradlab.schema import GROUPS
 
 
 @functools.lru_cache(maxsize=2)
-def pool(data: str, device: str, collate: str | None = None) -> Any:
-    """The training split as one batch pytree on ``device`` (dtypes as the data gives them)."""
-    from gradlab.datasets import load_data
-    from gradlab.task import to_run
+def pool(data: str, device: str, collate: str | None = None, sha256: str = "") -> Any:
+    """The training split as one batch pytree on ``device`` (dtypes as the data gives them).
 
-    return to_run(load_data(data, collate=collate).train.batch, device=device)
+    ``sha256``: the digest of its tensors when the config was resolved (:func:`gradlab.task.data_sha256`): part of
+    the cache key, so a process never reuses a pool whose source changed since, and checked on loading (data that
+    changed between the check and the run is refused)."""
+    from gradlab.datasets import load_data
+    from gradlab.task import data_sha256, to_run
+
+    batch = load_data(data, collate=collate).train.batch
+    if sha256 and data_sha256(batch) != sha256:
+        raise UsageError(f"the data {data!r} changed since this run checked it (the SHA-256 of its tensors "
+                         "differs); make its factory return the same data every time (seeded), then rerun")
+    return to_run(batch, device=device)
 
 
 @functools.lru_cache(maxsize=4)

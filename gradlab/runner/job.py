@@ -72,6 +72,13 @@ class Job:
         """Files the results depend on: their SHA-256 is recorded when the store is made and checked on resume."""
         return ()
 
+    def fingerprints(self) -> Mapping[str, str]:
+        """SHA-256 digests of what the results depend on besides the config and the input files, keyed
+        ``"<part>_content"`` (the data's tensors) or ``"<part>_architecture"`` (the model built): recorded when the
+        store is made and compared on resume (a resume after one changed is refused).  The runner adds the code of
+        the user factories the config names (``"<part>_code"``) itself."""
+        return {}
+
     def template(self) -> Template:
         raise NotImplementedError
 

@@ -31,7 +31,8 @@ Model mode: the probe runs the model as SGD training does (train mode).  Batch-n
 minibatch with its own statistics; their running statistics are neither used nor updated (the loop and
 generic engines work on a copy passed through ``torch.func.replace_all_batch_norm_modules_``).  Models with
 active dropout are refused with :class:`~gradlab.errors.UsageError`: their randomness cannot be reproduced trial by
-trial.  Every parameter is stepped, whatever its ``requires_grad``.  The caller's model is never mutated.
+trial.  Parameters with ``requires_grad=False`` are held fixed, as training keeps them (no gradient, no step, not
+selectable; such models run on the loop or generic engine).  The caller's model is never mutated.
 
 Example (lr = 0: S is the sum of the minibatch gradients at θ, i.e. Σᵢ gᵢ / m for mean reduction)::
 
@@ -132,6 +133,10 @@ def step_trials(
                 and x[1].ndim == 1 and not x[1].is_floating_point():
             x, y = x  # classification (x, y): the chain engine applies
     inp = check_step_inputs(model, x, y, indices, batch_size, lr, reduction, selected, dtype)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if set(frozen) & set(inp.selected):
+        raise UsageError(f"selected parameters {[n for n in inp.selected if n in frozen]} are frozen "
+                         "(requires_grad=False) and have no gradient in training; select trainable ones")
     dev = torch.device(device)
     if trials_per_block is None:
         trials_per_block = DEFAULT_TRIALS_PER_BLOCK.get(dev.type, 2)
@@ -141,7 +146,7 @@ def step_trials(
         raise UsageError(f"trials_per_block must be a positive integer, got {trials_per_block!r}")
     if engine != "auto" and engine not in ENGINES:
         raise UsageError(f"engine must be 'auto', 'chain', 'loop' or 'generic', got {engine!r}")
-    fits_chain = chain.applies(model, x, y, loss)
+    fits_chain = chain.applies(model, x, y, loss) and not frozen
     if engine == "chain" and not fits_chain:
         raise UsageError(f"engine='chain' needs a chain of nn.Linear/nn.ReLU (gradlab MLP without batch norm) with "
                          f"the cross-entropy loss on (x, y); {type(model).__name__} is not one: use engine='auto'")
@@ -150,7 +155,8 @@ def step_trials(
     log.debug("step_trials: %s engine, %d trials, m=%d, blocks of %d", engine, inp.indices.shape[0], batch_size,
               trials_per_block)
 
-    theta = {n: p.detach().to(device=dev, dtype=dtype).clone() for n, p in model.named_parameters()}
+    theta = {n: p.detach().to(device=dev, dtype=dtype).clone() for n, p in model.named_parameters()
+             if p.requires_grad}  # frozen parameters stay as the engines' private model copies hold them
     eng = ENGINES[engine](EngineSetup(model, theta, inp, loss, dtype, dev, trials_per_block))
     # a fused update (chain) or an uncounted step (loop) can hide a non-finite gradient only if lr == 0; otherwise
     # θ_end turns non-finite and the block is rerun with exact counting (rare, so the common path skips the passes)

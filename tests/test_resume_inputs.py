@@ -39,6 +39,10 @@ MODULE = textwrap.dedent('''
         d = torch.load(DATA_FILE)
         return d["x"], d["y"]
 
+    def from_file_split():
+        d = torch.load(DATA_FILE)
+        return {"train": (d["x"][:48], d["y"][:48]), "test": (d["x"][48:], d["y"][48:])}
+
     def make():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 16), ACT(), nn.Linear(16, 3))
@@ -185,3 +189,24 @@ def test_a_notebook_rerun_after_the_data_changed_uses_the_new_data(user, tmp_pat
     assert not np.allclose(a.grad_sq_norm.values, b.grad_sq_norm.values)
     assert a.attrs["task_sha256"] != b.attrs["task_sha256"]
     assert not lock_path(tmp_path / "x.zarr").exists()
+
+
+def test_cbs_resume_after_the_data_file_changed_is_refused(user, tmp_path, capsys):
+    """cbs records the data's and the model's digests too; the resume runs in a new process (as after a kill)."""
+    out = tmp_path / "c.zarr"
+    argv = ["cbs", "--checkpoint", str(user["ckpt"]), "--model", "resmod:make", "--data", "resmod:from_file_split",
+            "--optimizer", "sgd", "--lr", "0.1", "--base-batch-size", "8", "--batch-sizes", "4,8", "--budget", "16",
+            "--seeds", "1", "--evals", "2", "--eval-examples", "16", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]),
+           "OMP_NUM_THREADS": "1"}
+
+    def resume() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gradlab", *argv, "--resume"], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert resume().returncode == 0  # unchanged: fine
+    write_data(user["data_file"], seed=5)
+    proc = resume()
+    assert proc.returncode == 2, proc.stderr
+    assert "the data 'resmod:from_file_split' changed since" in one_error(proc.stderr)

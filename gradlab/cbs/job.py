@@ -21,7 +21,6 @@ lock-step (:mod:`gradlab.cbs.engine`).  A branch is the progress unit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -173,6 +172,15 @@ class CbsJob(Job):
     def prepare(self) -> dict[str, Any]:
         return _prepare(self)
 
+    def fingerprints(self) -> dict[str, str]:
+        """The data's tensors (the training split the branches draw from, in the run dtype, and the held-out split)
+        and the first checkpoint's model: a resume after either changed is refused."""
+        from gradlab.task import data_sha256, model_sha256
+
+        state = self.state()
+        return {"data_content": data_sha256(state["train_batch"], state["eval_test_batch"]),
+                "model_architecture": model_sha256(state["models"][0])}
+
     def compute(self, state: dict[str, Any], unit: Unit, ctx: UnitContext) -> dict[str, np.ndarray]:
         import torch
 
@@ -250,8 +258,7 @@ def _x(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
 
 
-@functools.lru_cache(maxsize=2)
-def _bundle(data: str, collate: str | None) -> Any:
+def _bundle(data: str, collate: str | None) -> Any:  # not cached: a changed data file is read afresh
     from gradlab.datasets import load_data
 
     return load_data(data, collate=collate)

@@ -116,6 +116,12 @@ def _as_split(obj: Any, spec: str, collate: Callable[[list[Any]], Any] | None = 
             raise UsageError(f"data factory {spec!r}: reading item {i} of its Dataset failed "
                              f"({type(exc).__name__}: {exc}); fix the Dataset's __getitem__") from None
         split = Split(_collate_all(items, collate or default_collate, spec))
+    elif isinstance(obj, (tuple, list)) and any(type(t).__module__ == "numpy" for t in obj):
+        from gradlab.task import numpy_data_error
+
+        raise numpy_data_error(f"data factory {spec!r} returned {type(obj).__name__} that",
+                               "return torch tensors, e.g. (torch.from_numpy(x), torch.from_numpy(y)) (keeping their "
+                               "dtypes: float32 inputs and int64 labels for a classifier)")
     else:
         raise UsageError(
             f"data factory {spec!r} returned {type(obj).__name__}; expected (x, y) tensors, a torch Dataset, or a "

@@ -83,3 +83,9 @@ def make_low_loss_checkpoint(folder: Path) -> Path:
     meta = {"optimizer": "adam", "momentum": 0.0, "lr": 1e-2, "lr_applied": 1e-2, "batch_size": 64,
             "reduction": "mean", "dataset": "digits", "epoch": 27, "step": 600}
     return save_checkpoint(folder / "adam.pt", net, recipe, meta)
+
+
+def cbs_argv(ckpts: dict[str, Path], grid: list[str], out: Path, *extra: str) -> list[str]:
+    """``gradlab cbs`` on the early and late checkpoints of :func:`make_checkpoints` with a test module's grid."""
+    return ["cbs", "--checkpoint", f"early={ckpts['early']}", "--checkpoint", f"late={ckpts['late']}", *grid,
+            "--out", str(out), *extra]

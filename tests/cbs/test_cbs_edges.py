@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from cbs_cases import make_checkpoints, make_low_loss_checkpoint
+from cbs_cases import cbs_argv, make_checkpoints, make_low_loss_checkpoint
 from gradlab.cli import main
 
 GRID = ["--data", "digits", "--batch-sizes", "4,16,64", "--budget", "256", "--seeds", "2", "--evals", "4",
@@ -23,8 +23,7 @@ def ckpts(tmp_path_factory):
 
 
 def _cbs(ckpts, out, *extra):
-    return ["cbs", "--checkpoint", f"early={ckpts['early']}", "--checkpoint", f"late={ckpts['late']}", *GRID,
-            "--out", str(out), *extra]
+    return cbs_argv(ckpts, GRID, out, *extra)
 
 
 @pytest.fixture(scope="module")

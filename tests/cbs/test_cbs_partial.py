@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cbs_cases import make_checkpoints
+from cbs_cases import cbs_argv, make_checkpoints
 from gradlab.cli import main
 
 GRID = ["--data", "digits", "--batch-sizes", "4,16,64", "--budget", "256", "--seeds", "5", "--evals", "4",
@@ -24,8 +24,7 @@ def ckpts(tmp_path_factory):
 
 
 def _cbs(ckpts, out, *extra):
-    return ["cbs", "--checkpoint", f"early={ckpts['early']}", "--checkpoint", f"late={ckpts['late']}", *GRID,
-            "--out", str(out), *extra]
+    return cbs_argv(ckpts, GRID, out, *extra)
 
 
 @pytest.fixture(scope="module")

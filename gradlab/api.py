@@ -311,11 +311,17 @@ def train(
 
 
 @_api_style
-def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = True, **options: Any) -> dict[str, Any]:
-    """``gradlab analyze`` from Python; returns the summary (the content of ``summary.json``)."""
+def analyze(store: PathLike, *, out: PathLike | None = None, figures: bool = True, ref_batch_size: int | None = None,
+            n_boot: int = 999, seed: int = 0, noise_store: PathLike | None = None, epsilon: float | None = None,
+            target_loss: float | None = None, cbs_loss: str | None = None) -> dict[str, Any]:
+    """``gradlab analyze`` from Python; returns the summary (the content of ``summary.json``).  The options are
+    the command's flags: ``ref_batch_size`` for probe stores; ``noise_store``, ``epsilon``, ``target_loss`` and
+    ``cbs_loss`` (``"test_loss"`` or ``"train_loss"``) for cbs stores (refused for other stores)."""
     from gradlab.analysis.run import analyze_store
 
-    return analyze_store(store, out_dir=out, figures=figures, **options)
+    return analyze_store(store, out_dir=out, figures=figures, ref_batch_size=ref_batch_size, n_boot=n_boot, seed=seed,
+                         cbs_options={"noise_store": None if noise_store is None else str(noise_store),
+                                      "epsilon": epsilon, "target_loss": target_loss, "cbs_loss": cbs_loss})
 
 
 def cbs_job(checkpoints: Sequence[str] | Mapping[str, str] | str, *, data: Any, **options: Any) -> Any:

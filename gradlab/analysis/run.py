@@ -38,6 +38,7 @@ from gradlab.analysis.interval import Estimate
 from gradlab.analysis.persist import (ANALYSIS_GROUP, OUT_MARKER, claim_out_dir, default_out_dir,
                                      remove_old_staging, write_analysis_group, write_summary)
 from gradlab.errors import StoreError, UsageError
+from gradlab.store import option
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def analyze_store(
         remove_old_staging(path)  # left inside the store by a killed analyze of an older gradlab
     ds = open_store(path)
     kind = ds.attrs.get("gradlab_store")
+    cbs_options = _cbs_options(path, kind, cbs_options)
+    if ref_batch_size is not None and kind != "probe":
+        raise UsageError(f"{option('ref_batch_size')} applies to probe stores; {path} is a gradlab {kind!r} store: "
+                         f"drop {option('ref_batch_size')}")
     _check_options(ds, path, kind, ref_batch_size=ref_batch_size, cbs_options=cbs_options)
     made, marked = not out.exists(), not (out / OUT_MARKER).exists()
     claim_out_dir(out)
@@ -84,6 +89,25 @@ def analyze_store(
         elif marked:
             (out / OUT_MARKER).unlink(missing_ok=True)
         raise
+
+
+CBS_OPTIONS = {"epsilon": "epsilon", "target_loss": "target_loss", "noise_store": "noise_store",
+               "cbs_loss": "loss"}  # the option's name -> analyze_cbs's keyword
+
+
+def _cbs_options(path: Path, kind: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options given (not None) as :func:`gradlab.analysis.cbs.analyze_cbs`'s keywords; refused in one line
+    for a store that is not a cbs store (they would be ignored), and for a name that is no option."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(CBS_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} of gradlab analyze; the cbs options are "
+                         + ", ".join(option(k) for k in CBS_OPTIONS))
+    if given and kind != "cbs":
+        names = ", ".join(option(k) for k in given)
+        raise UsageError(f"{names} {'applies' if len(given) == 1 else 'apply'} to cbs stores (gradlab cbs); "
+                         f"{path} is a gradlab {kind!r} store: drop {names}")
+    return {CBS_OPTIONS[k]: v for k, v in given.items()}
 
 
 def _check_options(ds: Any, path: Path, kind: Any, *, ref_batch_size: int | None,

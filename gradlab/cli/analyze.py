@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cbs = parser.add_argument_group("cbs stores (critical batch size)")
     cbs.add_argument("--noise-store", metavar="STORE", help="frozen probe or monitor store at the same checkpoints: "
                      "reports B_crit / B_noise")
-    cbs.add_argument("--epsilon", type=float, default=0.05, help="relative loss tolerance of the branching "
+    cbs.add_argument("--epsilon", type=float, default=None, help="relative loss tolerance of the branching "
                      "estimator (default 0.05)")
     cbs.add_argument("--target-loss", type=float, help="target loss of the steps-examples fit (default: halfway "
                      "from the checkpoint's loss to the smallest batch size's after the budget)")
-    cbs.add_argument("--cbs-loss", choices=("test_loss", "train_loss"), default="test_loss",
+    cbs.add_argument("--cbs-loss", choices=("test_loss", "train_loss"), default=None,
                      help="the loss both estimators read (default test_loss, held-out)")
 
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     result = analyze_store(args.store, out_dir=args.out, ref_batch_size=args.ref_batch_size, n_boot=args.n_boot,
                            seed=args.seed, figures=not args.no_figures,
                            cbs_options={"epsilon": args.epsilon, "target_loss": args.target_loss,
-                                        "noise_store": args.noise_store, "loss": args.cbs_loss})
+                                        "noise_store": args.noise_store, "cbs_loss": args.cbs_loss})
     for note in result.get("notes", []):
         print(f"gradlab analyze: note: {note}", file=sys.stderr)
     if args.json:

@@ -11,6 +11,7 @@ import pytest
 
 from cbs_cases import cbs_argv, assert_same_store, make_checkpoints
 from gradlab.cli import main
+from gradlab.errors import UsageError
 
 GRID = ["--data", "digits", "--batch-sizes", "4,16,64", "--budget", "256", "--seeds", "5", "--evals", "8",
         "--eval-examples", "256", "--lr-factors", "1,2", "--no-progress"]
@@ -161,6 +162,19 @@ def test_analyze_reports_both_estimators_and_the_ratio_to_b_noise(ckpts, store, 
     captions = json.loads((rep / "captions.json").read_text())
     assert {"cbs_curves", "cbs_branching", "cbs_b_noise"} <= set(captions)
     assert (rep / "report.html").exists() and (rep / "cbs_branching.png").exists()
+    import gradlab
+
+    api = gradlab.analyze(store, out=tmp_path / "api", figures=False, n_boot=199, noise_store=frozen, epsilon=0.1)
+    assert api["checkpoints"] == s["checkpoints"] and api["b_noise"] == s["b_noise"]  # the flags, as keywords
+    capsys.readouterr()
+    assert main(["analyze", str(frozen), "--out", str(tmp_path / "no"), "--epsilon", "0.1"]) == 2  # not ignored
+    err = capsys.readouterr().err.strip()
+    assert "--epsilon applies to cbs stores" in err and "'probe' store" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(UsageError, match="noise_store=, cbs_loss= apply to cbs stores"):
+        gradlab.analyze(frozen, out=tmp_path / "no", noise_store=frozen, cbs_loss="train_loss")
+    with pytest.raises(UsageError, match="ref_batch_size= applies to probe stores"):
+        gradlab.analyze(store, out=tmp_path / "no", ref_batch_size=4)
 
 
 def test_b_noise_from_a_monitor_store_at_the_checkpoint_steps(tmp_path):

@@ -98,6 +98,10 @@ def refuse_managed(kwargs: Mapping[str, Any], callback: str, resumes: str) -> No
         raise UsageError(f"{callback} sets {given} itself (resume and start_step from the trainer's global_step "
                          f"when {resumes} resumes, the optimizer from the trainer); remove "
                          f"{'it' if len(given) == 1 else 'them'}")
+    if kwargs.get("estimator", "per-example") != "per-example":
+        raise UsageError(f"{callback} measures per-example gradients (it runs monitor.observe on each recorded "
+                         f"step's batch): estimator={kwargs['estimator']!r} needs the micro-batches of your own "
+                         "backward passes (NoiseMonitor with monitor.loss() in your loop); remove estimator=")
 
 
 def extra_loss_terms(params: dict[str, Tensor], sums: dict[str, Tensor]) -> list[str] | None:

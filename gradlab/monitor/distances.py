@@ -184,7 +184,8 @@ class Distances:
         out = []
         for j, p in enumerate(self.params):
             d = p.grad if kind == "grad" else state.get(p, {}).get("momentum_buffer")
-            if id(p) in lr and d is not None:  # SGD skips parameters without a gradient: they do not move
+            if id(p) in lr and d is not None and p.grad is not None:  # SGD skips parameters without a gradient:
+                # they do not move (a momentum buffer left by an earlier step is not this step's update)
                 out.append((j, d.detach(), lr[id(p)]))
         return out
 

@@ -53,12 +53,13 @@ from gradlab.monitor.checks import check_arguments, extra_loss_terms, extra_term
 from gradlab.monitor.distances import MODES, Distances
 from gradlab.monitor.estimators import EmaRatio
 from gradlab.monitor.norms import PerExampleNorms, fallback_sq_norms
+from gradlab.probe.distance import param_kind
 from gradlab.monitor.store import GROUPS, MonitorStore
 from gradlab.monitor.worker import Worker, input_marks, marks, spare_core, unchanged
 from gradlab.monitor.writer import Appender
 from gradlab.monitor.rows import StepCopy, chunk_rows
 from gradlab.monitor.state import initial_parameters, resume_store, store_attrs
-from gradlab.monitor.sums import Micro, Pending, step_sums
+from gradlab.monitor.sums import Micro, Pending, loss_sum, step_sums
 from gradlab.task import (Batch, PerExampleLoss, batch_len, check_loss_output, loss_name, resolve_loss,
                           source_sha256)
 
@@ -196,7 +197,7 @@ class NoiseMonitor:
         if not self.params:
             raise UsageError("the model has no trainable parameters to monitor")
         names = list(self.params)
-        kinds = ["bias" if n.endswith("bias") else "weight" for n in names]
+        kinds = [param_kind(n) for n in names]  # bias_ih_l0 of an LSTM is a bias too
         self.names = names
         self._group_masks = np.array([[True] * len(names), [k == "weight" for k in kinds],
                                       [k == "bias" for k in kinds]])
@@ -237,6 +238,8 @@ class NoiseMonitor:
             raise
         self._pending: Pending | None = None
         self._warned_no_loss = False
+        self._warned_unused = False  # a loss() call never backpropagated, said once
+        self._bn_checked = bool(interacting) or estimator != "per-example"
         self._warned_codes: set[int] = set()  # missing codes 3 and 4, said once each
         self._warned_replaced = False
         self._raised = False  # the loss raised, or the process/with block ends on an exception: no "never stepped"
@@ -293,30 +296,41 @@ class NoiseMonitor:
 
     # -- the user's calls -------------------------------------------------------------------------------------
     def loss(self, batch: Batch) -> Tensor:
-        """The reduced loss to backpropagate (mean or sum of ℓᵢ = fn(model, batch)), hooked for this step."""
+        """The reduced loss to backpropagate (mean or sum of ℓᵢ = fn(model, batch)), hooked for this step.
+
+        Only what is backpropagated counts: a call under ``torch.no_grad()`` (an evaluation) is not recorded, a
+        call whose loss never reaches a backward before the optimizer step (a logging call) is left out of the
+        step (noted), and several calls backpropagated together (two views' losses summed) are one step's."""
         self._check_open()
+        n = batch_len(batch)
+        if not torch.is_grad_enabled():  # evaluation (torch.no_grad, inference_mode): nothing counted or recorded
+            per = check_loss_output(self.loss_fn(self.model, batch), n, name=loss_name(self.loss_fn),
+                                    need_grad=False, finite=False)
+            return per.mean() if self.reduction == "mean" else per.sum()
         pending = self._start()
         if pending.grad_versions and self._grads_reset(pending):
             pending = self._drop_unstepped(pending)
-        n = batch_len(batch)
+        session = None
         if pending.record and self.hooks is not None:
-            self._collect(pending)
-            self.hooks.arm()
+            self._collect(pending, ready_only=True)  # the calls whose backward has run
+            if not self._bn_checked:
+                self._check_batch_norm()
+            session = self.hooks.arm()
         try:
             per = self._per_example(batch, n)
         except BaseException:
             self._raised = True  # close() then does not blame the optimizer for the steps never taken
             raise
-        pending.batch_size += n
         if pending.record and self.hooks is not None and not self._uses_checked:
             self._check_uses(per)
         if pending.record:  # a step that is not recorded costs no tensor operation here
-            pending.loss_sum = pending.loss_sum + per.detach().sum()
-            micro = Micro(n, batch)
+            micro = Micro(n, batch, loss=per.detach().sum(), calls=session)
+            if not pending.micros:
+                pending.marks, self._grad_marks = self._grad_marks, None
             pending.micros.append(micro)
-            if per.requires_grad:
-                marks, self._grad_marks = (self._grad_marks, None) if len(pending.micros) == 1 else (None, None)
-                per.register_hook(lambda g, m=micro, marks=marks: self._backward_starts(g, m, marks))
+            per.register_hook(lambda g, m=micro, p=pending: self._backward_starts(g, m, p))
+        else:
+            per.register_hook(lambda g, p=pending, n=n: self._count(p, n))
         return per.mean() if self.reduction == "mean" else per.sum()
 
     def observe(self, batch: Batch) -> None:
@@ -327,6 +341,7 @@ class NoiseMonitor:
         """
         self._check_open()
         if self.estimator != "per-example":
+            self._raised = True  # close() then does not blame the optimizer
             raise UsageError("observe() measures per-example gradients; use estimator='per-example' (the two-batch "
                              "estimator needs the micro-batches of your own backward passes: monitor.loss())")
         pending = self._start()
@@ -335,7 +350,7 @@ class NoiseMonitor:
         pending.observed = True
         if pending.record:  # steps that are not recorded cost nothing but the count of examples
             self._collect(pending)
-            self.hooks.arm()
+            session = self.hooks.arm()
             with torch.enable_grad():
                 try:
                     per = self._per_example(batch, n)
@@ -346,7 +361,7 @@ class NoiseMonitor:
                     self._check_uses(per)
                 params = list(self.params.values())
                 grads = torch.autograd.grad(per.sum(), params, allow_unused=True)
-            micro = Micro(n, batch, weights=[torch.ones_like(per.detach())])
+            micro = Micro(n, batch, weights=[torch.ones_like(per.detach())], loss=per.detach().sum(), calls=session)
             pending.micros.append(micro)
             self._collect(pending)
             for name, g in zip(self.params, grads):  # S₁ is of the step's summed gradient: every observed batch
@@ -355,7 +370,6 @@ class NoiseMonitor:
                     acc = g.detach() if acc is None else acc + g.detach()
                     pending.observed_grads[name] = acc
                     pending.grad_sq[name] = _sqnorm(acc)
-            pending.loss_sum = pending.loss_sum + per.detach().sum()
         if self.optimizer is None:
             self._finish()
 
@@ -509,26 +523,49 @@ class NoiseMonitor:
             self.store.add_note(note)
         return self._start()
 
-    def _backward_starts(self, g: Tensor, micro: Micro, marks: dict[str, tuple[Any, int]] | None) -> None:
-        """The hook on the per-example losses: their weights wᵢ, and, at the step's first backward, before it
-        accumulates anything, whether a ``.grad`` still holds the last step's (not zeroed since the optimizer
-        step: the same tensor, not modified since)."""
+    def _backward_starts(self, g: Tensor, micro: Micro, pending: Pending) -> None:
+        """The hook on the per-example losses: their weights wᵢ, the examples counted, and, at the step's first
+        backward, before it accumulates anything, whether a ``.grad`` still holds the last step's (not zeroed
+        since the optimizer step: the same tensor, not modified since)."""
+        if not micro.weights:
+            pending.batch_size += micro.n
         micro.weights.append(g.detach())
-        if marks and self._pending is not None:
-            self._pending.stale = self._unchanged_grads(marks)
+        if pending.marks is not None:
+            marks, pending.marks = pending.marks, None
+            pending.stale = self._unchanged_grads(marks)
+
+    @staticmethod
+    def _count(pending: Pending, n: int) -> None:
+        """The hook on the per-example losses of a step that is not recorded: its examples are counted."""
+        pending.batch_size += n
 
     def _mark_grads(self) -> None:
         """After a step, before a recorded one: which ``.grad`` tensors exist, at which version (weak references:
         a ``.grad`` set to None is freed as usual)."""
         self._grad_marks = {n: _grad_mark(p.grad) for n, p in self.params.items() if p.grad is not None} or None
 
+    def _check_batch_norm(self) -> None:
+        """Once, at the first recorded loss() call (the monitor may have been built while the model was in eval
+        mode): batch norm in training mode couples the examples of a batch, said and noted."""
+        self._bn_checked = True
+        interacting = [type(m).__name__ for m in self.model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if interacting:
+            note = (f"batch norm in training mode ({interacting[0]}) couples the examples of a batch: the "
+                    "per-example gradients are not those of independent examples")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
+
     def _check_uses(self, per: Tensor) -> None:
         """Once, at the first recorded step: parameters used outside their hooked module go to the fallback."""
         self._uses_checked = True
         moved = self.hooks.check_uses(per) if per.grad_fn is not None else []
+        moved = [n for n in moved if n in self.params and n not in self.fallback]
         if moved:
+            self.fallback.extend(moved)  # said here, not again as "called without the batch dimension"
             log.info("NoiseMonitor: %s used outside their module in the forward (e.g. tied weights): per-example "
                      "norms by torch.func", moved)
+            self.store.set_attrs({"fallback_params": self.fallback})
 
     def _check_sums(self, sums: dict[str, Tensor]) -> None:
         """Once (:func:`gradlab.monitor.checks.extra_loss_terms`): a loss with other terms estimates no step."""
@@ -547,10 +584,19 @@ class NoiseMonitor:
     def _check_replaced(self, step: int) -> None:
         """At the first recorded steps and every 64th: whether the model's trainable tensors are still the ones
         the monitor hooked (a layer replaced after the monitor was built is not measured): said once."""
-        now = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        every = dict(self.model.named_parameters())
+        now = {n: p for n, p in every.items() if p.requires_grad}
         if len(now) == len(self.params) and all(now.get(n) is p for n, p in self.params.items()):
             return
         self._warned_replaced = True
+        frozen = [n for n, p in self.params.items() if every.get(n) is p and not p.requires_grad]
+        if frozen and all(every.get(n) is p for n, p in self.params.items()) and set(now) <= set(self.params):
+            note = (f"step {step}: {frozen[:3]}{'…' if len(frozen) > 3 else ''} were frozen (requires_grad=False) "
+                    "after NoiseMonitor(...) was built: they get no gradient from here on and count as zero in "
+                    "every group (the groups' sums no longer cover the same tensors as before)")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
+            return
         new = [n for n, p in now.items() if self.params.get(n) is not p]
         gone = [n for n, p in self.params.items() if now.get(n) is not p]
         note = (f"step {step}: the model's parameters are not those the monitor was built with (a layer replaced "
@@ -570,24 +616,44 @@ class NoiseMonitor:
     def _make_micro_hook(self, name: str) -> Any:
         def hook(g: Tensor) -> None:
             pend = self._pending
-            if pend is not None and pend.record and pend.micros:
-                pend.micros[-1].norms[name] = _sqnorm(g.detach())
+            if pend is not None and pend.record and pend.micros:  # the last call whose backward began
+                target = next((m for m in reversed(pend.micros) if m.weights), pend.micros[-1])
+                target.norms[name] = _sqnorm(g.detach())
         return hook
 
-    def _collect(self, pending: Pending) -> None:
-        """Per-example norms of the last loss() call's backward (its hooks have fired by now)."""
-        if self.hooks is None or not pending.micros or pending.micros[-1].collected:
-            return
-        micro = pending.micros[-1]
+    def _collect(self, pending: Pending, ready_only: bool = False) -> None:
+        """Per-example norms of the loss() calls whose backward has run (their hooks have fired by now); unless
+        ``ready_only``, the calls whose loss was never backpropagated are dropped from the step (noted once)."""
+        for micro in [m for m in pending.micros if not m.collected]:
+            if micro.weights:
+                if self.hooks is not None:
+                    self._collect_micro(pending, micro)
+                micro.collected = True
+            elif not ready_only:
+                self._drop_micro(pending, micro)
+
+    def _drop_micro(self, pending: Pending, micro: Micro) -> None:
+        pending.micros = [m for m in pending.micros if m is not micro]
+        micro.calls = micro.batch = None
+        if not self._warned_unused:
+            self._warned_unused = True
+            note = (f"step {pending.step}: monitor.loss() was called on a batch of {micro.n} examples whose loss "
+                    "was not backpropagated before the step closed (a logging call, or an evaluation outside "
+                    "torch.no_grad()?): that batch is left out of the step; compute such losses under "
+                    "torch.no_grad() (not recorded) or without the monitor")
+            log.warning("NoiseMonitor: %s", note)
+            self.store.add_note(note)
+
+    def _collect_micro(self, pending: Pending, micro: Micro) -> None:
         micro.collected = True
         check = self._sums_check is None and len(pending.micros) == 1 and not pending.observed
         sums: dict[str, Tensor] | None = {} if check else None
         if self._background and not check:  # the arithmetic on the worker; what it reads is marked
-            plan = self.hooks.take(micro.n)
+            plan = self.hooks.take(micro.n, micro.calls)
             micro.marks = input_marks(c.inp for _, _, calls in plan for c in calls if isinstance(c.inp, Tensor))
             micro.job = self._worker.submit(self.hooks.compute, plan)
         else:
-            micro.norms = self.hooks.collect(micro.n, sums)
+            micro.norms = self.hooks.collect(micro.n, sums, micro.calls)
         if check:
             self._check_sums(sums or {})
         self.hooks.disarm()
@@ -615,7 +681,7 @@ class NoiseMonitor:
                         f"{str(exc).splitlines()[0][:200]}): excluded from every group")
                 log.warning("NoiseMonitor: %s", note)
                 self.store.add_note(note, excluded_params=self.excluded)
-        micro.batch = None
+        micro.batch = micro.calls = None
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._wait_work()  # the worker may read θ: it finishes before the update
@@ -678,8 +744,9 @@ class NoiseMonitor:
         if cap is not None:
             upd, dist = self._dist.measure(cap, keep)
             parts += [dist] + ([upd] if upd is not None else [])
-        loss_sum = pend.loss_sum if isinstance(pend.loss_sum, Tensor) else torch.tensor(float(pend.loss_sum))
-        parts.append(loss_sum.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
+        total = loss_sum(pend)
+        total = total if isinstance(total, Tensor) else torch.tensor(float(total))
+        parts.append(total.detach().to(device=s1.device, dtype=torch.float64).reshape(1))
         if mat is not None:  # the per-example rows' non-finite entries are counted on the host if they are few
             parts.append(mat.reshape(-1) if mat.numel() <= 4096 else
                          (~torch.isfinite(mat)).sum().to(torch.float64).reshape(1))
@@ -738,16 +805,18 @@ class NoiseMonitor:
                 "estimators do not model: the step is not estimated (missing = 3); weight every "
                 "example alike: backpropagate monitor.loss(mb) * len(mb) / batch_size for each micro-batch (or "
                 "reduction='sum' scaled by 1 / batch_size)" if missing == 3 else
-                "the two-batch estimator needs at least two micro-batches (monitor.loss() calls) per optimizer "
-                "step, this one had one: not estimated (missing = 4); split each batch into micro-batches, or "
-                "use estimator='per-example'"))
+                "the two-batch estimator needs at least two micro-batches per optimizer step, each with its own "
+                f"backward (monitor.loss(mb) then .backward() per micro-batch); this one had {k}: not estimated "
+                "(missing = 4); split each batch into micro-batches backpropagated one by one, or use "
+                "estimator='per-example'"))
             log.warning("NoiseMonitor: %s", note)
             self.store.add_note(note)
         if missing == 5 and not self._warned_no_loss:
             self._warned_no_loss = True
-            log.warning("NoiseMonitor: step %d had no per-example losses (the loss was computed without "
-                        "monitor.loss(batch), e.g. already reduced): recorded as missing; compute the loss with "
-                        "monitor.loss(batch), or call monitor.observe(batch) before the optimizer step", pend.step)
+            log.warning("NoiseMonitor: step %d had no backpropagated monitor.loss(batch) (the loss that was "
+                        "backpropagated was computed without it, e.g. already reduced): recorded as missing; "
+                        "backpropagate monitor.loss(batch), or call monitor.observe(batch) before the optimizer "
+                        "step", pend.step)
         n = len(self.names)
         end = 2 * n + (n if has_dist else 0) + (n if has_upd else 0)
         rows = arr[end + 1:]

@@ -167,13 +167,16 @@ class PerExampleNorms:
             h.remove()
         self._handles = []
 
-    def arm(self) -> None:
-        self._calls.clear()
+    def arm(self) -> dict[nn.Module, list[_Capture]]:
+        """Capture the module calls of the next forward into a new session, returned (a loss() call keeps its own
+        session, so that two forwards backpropagated together, or one never backpropagated, stay apart)."""
+        self._calls = defaultdict(list)
         self.active = True
+        return self._calls
 
     def disarm(self) -> None:
         self.active = False
-        self._calls.clear()
+        self._calls = defaultdict(list)  # the sessions handed out stay as they are
 
     def check_uses(self, root: Tensor) -> list[str]:
         """Unhook, for good, the parameters that the graph of ``root`` (this forward's per-example losses) uses more
@@ -208,7 +211,8 @@ class PerExampleNorms:
 
         output.register_hook(hook)
 
-    def collect(self, n: int | None = None, sums: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def collect(self, n: int | None = None, sums: dict[str, Tensor] | None = None,
+                session: dict[nn.Module, list[_Capture]] | None = None) -> dict[str, Tensor]:
         """Per-example ‖wᵢgᵢ‖² per parameter name for the captured backward passes (then forgets them); with
         ``sums``, also fills it with Σᵢ wᵢgᵢ of the Linear layers on (B, d) (:meth:`_module_sums`).
 
@@ -218,13 +222,16 @@ class PerExampleNorms:
         0…N−1 of shape (N,) (also when N = n), is unhooked for good: its parameters are appended to
         :attr:`unbatched` and to :attr:`fallback` (per-example gradients by torch.func).  Other unbatched inputs
         whose leading dimension equals n cannot be told apart: give such modules batched inputs."""
-        return self.compute(self.take(n), sums)
+        return self.compute(self.take(n, session), sums)
 
-    def take(self, n: int | None = None) -> list[tuple[nn.Module, dict[str, str], list[_Capture]]]:
-        """The first half of :meth:`collect`: the captured calls to compute from (each module with its roles), the
-        unbatched modules unhooked; the captures are forgotten here (the next backward may be captured meanwhile)."""
+    def take(self, n: int | None = None, session: dict[nn.Module, list[_Capture]] | None = None
+             ) -> list[tuple[nn.Module, dict[str, str], list[_Capture]]]:
+        """The first half of :meth:`collect`: the captured calls of ``session`` (default: the current one) to compute
+        from (each module with its roles), the unbatched modules unhooked; the captures are forgotten here (the
+        next backward may be captured meanwhile)."""
         plan = []
-        for module, calls in self._calls.items():
+        session = self._calls if session is None else session
+        for module, calls in session.items():
             if module not in self.modules:  # unhooked since it was called (check_uses)
                 continue
             calls = [c for c in calls if c.grad is not None]
@@ -236,7 +243,7 @@ class PerExampleNorms:
                 continue
             if calls:
                 plan.append((module, dict(self.modules[module]), calls))
-        self._calls.clear()
+        session.clear()
         return plan
 
     def compute(self, plan: list[tuple[nn.Module, dict[str, str], list[_Capture]]],

@@ -96,7 +96,7 @@ def chunk_rows(copies: list[StepCopy], *, group_masks: np.ndarray, two_batch: bo
         "examples_seen": np.array([c.examples_seen for c in copies], dtype=np.int64),
         "batch_size": np.array([c.batch_size for c in copies], dtype=np.int64),
         "n_groups": np.array([c.n_groups for c in copies], dtype=np.int64),
-        "loss": np.array([c.loss_sum / max(c.batch_size, 1) for c in copies], dtype=np.float64),
+        "loss": np.array([c.loss_sum / c.batch_size if c.batch_size else np.nan for c in copies], dtype=np.float64),
         "lr": np.array([c.lr for c in copies], dtype=np.float64),
         "nonfinite_count": nonfinite, "missing": missing,
         "wall_time": np.array([c.wall_time for c in copies], dtype=np.float64),

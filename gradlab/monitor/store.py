@@ -24,6 +24,7 @@ only.
 
 from __future__ import annotations
 
+import logging
 import fcntl
 import json
 import os
@@ -43,6 +44,8 @@ from gradlab.schema.monitor import MISSING, SQ, monitor_variables  # noqa: F401 
 from gradlab.store import SCHEMA_VERSION
 
 KIND = "monitor"
+
+log = logging.getLogger("gradlab.monitor.monitor")
 
 
 def lock_file(path: Path) -> Path:
@@ -101,6 +104,11 @@ class MonitorStore:
                 if stored != config_hash(dict(config)):
                     raise StoreError(f"{self.path} was recorded with another monitor config; resume with the same "
                                      f"settings or choose a new store path (stored: {self.group.attrs.get('config')})")
+                stored_chunk = int(self.group.attrs.get("chunk_steps", self.chunk_steps))
+                if stored_chunk != self.chunk_steps:  # the store's chunk grid decides (a resume may not pass it)
+                    log.info("NoiseMonitor: %s is chunked by %d steps: resumed with chunk_steps=%d, not %d",
+                             self.path, stored_chunk, stored_chunk, self.chunk_steps)
+                    self.chunk_steps = stored_chunk
                 have = [str(x) for x in self.group["layer"][...]]
                 if have != list(layers):
                     raise StoreError(f"{self.path} was recorded for parameters {have[:4]}…, not this model's "

@@ -22,7 +22,7 @@ from torch import Tensor
 WEIGHT_RTOL = 1e-6
 
 
-@dataclass
+@dataclass(eq=False)
 class Micro:
     """One loss() call of a step: its size, the weights wᵢ = ∂L/∂ℓᵢ of the backpropagated loss, its batch."""
 
@@ -31,6 +31,8 @@ class Micro:
     weights: list[Tensor] = field(default_factory=list)
     norms: dict[str, Tensor] = field(default_factory=dict)   # per-example: (n,) ‖wᵢgᵢ‖²; two-batch: ‖Σ wᵢgᵢ‖²
     unscaled: dict[str, Tensor] = field(default_factory=dict)  # fallback parameters: (n,) ‖gᵢ‖²
+    loss: Tensor | float = 0.0  # Σᵢ ℓᵢ of this call (detached)
+    calls: Any = None  # the module calls its forward captured (:meth:`PerExampleNorms.arm`)
     collected: bool = False
     job: Any = None  # the background worker's Future of ``norms`` (:mod:`gradlab.monitor.worker`)
     marks: list[Any] = field(default_factory=list)  # what that job reads, to check it was not edited meanwhile
@@ -40,8 +42,7 @@ class Micro:
 class Pending:
     step: int
     record: bool
-    batch_size: int = 0
-    loss_sum: Tensor | float = 0.0
+    batch_size: int = 0  # the examples whose loss was backpropagated (counted when the backward reaches them)
     micros: list[Micro] = field(default_factory=list)
     grad_sq: dict[str, Tensor] = field(default_factory=dict)  # ‖.grad‖² per tensor after the last backward
     observed_grads: dict[str, Tensor] = field(default_factory=dict)  # observe(): Σ of its batches' gradients
@@ -49,6 +50,15 @@ class Pending:
     observed: bool = False
     grad_versions: dict[str, tuple[Any, int]] = field(default_factory=dict)  # .grad after this step's backward
     stale: list[str] = field(default_factory=list)  # tensors whose .grad held the last step's at this backward
+    marks: dict[str, tuple[Any, int]] | None = None  # the .grad tensors before the step's first backward
+
+
+def loss_sum(pend: Pending) -> Tensor | float:
+    """Σᵢ ℓᵢ over the step's micro-batches, in their order."""
+    total: Tensor | float = 0.0
+    for m in pend.micros:
+        total = total + m.loss
+    return total
 
 
 def step_sums(pend: Pending, names: list[str], estimator: str
@@ -82,6 +92,8 @@ def step_sums(pend: Pending, names: list[str], estimator: str
             q = q + mat.sum(1)
         mat = mats[0] if len(mats) == 1 else torch.cat(mats, 1)
         return s1, q, mat, 1 if pend.batch_size < 2 else 0, pend.batch_size
+    if any(not m.norms for m in micros):  # two micro-batches' losses summed into one backward: not separable
+        return nan, nan.clone(), None, 4, sum(1 for m in micros if m.norms)
     q = torch.zeros(n_t, dtype=torch.float64, device=device)
     for m in micros:
         col = torch.stack([m.norms[n].to(torch.float64) if n in m.norms else zero for n in names])

@@ -32,8 +32,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def param_kind(name: str) -> str:
-    """``bias`` for a tensor named ``*bias``, else ``weight``."""
-    return "bias" if name.rsplit(".", 1)[-1] == "bias" else "weight"
+    """``bias`` for a tensor whose last name component is ``bias``, starts with ``bias_`` (the recurrent layers'
+    ``bias_ih_l0``, ``bias_hh_l1_reverse``; attention's ``bias_k``) or ends with ``_bias`` (``in_proj_bias``),
+    else ``weight``."""
+    last = name.rsplit(".", 1)[-1]
+    return "bias" if last == "bias" or last.startswith("bias_") or last.endswith("_bias") else "weight"
 
 
 @dataclass(frozen=True)
